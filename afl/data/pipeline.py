@@ -1,0 +1,150 @@
+"""The paper's federated data protocol: load, pool, partition, split.
+
+MNIST and CIFAR-10: the train and test sets are pooled (70,000 / 60,000
+samples), partitioned over the clients with per-class Dirichlet(0.1)
+proportions (`partition.dirichlet_partition`), and each client's samples are
+split into a local train and test set. Synthetic: the FedProx synthetic(0.5,
+0.5) generator with its own power-law clients (`synthetic.synthetic`), split
+the same way. "Overall accuracy" is then the total number of correct
+predictions over the total number of test samples of all clients.
+
+The generator, the partition and the split draw from independent seeds,
+spawned from the one `seed` with `np.random.SeedSequence`, so that a change
+in one stage's use of randomness does not move the others.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from afl.data import partition as partition_lib
+from afl.data import sources
+from afl.data import synthetic as synthetic_lib
+
+DATASETS = ('mnist', 'cifar10', 'synthetic')
+PARTITIONS = ('default', 'dirichlet', 'iid', 'power_law')
+_SYNTHETIC_NUM_CLASSES = 10  # FedProx's synthetic data: 10 classes
+
+# Per-channel (R, G, B) mean and standard deviation of the CIFAR-10 training
+# set's pixels scaled to [0, 1]: the usual normalization constants.
+CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
+CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
+
+
+class ClientSplit(NamedTuple):
+  """A dataset partitioned over clients, each with a local train/test split."""
+  x: np.ndarray  # float32 [N, ...] all samples, preprocessed
+  y: np.ndarray  # int32 [N]
+  train_indices: list[np.ndarray]  # per client, int64 [n_train_k] into x
+  test_indices: list[np.ndarray]  # per client, int64 [n_test_k] into x
+  num_classes: int
+  name: str
+
+
+def preprocess(name: str, x: np.ndarray) -> np.ndarray:
+  """Scales raw samples to model inputs.
+
+  Args:
+    name: 'mnist', 'cifar10' or 'synthetic'.
+    x: uint8 [N, 28, 28, 1] (mnist), uint8 [N, 32, 32, 3] (cifar10) or
+      float [N, d] (synthetic).
+
+  Returns:
+    float32, same shape: mnist x / 255 in [0, 1]; cifar10 (x / 255 - mean) /
+    std per channel; synthetic unchanged.
+  """
+  if name == 'mnist':
+    return x.astype(np.float32) / np.float32(255)
+  if name == 'cifar10':
+    return (x.astype(np.float32) / np.float32(255) - CIFAR10_MEAN) / CIFAR10_STD
+  if name == 'synthetic':
+    return x.astype(np.float32)
+  raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
+
+
+def _stage_seeds(seed: int) -> tuple[int, int, int]:
+  """Independent integer seeds for (data generation, partition, split)."""
+  children = np.random.SeedSequence(seed).spawn(3)
+  return tuple(int(child.generate_state(1, np.uint64)[0])
+               for child in children)
+
+
+def prepare(
+    dataset: str,
+    *,
+    num_clients: int = 100,
+    partition: str = 'default',
+    dirichlet_beta: float = 0.1,
+    min_client_size: int = 10,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    data_dir: sources.PathLike | None = None,
+    source: str = 'auto',
+    synthetic_alpha: float = 0.5,
+    synthetic_beta: float = 0.5,
+) -> ClientSplit:
+  """Builds the federated dataset of the paper's protocol.
+
+  Args:
+    dataset: 'mnist', 'cifar10' or 'synthetic'.
+    num_clients: number of clients.
+    partition: 'default' ('dirichlet' for mnist / cifar10, the generator's
+      own power-law clients for synthetic, which accepts only 'default'),
+      'dirichlet', 'iid' or 'power_law' (mnist / cifar10 only).
+    dirichlet_beta: Dirichlet concentration of the 'dirichlet' partition.
+    min_client_size: least number of samples per client ('dirichlet' and
+      'power_law').
+    test_fraction: share of each client's samples held out as its test set.
+    seed: the one seed of all randomness here.
+    data_dir: data directory of mnist / cifar10 (see
+      `sources.resolve_data_dir`).
+    source: 'auto', 'files' or 'tfds' (see `sources.load_dataset`).
+    synthetic_alpha: alpha of synthetic(alpha, beta) (a standard deviation).
+    synthetic_beta: beta of synthetic(alpha, beta) (a standard deviation).
+
+  Returns:
+    all samples preprocessed, their labels, and per-client train and test
+    indices into them.
+
+  Raises:
+    ValueError: unknown dataset or partition, or invalid sizes.
+    sources.DataError: the dataset's files cannot be found or read.
+  """
+  if dataset not in DATASETS:
+    raise ValueError(
+        f'unknown dataset {dataset!r}; valid: {", ".join(DATASETS)}')
+  if partition not in PARTITIONS:
+    raise ValueError(
+        f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}')
+  data_seed, partition_seed, split_seed = _stage_seeds(seed)
+
+  if dataset == 'synthetic':
+    if partition != 'default':
+      raise ValueError(
+          "synthetic data comes with its own power-law clients: partition "
+          f"must be 'default', got {partition!r}")
+    num_classes = _SYNTHETIC_NUM_CLASSES
+    x, y, client_indices = synthetic_lib.synthetic(
+        synthetic_alpha, synthetic_beta, num_clients=num_clients,
+        num_classes=num_classes, seed=data_seed)
+  else:
+    data = sources.load_dataset(dataset, data_dir, source)
+    x = np.concatenate([data.x_train, data.x_test])
+    y = np.concatenate([data.y_train, data.y_test])
+    num_classes = data.num_classes
+    if partition in ('default', 'dirichlet'):
+      client_indices = partition_lib.dirichlet_partition(
+          y, num_clients, dirichlet_beta, partition_seed,
+          min_size=min_client_size)
+    elif partition == 'iid':
+      client_indices = partition_lib.iid_partition(
+          len(y), num_clients, partition_seed)
+    else:
+      client_indices = partition_lib.power_law_partition(
+          len(y), num_clients, partition_seed, min_size=min_client_size)
+
+  train_indices, test_indices = partition_lib.split_train_test(
+      client_indices, test_fraction, split_seed)
+  return ClientSplit(x=preprocess(dataset, x), y=y.astype(np.int32),
+                     train_indices=train_indices, test_indices=test_indices,
+                     num_classes=num_classes, name=dataset)

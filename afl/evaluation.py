@@ -1,0 +1,68 @@
+"""Per-client test accuracy and the overall accuracy (section V-A).
+
+Each client is tested with its own model (`param_index` picks it among the
+stacked params: one global model for FedACnnL, one per group or client for
+the personalized variants). The overall accuracy is the total number of
+correct predictions over the total number of test samples of all clients.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afl import federated
+
+
+class Accuracy(NamedTuple):
+  """Test results.
+
+  Attributes:
+    correct: [C] correct predictions per client.
+    count: [C] test samples per client.
+  """
+  correct: np.ndarray
+  count: np.ndarray
+
+  @property
+  def overall(self) -> float:
+    return float(self.correct.sum() / max(self.count.sum(), 1))
+
+  @property
+  def per_client(self) -> np.ndarray:
+    """[C] accuracy of each client (NaN for a client without test data)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return self.correct / self.count
+
+
+def evaluate(apply_fn, params, data: federated.FederatedData,
+             mesh: jax.sharding.Mesh,
+             client_model: np.ndarray | None = None) -> Accuracy:
+  """Tests every client on its test blocks.
+
+  Args:
+    apply_fn: (params, x [B, ...]) -> logits [B, num_classes].
+    params: params stacked on a leading model axis.
+    data: test blocks sharded over `mesh`.
+    mesh: mesh with axis 'clients'.
+    client_model: [C] index of each client's model in `params`; None: all
+      clients use model 0.
+
+  Returns:
+    Accuracy with per-client counts.
+  """
+  if client_model is None:
+    param_index = jnp.zeros_like(data.client)
+  else:
+    param_index = jnp.asarray(client_model, jnp.int32)[data.client]
+
+  def block_fn(params, x, y, mask):
+    hits = (apply_fn(params, x).argmax(-1) == y) & mask
+    return hits.sum(), mask.sum()
+
+  correct, count = jax.jit(federated.segment_sum, static_argnums=(0, 5, 6))(
+      block_fn, params, data, param_index, data.client, data.num_clients,
+      mesh)
+  return Accuracy(np.asarray(correct).round().astype(np.int64),
+                  np.asarray(count).round().astype(np.int64))

@@ -1,0 +1,264 @@
+"""Federated arrays: uneven clients in fixed-size blocks, one compiled shape.
+
+Every client's samples are cut into blocks of `block_size` rows; a client's
+last block is padded and the padding masked out. Each block belongs to exactly
+one client (`client[b]`), so per-client statistics are segment sums over
+blocks. The number of blocks is the split-independent bound
+ceil(N / block_size) + C (sum_i ceil(n_i / B) < N / B + C), rounded up to a
+multiple of 16 times the device count, so every partition of the same N samples over
+the same C clients compiles to the same shapes. Blocks past a split's own need
+are all-padding and the client map skips them (`lax.cond`), so the bound costs
+memory, not compute.
+
+Real blocks are dealt round-robin over the devices, so each device gets the
+same number of real blocks (plus or minus one) whatever the split.
+"""
+
+import math
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+CLIENTS = "clients"  # the device-mesh axis that the block axis is sharded over
+# Blocks per device are a multiple of this, so that `segment_sum` can merge
+# them into steps of 2, 4, .. 16 blocks whatever the split.
+BLOCK_ALIGNMENT = 16
+
+
+@flax.struct.dataclass
+class FederatedData:
+  """Samples of all clients in blocks.
+
+  Attributes:
+    x: [num_blocks, block_size, *feature_shape] float32, zeros where masked.
+    y: [num_blocks, block_size] int32 labels, 0 where masked.
+    mask: [num_blocks, block_size] bool, True for real samples.
+    client: [num_blocks] int32, the client that owns each block (0 for
+      all-padding blocks, which contribute nothing).
+    num_clients: C.
+  """
+  x: jax.Array
+  y: jax.Array
+  mask: jax.Array
+  client: jax.Array
+  num_clients: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.x.shape[0]
+
+  @property
+  def block_size(self) -> int:
+    return self.x.shape[1]
+
+  def client_sizes(self) -> np.ndarray:
+    """[C] number of samples of each client."""
+    return np.bincount(np.asarray(self.client),
+                       weights=np.asarray(self.mask).sum(1),
+                       minlength=self.num_clients).astype(np.int64)
+
+
+def default_block_size(num_samples: int, num_clients: int) -> int:
+  """A power of two near a quarter of the mean client size, in [8, 512].
+
+  Depends on N and C only (not on the split), so the compiled shape does not
+  either. Smaller blocks waste less padding on small clients; larger blocks
+  make better use of the matrix unit. A quarter of the mean size bounds the
+  expected padding by about 1/8 of the data.
+  """
+  target = max(1.0, num_samples / num_clients / 4)
+  return int(min(512, max(8, 2**math.floor(math.log2(target)))))
+
+
+def federate(x: np.ndarray, y: np.ndarray,
+             client_indices: Sequence[np.ndarray],
+             block_size: int | None = None,
+             num_shards: int = 1) -> FederatedData:
+  """Lays out the clients' samples in blocks (host-side, numpy).
+
+  Args:
+    x: [N, *feature_shape] all samples.
+    y: [N] integer labels.
+    client_indices: for each client, the indices of its samples in x.
+    block_size: rows per block; None for `default_block_size`.
+    num_shards: number of devices the block axis will be sharded over.
+
+  Returns:
+    FederatedData with numpy arrays (use `shard` to place them on devices).
+  """
+  num_clients = len(client_indices)
+  if num_clients < 1:
+    raise ValueError("need at least one client")
+  sizes = np.array([len(idx) for idx in client_indices], np.int64)
+  total = int(sizes.sum())
+  if block_size is None:
+    block_size = default_block_size(total, num_clients)
+  if block_size < 1 or num_shards < 1:
+    raise ValueError(f"block_size ({block_size}) and num_shards "
+                     f"({num_shards}) must be positive")
+  capacity = math.ceil(total / block_size) + num_clients
+  align = num_shards * BLOCK_ALIGNMENT
+  capacity = math.ceil(capacity / align) * align
+
+  blocks_per_client = -(-sizes // block_size)
+  num_real = int(blocks_per_client.sum())
+  owner = np.repeat(np.arange(num_clients), blocks_per_client)
+  # Sample j of client i goes to block first_block[i] + j // B, row j % B.
+  first_block = np.concatenate([[0], np.cumsum(blocks_per_client)[:-1]])
+  positions = np.concatenate(
+      [first_block[i] * block_size + np.arange(n)
+       for i, n in enumerate(sizes)]).astype(np.int64)
+  sources = np.concatenate([np.asarray(idx, np.int64)
+                            for idx in client_indices])
+
+  # Deal real block k to device k % S, slot k // S of that device.
+  per_shard = capacity // num_shards
+  slot = (np.arange(num_real) % num_shards) * per_shard + (
+      np.arange(num_real) // num_shards)
+  rows = slot[positions // block_size] * block_size + positions % block_size
+
+  feature_shape = x.shape[1:]
+  out_x = np.zeros((capacity * block_size,) + feature_shape, np.float32)
+  out_y = np.zeros(capacity * block_size, np.int32)
+  out_mask = np.zeros(capacity * block_size, bool)
+  out_x[rows] = x[sources]
+  out_y[rows] = y[sources]
+  out_mask[rows] = True
+  out_client = np.zeros(capacity, np.int32)
+  out_client[slot] = owner
+  return FederatedData(
+      x=out_x.reshape((capacity, block_size) + feature_shape),
+      y=out_y.reshape(capacity, block_size),
+      mask=out_mask.reshape(capacity, block_size),
+      client=out_client,
+      num_clients=num_clients)
+
+
+def client_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all) with the axis 'clients'."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.array(devices), (CLIENTS,))
+
+
+def block_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of any array whose leading axis is the block axis."""
+  return NamedSharding(mesh, PartitionSpec(CLIENTS))
+
+
+def shard(data: FederatedData, mesh: Mesh) -> FederatedData:
+  """Places the block axis of `data` over the mesh's devices."""
+  if data.num_blocks % mesh.size:
+    raise ValueError(f"{data.num_blocks} blocks do not split over "
+                     f"{mesh.size} devices; federate with num_shards="
+                     f"{mesh.size}")
+  return jax.device_put(data, block_sharding(mesh))
+
+
+def _take(tree, index):
+  return jax.tree.map(lambda a: a[index], tree)
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  return max(k for k in range(1, max(1, min(n, limit)) + 1) if n % k == 0)
+
+
+def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
+                segment_index: jax.Array, num_segments: int, mesh: Mesh,
+                rows_per_step: int = 1024, blocks_per_step: int = 1):
+  """Maps `block_fn` over all blocks and sums its results per segment.
+
+  This is how clients are mapped: the block axis is sharded over the mesh
+  (`shard_map`); each device scans over its blocks, skips all-padding ones,
+  and adds each result, converted to float64, into the accumulator of the
+  block's segment; the devices' partial sums are then added (`psum`), so
+  every device holds the result.
+
+  Steps: when all blocks use the same params and segment (one model, one
+  segment, as in FedACnnL), consecutive blocks are merged into steps of up to
+  `rows_per_step` rows, one `block_fn` call each: the sum is the same, and
+  one large product per step costs far less than many small ones plus a
+  float64 accumulation each. Otherwise each step takes `blocks_per_step`
+  blocks, vmapped when more than one (on CPU a batch of small dots runs
+  slower than a scan of them, so 1 is the default; larger suits
+  accelerators).
+
+  Args:
+    block_fn: (params, x [B, ...], y [B], mask [B]) -> pytree of arrays; what
+      one client computes on a batch of its data.
+    params: pytree stacked on a leading model axis.
+    data: blocks sharded over `mesh`.
+    param_index: [num_blocks] int32: which stacked params each block uses.
+    segment_index: [num_blocks] int32 in [0, num_segments).
+    num_segments: S.
+    mesh: mesh with axis 'clients'.
+    rows_per_step: the most rows per step when blocks are merged.
+    blocks_per_step: blocks per step otherwise; must divide the number of
+      blocks per device.
+
+  Returns:
+    block_fn's pytree with every leaf [S, ...] float64.
+  """
+  per_device = data.num_blocks // mesh.size
+  num_models = jax.tree.leaves(params)[0].shape[0]
+  merge = num_segments == 1 and num_models == 1
+  if merge:
+    blocks_per_step = _largest_divisor_at_most(
+        per_device, rows_per_step // data.block_size)
+  elif per_device % blocks_per_step:
+    raise ValueError(f"blocks_per_step={blocks_per_step} does not divide the "
+                     f"{per_device} blocks per device")
+  one = jax.eval_shape(block_fn, _take(params, 0), data.x[0], data.y[0],
+                       data.mask[0])
+  results_per_step = 1 if merge else blocks_per_step
+
+  def zeros(lead):  # varies over devices, like the block results it sums
+    return jax.tree.map(
+        lambda s: jax.lax.pcast(jnp.zeros((lead,) + s.shape, jnp.float64),
+                                CLIENTS, to="varying"), one)
+
+  def compute(params, chunk):
+    x, y, mask, pidx, _ = chunk
+    if results_per_step == 1:
+      out = block_fn(_take(params, pidx[0]), x.reshape((-1,) + x.shape[2:]),
+                     y.reshape(-1), mask.reshape(-1))
+      out = jax.tree.map(lambda a: a[None], out)
+    else:
+      out = jax.vmap(block_fn)(_take(params, pidx), x, y, mask)
+    return jax.tree.map(lambda a: a.astype(jnp.float64), out)
+
+  def skip(params, chunk):
+    del params, chunk
+    return zeros(results_per_step)
+
+  def local(params, x, y, mask, param_index, segment_index):
+    steps = x.shape[0] // blocks_per_step
+    chunks = jax.tree.map(
+        lambda a: a.reshape((steps, blocks_per_step) + a.shape[1:]),
+        (x, y, mask, param_index, segment_index))
+
+    def add(total, results, segments):
+      # A dynamic-slice update per result: XLA's CPU scatter (`.at[].add`)
+      # is element by element and would cost more than the products.
+      for k in range(results_per_step):
+        row = jax.lax.dynamic_index_in_dim(total, segments[k], keepdims=False)
+        total = jax.lax.dynamic_update_index_in_dim(
+            total, row + results[k], segments[k], 0)
+      return total
+
+    def step(acc, chunk):
+      out = jax.lax.cond(chunk[2].any(), compute, skip, params, chunk)
+      return jax.tree.map(lambda s, o: add(s, o, chunk[4]), acc, out), None
+
+    acc, _ = jax.lax.scan(step, zeros(num_segments), chunks)
+    return jax.lax.psum(acc, CLIENTS)
+
+  blocks = PartitionSpec(CLIENTS)
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(PartitionSpec(), blocks, blocks, blocks, blocks, blocks),
+      out_specs=PartitionSpec())(params, data.x, data.y, data.mask,
+                                 param_index, segment_index)

@@ -1,0 +1,151 @@
+"""The Flax models every algorithm trains: LR, the [128, 64] MLP and the DCNN.
+
+Section V-A of the paper (pfedacnnl.txt) uses three models:
+  * multinomial logistic regression (one dense layer; softmax is in the loss),
+  * a DNN with two hidden dense layers [128, 64] and ReLU,
+  * a DCNN: Conv5x5x512-LeakyReLU-AvgPool2 - Conv3x3x1024-LeakyReLU-AvgPool2 -
+    Conv3x3x2048-LeakyReLU - Conv3x3x2048-LeakyReLU - Dense(10), with a width
+    multiplier here so that it fits a CPU.
+
+Each model is a `LayerwiseNet`: a sequence of *stages*, each one trainable layer
+(Dense or Conv, with bias) followed by fixed maps (activation, average pooling).
+The analytic trainer walks the stages in order (`upto=l` returns the input of
+trainable layer l) and writes ordinary Flax params (`layer_{l}/kernel`,
+`layer_{l}/bias`) that `model.apply` and the gradient baselines use unchanged.
+
+DCNN head: flattening the last 8x8x2048 feature map gives a 131,072-wide input
+to the dense layer, whose Gram matrix (eq. 5) would take 69 GB in float32. The
+paper does not say how its head is fed; we average-pool the last feature map
+globally (2048 features at full width), which keeps every layer's least-squares
+problem at most 18,433 wide (the 3x3x2048 patches of the last conv layer).
+"""
+
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LEAKY_RELU_SLOPE = 0.01
+GLOBAL_POOL = 0  # `Stage.pool` value: average over all spatial positions.
+
+
+class Dense(NamedTuple):
+  """A fully connected layer; its input is flattened first."""
+  features: int
+
+
+class Conv(NamedTuple):
+  """A stride-1, 'SAME'-padded convolution with a square kernel."""
+  features: int
+  kernel_size: int
+
+
+class Stage(NamedTuple):
+  """One trainable layer and the fixed maps after it."""
+  layer: Dense | Conv
+  activation: str = "identity"  # one of ACTIVATIONS
+  pool: int = 1  # average-pool window (= stride); 1: none; GLOBAL_POOL: global
+
+
+ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": nn.relu,
+    "leaky_relu": lambda x: nn.leaky_relu(x, LEAKY_RELU_SLOPE),
+}
+
+
+def after_layer(stage: Stage, z: jax.Array) -> jax.Array:
+  """The fixed maps f_l of eq. 2's recursion X_{l+1} = f_l(X_l W_l)."""
+  z = ACTIVATIONS[stage.activation](z)
+  if stage.pool == GLOBAL_POOL:
+    return z.mean(axis=(1, 2))
+  if stage.pool > 1:
+    return nn.avg_pool(z, (stage.pool,) * 2, strides=(stage.pool,) * 2)
+  return z
+
+
+def layer_name(index: int) -> str:
+  return f"layer_{index}"
+
+
+class LayerwiseNet(nn.Module):
+  """Trainable layers interleaved with fixed maps.
+
+  Attributes:
+    stages: the layers in order; the last stage's output is the logits.
+  """
+  stages: tuple[Stage, ...]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, upto: int | None = None) -> jax.Array:
+    """Forward pass.
+
+    Args:
+      x: [batch, *input_shape] float32.
+      upto: if given, return the input of trainable layer `upto` (already
+        flattened when that layer is Dense) instead of the logits.
+
+    Returns:
+      [batch, num_classes] logits, or the layer input.
+    """
+    for index, stage in enumerate(self.stages):
+      if isinstance(stage.layer, Dense):
+        x = x.reshape(x.shape[0], -1)
+      if index == upto:
+        return x
+      x = after_layer(stage, make_layer(stage.layer, index)(x))
+    if upto is not None:
+      raise ValueError(f"upto={upto} but the model has {len(self.stages)} "
+                       "trainable layers")
+    return x
+
+
+def make_layer(layer: Dense | Conv, index: int) -> nn.Module:
+  if isinstance(layer, Dense):
+    return nn.Dense(layer.features, name=layer_name(index))
+  return nn.Conv(layer.features, (layer.kernel_size,) * 2, padding="SAME",
+                 name=layer_name(index))
+
+
+def logistic_regression(num_classes: int) -> LayerwiseNet:
+  return LayerwiseNet((Stage(Dense(num_classes)),))
+
+
+def mlp(num_classes: int, hidden: Sequence[int] = (128, 64)) -> LayerwiseNet:
+  return LayerwiseNet(
+      tuple(Stage(Dense(h), "relu") for h in hidden) +
+      (Stage(Dense(num_classes)),))
+
+
+def dcnn(num_classes: int, width: float = 1.0) -> LayerwiseNet:
+  """The paper's DCNN with every conv width multiplied by `width`."""
+  def w(channels):
+    return max(1, round(channels * width))
+  return LayerwiseNet((
+      Stage(Conv(w(512), 5), "leaky_relu", pool=2),
+      Stage(Conv(w(1024), 3), "leaky_relu", pool=2),
+      Stage(Conv(w(2048), 3), "leaky_relu"),
+      Stage(Conv(w(2048), 3), "leaky_relu", pool=GLOBAL_POOL),
+      Stage(Dense(num_classes)),
+  ))
+
+
+MODELS = ("lr", "mlp", "dcnn")
+
+
+def get_model(name: str, num_classes: int, width: float = 1.0) -> LayerwiseNet:
+  """Looks a model up by its command-line name (`--model`)."""
+  if name == "lr":
+    return logistic_regression(num_classes)
+  if name == "mlp":
+    return mlp(num_classes)
+  if name == "dcnn":
+    return dcnn(num_classes, width)
+  raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+def init_params(model: LayerwiseNet, key: jax.Array,
+                input_shape: Sequence[int]):
+  """Ordinary Flax params of `model` for inputs of shape [batch, *input_shape]."""
+  return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))

@@ -1,0 +1,47 @@
+"""Wall-clock accounting helpers.
+
+`CompileClock` separates JAX's tracing and compilation from execution: JAX
+reports the duration of every trace, lowering and backend compile through
+`jax.monitoring`; the clock sums those that happen while it is open, so a
+training loop can report `wall_time_s` (execution) and `compile_time_s`
+without running twice.
+"""
+
+import threading
+
+import jax
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_open_clocks: list["CompileClock"] = []
+_lock = threading.Lock()
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+  del kwargs
+  if event in _COMPILE_EVENTS:
+    with _lock:
+      for clock in _open_clocks:
+        clock.seconds += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+class CompileClock:
+  """Context manager: `seconds` spent compiling while it is open."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def __enter__(self) -> "CompileClock":
+    with _lock:
+      _open_clocks.append(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    with _lock:
+      _open_clocks.remove(self)

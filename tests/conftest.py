@@ -1,0 +1,29 @@
+"""Test configuration: 8 virtual CPU devices and the shared data directory.
+
+XLA_FLAGS must be set before jax is imported anywhere, so it is set here, at
+collection time, for the whole test session.
+"""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") +
+    " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  """The directory holding `mnist/` and `cifar10-subset/` (CI: ../shared/data)."""
+  path = pathlib.Path(
+      os.environ.get("AFL_DATA_DIR", _REPO.parent / "shared" / "data"))
+  if not (path / "mnist").is_dir():
+    raise FileNotFoundError(
+        f"test data directory {path} has no mnist/ folder; set AFL_DATA_DIR "
+        "to the folder that holds mnist/ and cifar10-subset/ (in CI: "
+        "../shared/data)")
+  return path
