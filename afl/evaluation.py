@@ -6,6 +6,7 @@ the personalized variants). The overall accuracy is the total number of
 correct predictions over the total number of test samples of all clients.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -56,13 +57,23 @@ def evaluate(apply_fn, params, data: federated.FederatedData,
     param_index = jnp.zeros_like(data.client)
   else:
     param_index = jnp.asarray(client_model, jnp.int32)[data.client]
+  correct, count = _counter(apply_fn, mesh)(params, data, param_index)
+  return Accuracy(np.asarray(correct).round().astype(np.int64),
+                  np.asarray(count).round().astype(np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def _counter(apply_fn, mesh: jax.sharding.Mesh):
+  """(params, data, param_index) -> per-client (correct, count), jitted once
+  per model and mesh."""
 
   def block_fn(params, x, y, mask):
     hits = (apply_fn(params, x).argmax(-1) == y) & mask
     return hits.sum(), mask.sum()
 
-  correct, count = jax.jit(federated.segment_sum, static_argnums=(0, 5, 6))(
-      block_fn, params, data, param_index, data.client, data.num_clients,
-      mesh)
-  return Accuracy(np.asarray(correct).round().astype(np.int64),
-                  np.asarray(count).round().astype(np.int64))
+  @jax.jit
+  def count(params, data, param_index):
+    return federated.segment_sum(block_fn, params, data, param_index,
+                                 data.client, data.num_clients, mesh)
+
+  return count

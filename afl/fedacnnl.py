@@ -76,7 +76,8 @@ def layer_input_shapes(model: models.LayerwiseNet,
 
 def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
              mesh: jax.sharding.Mesh, gamma: float = 100.0,
-             encoding_seed: int = 0, rows_per_step: int = 1024) -> FedACnnL:
+             encoding_seed: int = 0, rows_per_step: int = 1024,
+             statistics_dtype=jnp.float32) -> FedACnnL:
   """Builds FedACnnL for `model`.
 
   Args:
@@ -86,7 +87,9 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
     mesh: device mesh with axis 'clients' that the data is sharded over.
     gamma: the ridge coefficient of eq. 1 / 5 (paper: 100).
     encoding_seed: the seed s broadcast to all clients (Algorithm 1, line 1).
-    rows_per_step: see `federated.segment_sum`.
+    rows_per_step: see `statistics.segment_statistics`.
+    statistics_dtype: of the clients' per-block products, float32 or
+      float64 (see `statistics`); sums and solves are float64 either way.
   """
   if gamma <= 0:
     raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -105,7 +108,8 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
                         num_segments):
     return statistics.segment_statistics(
         model, layer, params, data, param_index, segment_index,
-        num_segments, num_classes, mesh, rows_per_step)
+        num_segments, num_classes, mesh, rows_per_step,
+        statistics_dtype)
 
   @functools.partial(jax.jit, static_argnames="layer")
   def server_solve(layer, stats):

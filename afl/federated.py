@@ -168,7 +168,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
                 segment_index: jax.Array, num_segments: int, mesh: Mesh,
-                rows_per_step: int = 1024, blocks_per_step: int = 1):
+                samples_per_step: int = 1024, blocks_per_step: int = 1):
   """Maps `block_fn` over all blocks and sums its results per segment.
 
   This is how clients are mapped: the block axis is sharded over the mesh
@@ -179,7 +179,7 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
 
   Steps: when all blocks use the same params and segment (one model, one
   segment, as in FedACnnL), consecutive blocks are merged into steps of up to
-  `rows_per_step` rows, one `block_fn` call each: the sum is the same, and
+  `samples_per_step` samples, one `block_fn` call each: the sum is the same, and
   one large product per step costs far less than many small ones plus a
   float64 accumulation each. Otherwise each step takes `blocks_per_step`
   blocks, vmapped when more than one (on CPU a batch of small dots runs
@@ -188,14 +188,16 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
 
   Args:
     block_fn: (params, x [B, ...], y [B], mask [B]) -> pytree of arrays; what
-      one client computes on a batch of its data.
+      one client computes on a batch of its data. It must be additive over
+      samples and give zero for masked ones: merged and vmapped steps also
+      run it on padding blocks.
     params: pytree stacked on a leading model axis.
     data: blocks sharded over `mesh`.
     param_index: [num_blocks] int32: which stacked params each block uses.
     segment_index: [num_blocks] int32 in [0, num_segments).
     num_segments: S.
     mesh: mesh with axis 'clients'.
-    rows_per_step: the most rows per step when blocks are merged.
+    samples_per_step: the most samples per step when blocks are merged.
     blocks_per_step: blocks per step otherwise; must divide the number of
       blocks per device.
 
@@ -207,7 +209,7 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
   merge = num_segments == 1 and num_models == 1
   if merge:
     blocks_per_step = _largest_divisor_at_most(
-        per_device, rows_per_step // data.block_size)
+        per_device, samples_per_step // data.block_size)
   elif per_device % blocks_per_step:
     raise ValueError(f"blocks_per_step={blocks_per_step} does not divide the "
                      f"{per_device} blocks per device")

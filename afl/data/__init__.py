@@ -11,6 +11,8 @@ from afl.data.partition import power_law_partition
 from afl.data.partition import split_train_test
 from afl.data.partition import summarize
 from afl.data.pipeline import ClientSplit
+from afl.data.pipeline import DATASETS
+from afl.data.pipeline import PARTITIONS
 from afl.data.pipeline import prepare
 from afl.data.pipeline import preprocess
 from afl.data.sources import ArrayDataset
@@ -25,7 +27,9 @@ from afl.data.synthetic import synthetic
 __all__ = [
     'ArrayDataset',
     'ClientSplit',
+    'DATASETS',
     'DataError',
+    'PARTITIONS',
     'client_label_histograms',
     'dirichlet_partition',
     'iid_partition',

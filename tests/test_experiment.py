@@ -1,0 +1,138 @@
+"""The experiment entry point: results files, accuracy floors, clear errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from afl import data as data_lib
+from afl import encoding
+from afl import experiment
+from afl import layers
+from afl import models
+from tests import reference
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def config(**overrides):
+  cfg = experiment.default_config()
+  cfg.update(overrides)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def mnist_mlp(data_dir, tmp_path_factory):
+  """The acceptance run: FedACnnL, MNIST-MLP, Dirichlet 0.1, 100 clients."""
+  out = tmp_path_factory.mktemp("mnist_mlp")
+  cfg = config(dataset="mnist", model="mlp", data_dir=str(data_dir))
+  return cfg, out, experiment.run_experiment(cfg, out)
+
+
+def test_results_file_has_what_a_researcher_needs(mnist_mlp):
+  cfg, out, results = mnist_mlp
+  on_disk = json.loads((out / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  for key in ("algorithm", "dataset", "model", "num_clients", "seed",
+              "accuracy", "per_client_accuracy", "rounds", "wall_time_s",
+              "compile_time_s", "peak_memory_gb", "config"):
+    assert key in on_disk, key
+  assert on_disk["algorithm"] == "fedacnnl" and on_disk["num_clients"] == 100
+  assert len(on_disk["per_client_accuracy"]) == 100
+  assert [r["round"] for r in on_disk["rounds"]] == [1, 2, 3]
+  assert on_disk["wall_time_s"] > 0 and on_disk["compile_time_s"] > 0
+  assert on_disk["config"]["gamma"] == cfg.gamma
+  counts = np.array(on_disk["per_client_test_samples"])
+  per_client = np.array(on_disk["per_client_accuracy"], float)
+  assert np.isclose((per_client * counts).sum() / counts.sum(),
+                    on_disk["accuracy"])
+
+
+def test_mnist_mlp_accuracy_floor(mnist_mlp):
+  """Paper: 90.76%. Ours over seeds 0-4: 0.8895 .. 0.8934, mean 0.891."""
+  assert mnist_mlp[2]["accuracy"] >= 0.885
+
+
+def test_saved_params_reproduce_the_accuracy(mnist_mlp, data_dir):
+  cfg, out, results = mnist_mlp
+  params = experiment.load_params(out / "params.msgpack")
+  split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
+  model = models.get_model("mlp", 10)
+  test = np.concatenate(split.test_indices)
+  logits = model.apply(params, split.x[test].reshape(len(test), -1))
+  accuracy = float((np.asarray(logits).argmax(-1) == split.y[test]).mean())
+  assert accuracy == pytest.approx(results["accuracy"], abs=1e-9)
+
+
+def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
+  """Acceptance: 1e-5 relative to float64 ACnnL on the pooled training data."""
+  cfg, out, _ = mnist_mlp
+  params = experiment.load_params(out / "params.msgpack")["params"]
+  split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
+  train = np.concatenate(split.train_indices)
+  model = models.get_model("mlp", 10)
+  expected = reference.centralized_acnnl(
+      model, split.x[train].reshape(len(train), -1), split.y[train],
+      encoding.label_encodings(cfg.seed, model, 10), cfg.gamma)
+  for l, stage in enumerate(model.stages):
+    got = layers.from_params(stage.layer, params[models.layer_name(l)])
+    assert reference.relative_error(got, expected[l]) < 1e-5
+
+
+def test_mnist_lr_accuracy_floor(data_dir, tmp_path):
+  """Paper: 87.11%. Ours (seed 0): 0.8536."""
+  results = experiment.run_experiment(
+      config(dataset="mnist", model="lr", data_dir=str(data_dir)), tmp_path)
+  assert results["accuracy"] >= 0.85
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+  cfg = config(num_clients=10)
+  first = experiment.run_experiment(cfg, tmp_path)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    experiment.run_experiment(cfg, tmp_path)
+  cfg.overwrite = True
+  assert experiment.run_experiment(cfg, tmp_path)["accuracy"] == first[
+      "accuracy"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(algorithm="fedsgd"), "--algorithm"),
+    (dict(model="resnet"), "--model"),
+    (dict(gamma=0.0), "--gamma"),
+    (dict(test_fraction=1.0), "--test_fraction"),
+    (dict(num_clients=0), "--num_clients"),
+    (dict(num_devices=99), "--num_devices=99"),
+    (dict(statistics_dtype="float16"), "--statistics_dtype"),
+])
+def test_bad_settings_are_named(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    experiment.run_experiment(config(**overrides), tmp_path)
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_dataset_names_the_folder(tmp_path):
+  with pytest.raises(data_lib.DataError, match=str(tmp_path)):
+    experiment.run_experiment(
+        config(dataset="mnist", data_dir=str(tmp_path), data_source="files"),
+        tmp_path / "out")
+
+
+def test_command_line(tmp_path):
+  """The README's main command, shrunk: flags in, results.json out."""
+  out = tmp_path / "run"
+  subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--dataset=synthetic",
+       "--num_clients=12", "--seed=3", f"--output_dir={out}"],
+      cwd=_REPO, check=True, capture_output=True, text=True)
+  results = json.loads((out / "results.json").read_text())
+  assert results["num_clients"] == 12 and results["seed"] == 3
+  assert 0.3 < results["accuracy"] <= 1.0
+  bad = subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--model=vgg",
+       f"--output_dir={out}"], cwd=_REPO, capture_output=True, text=True)
+  assert bad.returncode != 0 and "--model" in bad.stderr

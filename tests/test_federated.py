@@ -1,0 +1,304 @@
+"""Blocked client layout, the sharded segment sum and evaluation.
+
+afl.federated and afl.evaluation against numpy loops over clients. Features
+are small integers, so float32 sums inside a block are exact and the mapped
+results can be compared with numpy to the last bit, whatever the blocking,
+merging, vmapping or number of devices.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afl import evaluation
+from afl import federated
+
+SIZES = (0, 8, 3, 37, 16, 1, 20, 64, 9)  # an empty client, exact multiples
+BLOCK = 8
+
+
+def partition(sizes, seed=0):
+  """A random partition of range(sum(sizes)) into clients of these sizes."""
+  order = np.random.default_rng(seed).permutation(sum(sizes))
+  return np.split(order, np.cumsum(sizes)[:-1])
+
+
+def integer_samples(num_samples, num_features=3, seed=0):
+  """x: [N, F] float32 small integers (exact float32 sums); y: [N] in 0..4."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-8, 9, (num_samples, num_features)).astype(np.float32)
+  return x, rng.integers(0, 5, num_samples)
+
+
+def labelled_samples(num_samples):
+  """x[:, 0] = index + 1 names each sample's source row; y = index % 7."""
+  x = np.random.default_rng(1).standard_normal((num_samples, 2, 3))
+  x[:, 0, 0] = np.arange(num_samples) + 1
+  return x.astype(np.float32), np.arange(num_samples) % 7
+
+
+def sharded(x, y, clients, mesh, block_size=BLOCK):
+  return federated.shard(
+      federated.federate(x, y, clients, block_size, num_shards=mesh.size),
+      mesh)
+
+
+def non_empty_per_shard(data, num_shards):
+  return np.asarray(data.mask).any(1).reshape(num_shards, -1).sum(1)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 8])
+def test_federate_places_every_sample_once_in_its_clients_block(num_shards):
+  x, y = labelled_samples(sum(SIZES))
+  clients = partition(SIZES)
+  data = federated.federate(x, y, clients, BLOCK, num_shards)
+  owner = np.empty(sum(SIZES), np.int64)
+  for i, c in enumerate(clients):
+    owner[c] = i
+  mask = np.asarray(data.mask)
+  block_of_row = np.broadcast_to(np.arange(data.num_blocks)[:, None],
+                                 mask.shape)[mask]
+  source = data.x[mask][:, 0, 0].astype(np.int64) - 1
+  np.testing.assert_array_equal(np.sort(source), np.arange(sum(SIZES)))
+  np.testing.assert_array_equal(data.x[mask], x[source])
+  np.testing.assert_array_equal(data.y[mask], y[source])
+  np.testing.assert_array_equal(data.client[block_of_row], owner[source])
+  assert not data.x[~mask].any() and not data.y[~mask].any()
+  assert not data.client[~mask.any(1)].any()  # all-padding blocks: client 0
+  np.testing.assert_array_equal(data.client_sizes(), SIZES)
+  assert data.x.dtype == np.float32 and data.y.dtype == np.int32
+  assert data.num_clients == len(SIZES) and data.block_size == BLOCK
+  # Each client fills ceil(n_i / B) blocks, all full but its last.
+  for i, n in enumerate(SIZES):
+    rows = mask[data.client == i].sum(1)
+    rows = rows[rows > 0]
+    assert len(rows) == math.ceil(n / BLOCK)
+    assert (rows == BLOCK).sum() == n // BLOCK
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 8])
+def test_block_count_is_split_independent_and_real_blocks_are_dealt_evenly(
+    num_shards):
+  num_samples, num_clients = sum(SIZES), len(SIZES)
+  x, y = integer_samples(num_samples)
+  # The worst split for padding: all clients but one hold a single sample.
+  splits = [partition(SIZES),
+            partition(SIZES[::-1], seed=1),
+            partition((1,) * (num_clients - 1) +
+                      (num_samples - num_clients + 1,), seed=2),
+            partition((num_samples,) + (0,) * (num_clients - 1), seed=3)]
+  align = num_shards * federated.BLOCK_ALIGNMENT
+  bound = math.ceil(num_samples / BLOCK) + num_clients
+  for clients in splits:
+    data = federated.federate(x, y, clients, BLOCK, num_shards)
+    assert data.x.shape == (math.ceil(bound / align) * align, BLOCK, 3)
+    assert data.y.shape == data.mask.shape == data.x.shape[:2]
+    assert data.client.shape == data.x.shape[:1]
+    assert data.num_blocks % align == 0
+    counts = non_empty_per_shard(data, num_shards)
+    assert counts.max() - counts.min() <= 1
+    assert counts.sum() == sum(math.ceil(len(c) / BLOCK) for c in clients)
+
+
+def test_default_block_size():
+  """A power of two in [8, 512] near a quarter of the mean client size."""
+  cases = {(60000, 100): 128, (50000, 10): 512, (10**7, 1): 512,
+           (100, 10): 8, (0, 3): 8, (4096, 8): 128, (4095, 8): 64}
+  for (num_samples, num_clients), expected in cases.items():
+    assert federated.default_block_size(num_samples, num_clients) == expected
+  for num_samples in (1, 37, 999, 5000, 123456):
+    for num_clients in (1, 7, 100):
+      size = federated.default_block_size(num_samples, num_clients)
+      assert 8 <= size <= 512 and size & (size - 1) == 0
+  # federate uses it; it depends on (N, C), not on the split.
+  x, y = integer_samples(6000)
+  for sizes in ((3000, 2000, 1000), (1, 1, 5998)):
+    data = federated.federate(x, y, partition(sizes), num_shards=2)
+    assert data.block_size == federated.default_block_size(6000, 3) == 256
+
+
+def test_bad_inputs_are_rejected():
+  x, y = integer_samples(10)
+  with pytest.raises(ValueError, match="client"):
+    federated.federate(x, y, [])
+  with pytest.raises(ValueError, match="block_size"):
+    federated.federate(x, y, [np.arange(10)], block_size=0)
+  with pytest.raises(ValueError, match="num_shards"):
+    federated.federate(x, y, [np.arange(10)], block_size=4, num_shards=0)
+  data = federated.federate(x, y, [np.arange(10)], block_size=4, num_shards=1)
+  with pytest.raises(ValueError, match="num_shards=3"):
+    federated.shard(data, federated.client_mesh(jax.devices()[:3]))
+
+
+def scaled_sums(params, x, y, mask):
+  """A client's work: scale * sum of its rows, its row count, its labels."""
+  weights = mask.astype(x.dtype)
+  return {"sum": params["scale"] * (x * weights[:, None]).sum(0),
+          "count": mask.sum(),
+          "label_sum": (y * mask).sum()}
+
+
+segment_sum = jax.jit(federated.segment_sum,
+                      static_argnums=(0, 5, 6, 7, 8))
+
+
+def stacked_scales(*scales):
+  return {"scale": jnp.asarray(scales, jnp.float32)}
+
+
+def numpy_sums(x, y, clients, scale_of_client, segment_of_client,
+               num_segments):
+  """scaled_sums per segment by a numpy loop over clients (float64)."""
+  total = {"sum": np.zeros((num_segments, x.shape[1])),
+           "count": np.zeros(num_segments),
+           "label_sum": np.zeros(num_segments)}
+  for i, c in enumerate(clients):
+    s = segment_of_client[i]
+    total["sum"][s] += scale_of_client[i] * x[c].astype(np.float64).sum(0)
+    total["count"][s] += len(c)
+    total["label_sum"][s] += y[c].sum()
+  return total
+
+
+def assert_equal_results(got, expected):
+  assert got.keys() == expected.keys()
+  for key, value in got.items():
+    assert value.dtype == np.float64, key
+    np.testing.assert_array_equal(np.asarray(value), expected[key], key)
+
+
+@pytest.fixture(scope="module")
+def samples():
+  """Integer samples of SIZES clients, laid out for 8 devices and for 1."""
+  x, y = integer_samples(sum(SIZES))
+  clients = partition(SIZES)
+  eight = federated.client_mesh()
+  one = federated.client_mesh(jax.devices()[:1])
+  assert eight.size == 8, "conftest sets 8 CPU devices"
+  return x, y, clients, {8: (sharded(x, y, clients, eight), eight),
+                         1: (sharded(x, y, clients, one), one)}
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("blocks_per_step", [1, 2, 16])
+def test_per_client_segments_equal_a_numpy_loop(samples, devices,
+                                                blocks_per_step):
+  x, y, clients, layouts = samples
+  data, mesh = layouts[devices]
+  num_clients = len(clients)
+  got = segment_sum(scaled_sums, stacked_scales(0.5), data,
+                    jnp.zeros_like(data.client), data.client, num_clients,
+                    mesh, 1024, blocks_per_step)
+  assert_equal_results(got, numpy_sums(x, y, clients, [0.5] * num_clients,
+                                       range(num_clients), num_clients))
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("samples_per_step", [BLOCK, 2 * BLOCK, 16 * BLOCK,
+                                              1024, 1])
+def test_one_segment_one_model_merges_blocks(samples, devices,
+                                             samples_per_step):
+  """The merged-steps path: 1, 2 or 16 blocks per block_fn call."""
+  x, y, clients, layouts = samples
+  data, mesh = layouts[devices]
+  got = segment_sum(scaled_sums, stacked_scales(-2.0), data,
+                    jnp.zeros_like(data.client), jnp.zeros_like(data.client),
+                    1, mesh, samples_per_step, 1)
+  assert_equal_results(got, numpy_sums(x, y, clients, [-2.0] * len(clients),
+                                       [0] * len(clients), 1))
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("blocks_per_step", [1, 2])
+@pytest.mark.parametrize("per_client_segments", [False, True])
+def test_group_models_with_group_or_client_segments(
+    samples, devices, blocks_per_step, per_client_segments):
+  """param_index picks each block's stacked model: that of its client's group."""
+  x, y, clients, layouts = samples
+  data, mesh = layouts[devices]
+  num_clients = len(clients)
+  group = np.arange(num_clients) % 3
+  scales = (1.0, 4.0, -0.25)
+  if per_client_segments:
+    segment_of_client, num_segments = np.arange(num_clients), num_clients
+  else:
+    segment_of_client, num_segments = group, 3
+  client = np.asarray(data.client)
+  got = segment_sum(scaled_sums, stacked_scales(*scales), data,
+                    group[client], segment_of_client[client], num_segments,
+                    mesh, 1024, blocks_per_step)
+  assert_equal_results(got, numpy_sums(
+      x, y, clients, [scales[g] for g in group], segment_of_client,
+      num_segments))
+
+
+def test_one_device_equals_eight_on_the_same_layout(samples):
+  """The 8-shard layout summed on 1 device: same sums, another order."""
+  _, _, clients, layouts = samples
+  data, mesh = layouts[8]
+  one = federated.client_mesh(jax.devices()[:1])
+  on_one = federated.shard(jax.device_get(data), one)
+  client = np.asarray(data.client)  # numpy: usable on either mesh
+  args = (stacked_scales(0.5), np.zeros_like(client), client, len(clients))
+  assert_equal_results(
+      segment_sum(scaled_sums, args[0], on_one, args[1], args[2], args[3],
+                  one, 1024, 2),
+      jax.device_get(segment_sum(scaled_sums, args[0], data, args[1],
+                                 args[2], args[3], mesh, 1024, 2)))
+
+
+def test_blocks_per_step_must_divide_the_blocks_per_device(samples):
+  _, _, clients, layouts = samples
+  data, mesh = layouts[8]
+  assert (data.num_blocks // mesh.size) % 3
+  with pytest.raises(ValueError, match="blocks_per_step=3"):
+    federated.segment_sum(scaled_sums, stacked_scales(1.0), data,
+                          jnp.zeros_like(data.client), data.client,
+                          len(clients), mesh, blocks_per_step=3)
+
+
+def linear_apply(params, x):
+  return x @ params["w"]
+
+
+def test_evaluate_counts_correct_predictions_per_client():
+  """Model 0 predicts argmax x, model 1 argmin x; each client uses its own."""
+  sizes = (5, 0, 12, 7, 30, 1)
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((sum(sizes), 2)).astype(np.float32)
+  y = rng.integers(0, 2, sum(sizes))
+  clients = partition(sizes)
+  mesh = federated.client_mesh()
+  data = sharded(x, y, clients, mesh, block_size=4)
+  params = {"w": jnp.stack([jnp.eye(2), -jnp.eye(2)]).astype(jnp.float32)}
+  count = np.array(sizes)
+  argmax_hits = np.array([(x[c].argmax(1) == y[c]).sum() for c in clients])
+
+  everyone_model_0 = evaluation.evaluate(linear_apply, params, data, mesh)
+  np.testing.assert_array_equal(everyone_model_0.correct, argmax_hits)
+  np.testing.assert_array_equal(everyone_model_0.count, count)
+
+  client_model = np.array([0, 1, 1, 0, 1, 1])
+  own = evaluation.evaluate(linear_apply, params, data, mesh, client_model)
+  # With two classes and no ties, argmin is right exactly where argmax is not.
+  expected = np.where(client_model == 1, count - argmax_hits, argmax_hits)
+  np.testing.assert_array_equal(own.correct, expected)
+  np.testing.assert_array_equal(own.count, count)
+  assert (own.correct != everyone_model_0.correct).any()
+
+  for accuracy, hits in ((everyone_model_0, argmax_hits), (own, expected)):
+    assert accuracy.overall == pytest.approx(hits.sum() / count.sum(),
+                                             rel=1e-15)
+    per_client = accuracy.per_client
+    assert np.isnan(per_client[1])  # the client without test data
+    np.testing.assert_allclose(np.delete(per_client, 1),
+                               np.delete(hits / np.maximum(count, 1), 1))
+
+
+def test_accuracy_without_test_data_is_zero_overall():
+  accuracy = evaluation.Accuracy(np.zeros(2, np.int64), np.zeros(2, np.int64))
+  assert accuracy.overall == 0.0
+  assert np.isnan(accuracy.per_client).all()
