@@ -10,8 +10,12 @@ the same C clients compiles to the same shapes. Blocks past a split's own need
 are all-padding and the client map skips them (`lax.cond`), so the bound costs
 memory, not compute.
 
-Real blocks are dealt round-robin over the devices, so each device gets the
-same number of real blocks (plus or minus one) whatever the split.
+Real blocks are dealt over the devices in contiguous runs, so each device
+gets the same number of real blocks (plus or minus one) whatever the split,
+and a client's blocks stay next to each other: `segment_sum` merges
+neighbouring blocks of the same client (or group) into one large product.
+`order` lays the clients out in a chosen order (pFedACnnL puts the clients
+of a group together) without changing their ids.
 """
 
 import math
@@ -77,7 +81,8 @@ def default_block_size(num_samples: int, num_clients: int) -> int:
 def federate(x: np.ndarray, y: np.ndarray,
              client_indices: Sequence[np.ndarray],
              block_size: int | None = None,
-             num_shards: int = 1) -> FederatedData:
+             num_shards: int = 1,
+             order: Sequence[int] | None = None) -> FederatedData:
   """Lays out the clients' samples in blocks (host-side, numpy).
 
   Args:
@@ -86,6 +91,8 @@ def federate(x: np.ndarray, y: np.ndarray,
     client_indices: for each client, the indices of its samples in x.
     block_size: rows per block; None for `default_block_size`.
     num_shards: number of devices the block axis will be sharded over.
+    order: the clients in layout order (a permutation of range(C)); None for
+      0..C-1. Client ids (`client`) are unchanged; only placement moves.
 
   Returns:
     FederatedData with numpy arrays (use `shard` to place them on devices).
@@ -93,6 +100,9 @@ def federate(x: np.ndarray, y: np.ndarray,
   num_clients = len(client_indices)
   if num_clients < 1:
     raise ValueError("need at least one client")
+  order = np.arange(num_clients) if order is None else np.asarray(order)
+  if sorted(order.tolist()) != list(range(num_clients)):
+    raise ValueError(f"order must be a permutation of range({num_clients})")
   sizes = np.array([len(idx) for idx in client_indices], np.int64)
   total = int(sizes.sum())
   if block_size is None:
@@ -104,21 +114,24 @@ def federate(x: np.ndarray, y: np.ndarray,
   align = num_shards * BLOCK_ALIGNMENT
   capacity = math.ceil(capacity / align) * align
 
-  blocks_per_client = -(-sizes // block_size)
+  blocks_per_client = -(-sizes[order] // block_size)  # in layout order
   num_real = int(blocks_per_client.sum())
-  owner = np.repeat(np.arange(num_clients), blocks_per_client)
-  # Sample j of client i goes to block first_block[i] + j // B, row j % B.
+  owner = np.repeat(order, blocks_per_client)
+  # Sample j of the k-th client laid out goes to real block
+  # first_block[k] + j // B, row j % B.
   first_block = np.concatenate([[0], np.cumsum(blocks_per_client)[:-1]])
   positions = np.concatenate(
-      [first_block[i] * block_size + np.arange(n)
-       for i, n in enumerate(sizes)]).astype(np.int64)
-  sources = np.concatenate([np.asarray(idx, np.int64)
-                            for idx in client_indices])
+      [first_block[k] * block_size + np.arange(sizes[client])
+       for k, client in enumerate(order)]).astype(np.int64)
+  sources = np.concatenate([np.asarray(client_indices[client], np.int64)
+                            for client in order])
 
-  # Deal real block k to device k % S, slot k // S of that device.
+  # Deal the real blocks to the devices in contiguous runs whose lengths
+  # differ by at most one; each device's padding blocks follow its run.
   per_shard = capacity // num_shards
-  slot = (np.arange(num_real) % num_shards) * per_shard + (
-      np.arange(num_real) // num_shards)
+  run_starts = np.linspace(0, num_real, num_shards + 1).round().astype(int)
+  shard_of = np.searchsorted(run_starts, np.arange(num_real), side="right") - 1
+  slot = shard_of * per_shard + np.arange(num_real) - run_starts[shard_of]
   rows = slot[positions // block_size] * block_size + positions % block_size
 
   feature_shape = x.shape[1:]
@@ -168,94 +181,96 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
                 segment_index: jax.Array, num_segments: int, mesh: Mesh,
-                samples_per_step: int = 1024, blocks_per_step: int = 1):
+                samples_per_step: int = 1024):
   """Maps `block_fn` over all blocks and sums its results per segment.
 
   This is how clients are mapped: the block axis is sharded over the mesh
-  (`shard_map`); each device scans over its blocks, skips all-padding ones,
-  and adds each result, converted to float64, into the accumulator of the
-  block's segment; the devices' partial sums are then added (`psum`), so
-  every device holds the result.
+  (`shard_map`); each device scans over its blocks and adds each result,
+  converted to float64, into the accumulator of the block's segment; the
+  devices' partial sums are then added (`psum`), so every device holds the
+  result.
 
-  Steps: when all blocks use the same params and segment (one model, one
-  segment, as in FedACnnL), consecutive blocks are merged into steps of up to
-  `samples_per_step` samples, one `block_fn` call each: the sum is the same, and
-  one large product per step costs far less than many small ones plus a
-  float64 accumulation each. Otherwise each step takes `blocks_per_step`
-  blocks, vmapped when more than one (on CPU a batch of small dots runs
-  slower than a scan of them, so 1 is the default; larger suits
-  accelerators).
+  Each scan step takes up to `samples_per_step` samples' worth of
+  neighbouring blocks. When they all use the same params and segment (always
+  in FedACnnL; mostly when clients or groups are laid out contiguously, see
+  `federate`), they are merged into one `block_fn` call: the sum is the same,
+  and one large product costs far less than many small ones plus a float64
+  accumulation each. Otherwise the step's blocks are computed one by one.
+  Steps and blocks without real samples or with a negative segment are
+  skipped. (A vmap over the blocks of a step was measured 2-4x slower than
+  this on CPU: XLA's batched small dots are slow there.)
 
   Args:
-    block_fn: (params, x [B, ...], y [B], mask [B]) -> pytree of arrays; what
-      one client computes on a batch of its data. It must be additive over
-      samples and give zero for masked ones: merged and vmapped steps also
-      run it on padding blocks.
+    block_fn: (params, x [n, ...], y [n], mask [n]) -> pytree of arrays;
+      what one client computes on a batch of its data. It must be additive
+      over samples and give zero for masked ones (merged steps include the
+      padding of partly filled blocks).
     params: pytree stacked on a leading model axis.
     data: blocks sharded over `mesh`.
     param_index: [num_blocks] int32: which stacked params each block uses.
-    segment_index: [num_blocks] int32 in [0, num_segments).
+    segment_index: [num_blocks] int32 in [0, num_segments), or negative to
+      leave the block out.
     num_segments: S.
     mesh: mesh with axis 'clients'.
-    samples_per_step: the most samples per step when blocks are merged.
-    blocks_per_step: blocks per step otherwise; must divide the number of
-      blocks per device.
+    samples_per_step: the most samples per merged step.
 
   Returns:
     block_fn's pytree with every leaf [S, ...] float64.
   """
   per_device = data.num_blocks // mesh.size
-  num_models = jax.tree.leaves(params)[0].shape[0]
-  merge = num_segments == 1 and num_models == 1
-  if merge:
-    blocks_per_step = _largest_divisor_at_most(
-        per_device, samples_per_step // data.block_size)
-  elif per_device % blocks_per_step:
-    raise ValueError(f"blocks_per_step={blocks_per_step} does not divide the "
-                     f"{per_device} blocks per device")
+  blocks_per_step = _largest_divisor_at_most(
+      per_device, samples_per_step // data.block_size)
   one = jax.eval_shape(block_fn, _take(params, 0), data.x[0], data.y[0],
                        data.mask[0])
-  results_per_step = 1 if merge else blocks_per_step
 
-  def zeros(lead):  # varies over devices, like the block results it sums
-    return jax.tree.map(
-        lambda s: jax.lax.pcast(jnp.zeros((lead,) + s.shape, jnp.float64),
-                                CLIENTS, to="varying"), one)
-
-  def compute(params, chunk):
-    x, y, mask, pidx, _ = chunk
-    if results_per_step == 1:
-      out = block_fn(_take(params, pidx[0]), x.reshape((-1,) + x.shape[2:]),
-                     y.reshape(-1), mask.reshape(-1))
-      out = jax.tree.map(lambda a: a[None], out)
-    else:
-      out = jax.vmap(block_fn)(_take(params, pidx), x, y, mask)
-    return jax.tree.map(lambda a: a.astype(jnp.float64), out)
-
-  def skip(params, chunk):
-    del params, chunk
-    return zeros(results_per_step)
+  def add(acc, out, segment):
+    # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
+    # by element and would cost more than the products.
+    def add_leaf(total, value):
+      row = jax.lax.dynamic_index_in_dim(total, segment, keepdims=False)
+      return jax.lax.dynamic_update_index_in_dim(total, row + value, segment,
+                                                 0)
+    return jax.tree.map(add_leaf, acc, out)
 
   def local(params, x, y, mask, param_index, segment_index):
+    def result(x, y, mask, pidx):
+      """block_fn on the rows of one or more blocks, in float64."""
+      out = block_fn(_take(params, pidx), x.reshape((-1,) + x.shape[2:]),
+                     y.reshape(-1), mask.reshape(-1))
+      return jax.tree.map(lambda a: a.astype(jnp.float64), out)
+
+    def step(acc, chunk):
+      x, y, mask, pidx, seg = chunk  # [blocks_per_step, B, ...]
+      active = mask.any(axis=1) & (seg >= 0)
+      uniform = (pidx == pidx[0]).all() & (seg == seg[0]).all()
+
+      def merged(acc):
+        return add(acc, result(x, y, mask, pidx[0]), seg[0])
+
+      def one_by_one(acc):
+        def block(acc, b):
+          def take(a):
+            return jax.lax.dynamic_slice_in_dim(a, b, 1)
+          return jax.lax.cond(
+              active[b],
+              lambda acc: add(acc, result(take(x), take(y), take(mask),
+                                          pidx[b]), seg[b]),
+              lambda acc: acc, acc), None
+        return jax.lax.scan(block, acc, jnp.arange(blocks_per_step))[0]
+
+      branch = jnp.where(active.any(), jnp.where(uniform, 1, 2), 0)
+      return jax.lax.switch(branch, (lambda acc: acc, merged, one_by_one),
+                            acc), None
+
     steps = x.shape[0] // blocks_per_step
     chunks = jax.tree.map(
         lambda a: a.reshape((steps, blocks_per_step) + a.shape[1:]),
         (x, y, mask, param_index, segment_index))
-
-    def add(total, results, segments):
-      # A dynamic-slice update per result: XLA's CPU scatter (`.at[].add`)
-      # is element by element and would cost more than the products.
-      for k in range(results_per_step):
-        row = jax.lax.dynamic_index_in_dim(total, segments[k], keepdims=False)
-        total = jax.lax.dynamic_update_index_in_dim(
-            total, row + results[k], segments[k], 0)
-      return total
-
-    def step(acc, chunk):
-      out = jax.lax.cond(chunk[2].any(), compute, skip, params, chunk)
-      return jax.tree.map(lambda s, o: add(s, o, chunk[4]), acc, out), None
-
-    acc, _ = jax.lax.scan(step, zeros(num_segments), chunks)
+    zeros = jax.tree.map(  # varies over devices, like what it sums
+        lambda s: jax.lax.pcast(
+            jnp.zeros((num_segments,) + s.shape, jnp.float64), CLIENTS,
+            to="varying"), one)
+    acc, _ = jax.lax.scan(step, zeros, chunks)
     return jax.lax.psum(acc, CLIENTS)
 
   blocks = PartitionSpec(CLIENTS)

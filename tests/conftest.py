@@ -20,7 +20,8 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 def data_dir() -> pathlib.Path:
   """The directory holding `mnist/` and `cifar10-subset/` (CI: ../shared/data)."""
   path = pathlib.Path(
-      os.environ.get("AFL_DATA_DIR", _REPO.parent / "shared" / "data"))
+      os.environ.get("AFL_DATA_DIR", _REPO.parent / "shared" / "data")
+  ).resolve()  # absolute: tests link to it from temporary folders
   if not (path / "mnist").is_dir():
     raise FileNotFoundError(
         f"test data directory {path} has no mnist/ folder; set AFL_DATA_DIR "

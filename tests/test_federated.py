@@ -103,6 +103,20 @@ def test_block_count_is_split_independent_and_real_blocks_are_dealt_evenly(
     assert counts.sum() == sum(math.ceil(len(c) / BLOCK) for c in clients)
 
 
+def test_order_lays_clients_out_contiguously_under_their_own_ids():
+  sizes = (9, 0, 30, 4, 17, 8)
+  x, y = integer_samples(sum(sizes))
+  clients = partition(sizes)
+  order = [4, 1, 0, 5, 2, 3]
+  data = federated.federate(x, y, clients, BLOCK, order=order)
+  owners = np.asarray(data.client)[np.asarray(data.mask).any(1)]
+  runs = [int(c) for k, c in enumerate(owners) if k == 0 or owners[k - 1] != c]
+  assert runs == [c for c in order if sizes[c]]
+  np.testing.assert_array_equal(data.client_sizes(), sizes)
+  with pytest.raises(ValueError, match="permutation"):
+    federated.federate(x, y, clients, BLOCK, order=[0, 1, 2, 3, 4, 4])
+
+
 def test_default_block_size():
   """A power of two in [8, 512] near a quarter of the mean client size."""
   cases = {(60000, 100): 128, (50000, 10): 512, (10**7, 1): 512,
@@ -142,7 +156,7 @@ def scaled_sums(params, x, y, mask):
 
 
 segment_sum = jax.jit(federated.segment_sum,
-                      static_argnums=(0, 5, 6, 7, 8))
+                      static_argnums=(0, 5, 6, 7))
 
 
 def stacked_scales(*scales):
@@ -191,7 +205,7 @@ def test_per_client_segments_equal_a_numpy_loop(samples, devices,
   num_clients = len(clients)
   got = segment_sum(scaled_sums, stacked_scales(0.5), data,
                     jnp.zeros_like(data.client), data.client, num_clients,
-                    mesh, 1024, blocks_per_step)
+                    mesh, blocks_per_step * BLOCK)
   assert_equal_results(got, numpy_sums(x, y, clients, [0.5] * num_clients,
                                        range(num_clients), num_clients))
 
@@ -206,13 +220,13 @@ def test_one_segment_one_model_merges_blocks(samples, devices,
   data, mesh = layouts[devices]
   got = segment_sum(scaled_sums, stacked_scales(-2.0), data,
                     jnp.zeros_like(data.client), jnp.zeros_like(data.client),
-                    1, mesh, samples_per_step, 1)
+                    1, mesh, samples_per_step)
   assert_equal_results(got, numpy_sums(x, y, clients, [-2.0] * len(clients),
                                        [0] * len(clients), 1))
 
 
 @pytest.mark.parametrize("devices", [8, 1])
-@pytest.mark.parametrize("blocks_per_step", [1, 2])
+@pytest.mark.parametrize("blocks_per_step", [1, 2, 16])
 @pytest.mark.parametrize("per_client_segments", [False, True])
 def test_group_models_with_group_or_client_segments(
     samples, devices, blocks_per_step, per_client_segments):
@@ -229,7 +243,7 @@ def test_group_models_with_group_or_client_segments(
   client = np.asarray(data.client)
   got = segment_sum(scaled_sums, stacked_scales(*scales), data,
                     group[client], segment_of_client[client], num_segments,
-                    mesh, 1024, blocks_per_step)
+                    mesh, blocks_per_step * BLOCK)
   assert_equal_results(got, numpy_sums(
       x, y, clients, [scales[g] for g in group], segment_of_client,
       num_segments))
@@ -245,19 +259,23 @@ def test_one_device_equals_eight_on_the_same_layout(samples):
   args = (stacked_scales(0.5), np.zeros_like(client), client, len(clients))
   assert_equal_results(
       segment_sum(scaled_sums, args[0], on_one, args[1], args[2], args[3],
-                  one, 1024, 2),
+                  one, 2 * BLOCK),
       jax.device_get(segment_sum(scaled_sums, args[0], data, args[1],
-                                 args[2], args[3], mesh, 1024, 2)))
+                                 args[2], args[3], mesh, 2 * BLOCK)))
 
 
-def test_blocks_per_step_must_divide_the_blocks_per_device(samples):
-  _, _, clients, layouts = samples
+@pytest.mark.parametrize("blocks_per_step", [1, 16])
+def test_negative_segments_are_left_out(samples, blocks_per_step):
+  """Segment -1 drops a block: here every client outside [2, 6)."""
+  x, y, clients, layouts = samples
   data, mesh = layouts[8]
-  assert (data.num_blocks // mesh.size) % 3
-  with pytest.raises(ValueError, match="blocks_per_step=3"):
-    federated.segment_sum(scaled_sums, stacked_scales(1.0), data,
-                          jnp.zeros_like(data.client), data.client,
-                          len(clients), mesh, blocks_per_step=3)
+  client = np.asarray(data.client)
+  segment = np.where((client >= 2) & (client < 6), client - 2, -1)
+  got = segment_sum(scaled_sums, stacked_scales(1.0), data,
+                    np.zeros_like(client), segment, 4, mesh,
+                    blocks_per_step * BLOCK)
+  assert_equal_results(got, numpy_sums(x, y, clients[2:6], [1.0] * 4,
+                                       range(4), 4))
 
 
 def linear_apply(params, x):
