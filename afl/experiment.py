@@ -17,7 +17,7 @@ import os
 import pathlib
 import resource
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import flax.serialization
@@ -30,8 +30,17 @@ from afl import evaluation
 from afl import fedacnnl
 from afl import federated
 from afl import models
+from afl import pfedacnnl
 
-ALGORITHMS = ("fedacnnl",)
+# algorithm -> (clustered into --num_groups groups, personalized): FedACnnL
+# and the pFedACnnL family of section V-A share one code path.
+ANALYTIC = {
+    "fedacnnl": (False, False),
+    "pfedacnnl": (True, True),
+    "pfedacnnl_wc": (False, True),
+    "pfedacnnl_wp": (True, False),
+}
+ALGORITHMS = tuple(ANALYTIC)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
       data_dir=None,
       data_source="auto",
       gamma=100.0,
+      eps=2500.0,  # pFedACnnL's personalization weight (eq. 12, 13)
+      num_groups=10,  # pFedACnnL's K
       statistics_dtype="float32",  # of the clients' products; see statistics
       seed=0,
       block_size=0,  # 0: `federated.default_block_size`
@@ -67,7 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, valid in choices.items():
     if config[name] not in valid:
       raise ValueError(f"--{name}={config[name]!r} is not one of {valid}")
-  positive = ("num_clients", "gamma", "width", "dirichlet_beta")
+  positive = ("num_clients", "gamma", "eps", "num_groups", "width",
+              "dirichlet_beta")
   for name in positive:
     if not config[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {config[name]}")
@@ -77,6 +89,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 < config.test_fraction < 1:
     raise ValueError(
         f"--test_fraction must be in (0, 1), got {config.test_fraction}")
+  if config.num_groups > config.num_clients:
+    raise ValueError(f"--num_groups={config.num_groups} exceeds "
+                     f"--num_clients={config.num_clients}")
   if config.num_devices > jax.local_device_count():
     raise ValueError(f"--num_devices={config.num_devices} but only "
                      f"{jax.local_device_count()} devices are visible")
@@ -99,15 +114,22 @@ def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
   os.replace(tmp, path)
 
 
-def save_params(path: pathlib.Path, params) -> None:
-  """Writes Flax params as msgpack (`flax.serialization`)."""
-  _write_atomically(path, flax.serialization.msgpack_serialize(
-      jax.tree.map(np.asarray, params)))
+def save_params(path: pathlib.Path, params, client_model: np.ndarray) -> None:
+  """Writes stacked Flax params and each client's model index (msgpack)."""
+  _write_atomically(path, flax.serialization.msgpack_serialize({
+      "models": jax.tree.map(np.asarray, params),
+      "client_model": np.asarray(client_model)}))
 
 
-def load_params(path: str | os.PathLike):
-  """Reads params written by `save_params`, ready for `model.apply`."""
-  return flax.serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+def load_params(path: str | os.PathLike, client: int = 0):
+  """The params of `client`'s model from `save_params`, for `model.apply`.
+
+  For FedACnnL every client has the global model; for pFedACnnL its own
+  personalized model; for pFedACnnL-WP its group's meta-model.
+  """
+  saved = flax.serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+  index = int(saved["client_model"][client])
+  return jax.tree.map(lambda a: a[index], saved["models"])
 
 
 def peak_memory_gb() -> float:
@@ -115,9 +137,83 @@ def peak_memory_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def prepare_split(config: ml_collections.ConfigDict) -> data_lib.ClientSplit:
+  """The clients' data for `config` (the paper's protocol, see afl.data)."""
+  return data_lib.prepare(
+      config.dataset, num_clients=config.num_clients,
+      partition=config.partition, dirichlet_beta=config.dirichlet_beta,
+      min_client_size=config.min_client_size,
+      test_fraction=config.test_fraction, seed=config.seed,
+      data_dir=config.data_dir, source=config.data_source,
+      synthetic_alpha=config.synthetic_alpha,
+      synthetic_beta=config.synthetic_beta)
+
+
+class Setup(NamedTuple):
+  """Everything a run needs before training (see `setup`)."""
+  model: models.LayerwiseNet
+  mesh: jax.sharding.Mesh
+  algorithm: fedacnnl.FedACnnL
+  counts: np.ndarray  # [C, num_classes] training label counts per client
+  groups: np.ndarray  # [C] pFedACnnL group (all 0 without clustering)
+  grouping_s: float
+  train_data: federated.FederatedData
+  test_data: federated.FederatedData
+
+
+def setup(config: ml_collections.ConfigDict,
+          split: data_lib.ClientSplit) -> Setup:
+  """Model, mesh, algorithm, grouping (pFedACnnL stage 1) and client blocks.
+
+  Clients are laid out by group, so that group sums merge neighbours.
+  """
+  model = models.get_model(config.model, split.num_classes, config.width)
+  x = model_inputs(model, split.x)
+  devices = jax.local_devices()[:config.num_devices or None]
+  mesh = federated.client_mesh(devices)
+  algorithm = fedacnnl.fedacnnl(
+      model, num_classes=split.num_classes, input_shape=x.shape[1:],
+      mesh=mesh, gamma=config.gamma, encoding_seed=config.seed,
+      statistics_dtype=config.statistics_dtype)
+  clustered, _ = ANALYTIC[config.algorithm]
+  counts = data_lib.client_label_histograms(split.train_indices, split.y,
+                                            split.num_classes)
+  groups, grouping_s = pfedacnnl.assign_groups(
+      counts, algorithm, config.num_groups if clustered else 1, config.seed)
+  if clustered:
+    logging.info("K-means grouping (eq. 8, 9) in %.3fs:\n%s", grouping_s,
+                 pfedacnnl.grouping_report(groups, counts))
+  train_data, test_data = (
+      federated.shard(federated.federate(
+          x, split.y, indices, config.block_size or None,
+          num_shards=mesh.size, order=np.argsort(groups, kind="stable")),
+                      mesh)
+      for indices in (split.train_indices, split.test_indices))
+  return Setup(model, mesh, algorithm, counts, groups, grouping_s,
+               train_data, test_data)
+
+
+def train(config: ml_collections.ConfigDict,
+          run: Setup) -> pfedacnnl.PFedACnnLResult:
+  """Trains `config.algorithm` (FedACnnL or a pFedACnnL variant)."""
+  _, personalized = ANALYTIC[config.algorithm]
+  return pfedacnnl.train(
+      run.algorithm, run.train_data,
+      jax.random.fold_in(jax.random.key(config.seed), 0), run.groups,
+      eps=config.eps, personalized=personalized, grouping_s=run.grouping_s)
+
+
 def run_experiment(config: ml_collections.ConfigDict,
-                   output_dir: str | os.PathLike) -> dict[str, Any]:
-  """Runs one configuration and writes its results; returns them too."""
+                   output_dir: str | os.PathLike,
+                   split: data_lib.ClientSplit | None = None) -> dict[str, Any]:
+  """Runs one configuration and writes its results; returns them too.
+
+  Args:
+    config: see `default_config`.
+    output_dir: where results.json and params.msgpack go.
+    split: the prepared data for `config`, to share it across runs (e.g.
+      several algorithms on one seed); None prepares it.
+  """
   validate(config)
   output_dir = pathlib.Path(output_dir)
   results_path = output_dir / "results.json"
@@ -128,48 +224,30 @@ def run_experiment(config: ml_collections.ConfigDict,
   output_dir.mkdir(parents=True, exist_ok=True)
 
   start = time.perf_counter()
-  split = data_lib.prepare(
-      config.dataset, num_clients=config.num_clients,
-      partition=config.partition, dirichlet_beta=config.dirichlet_beta,
-      min_client_size=config.min_client_size,
-      test_fraction=config.test_fraction, seed=config.seed,
-      data_dir=config.data_dir, source=config.data_source,
-      synthetic_alpha=config.synthetic_alpha,
-      synthetic_beta=config.synthetic_beta)
+  split = split or prepare_split(config)
   logging.info("%s over %d clients:\n%s", config.dataset, config.num_clients,
                data_lib.summarize(split.train_indices, split.y,
                                   split.num_classes))
-  model = models.get_model(config.model, split.num_classes, config.width)
-  x = model_inputs(model, split.x)
-  devices = jax.local_devices()[:config.num_devices or None]
-  mesh = federated.client_mesh(devices)
-  block_size = config.block_size or None
-  train_data, test_data = (
-      federated.shard(federated.federate(x, split.y, indices, block_size,
-                                         num_shards=mesh.size), mesh)
-      for indices in (split.train_indices, split.test_indices))
-  data_time = time.perf_counter() - start
+  run = setup(config, split)
+  data_time = time.perf_counter() - start - run.grouping_s
   logging.info("data ready in %.2fs: %d train blocks of %d rows on %d "
-               "device(s)", data_time, train_data.num_blocks,
-               train_data.block_size, mesh.size)
-
-  key = jax.random.key(config.seed)
-  algorithm = fedacnnl.fedacnnl(
-      model, num_classes=split.num_classes, input_shape=x.shape[1:],
-      mesh=mesh, gamma=config.gamma, encoding_seed=config.seed,
-      statistics_dtype=config.statistics_dtype)
-  trained = fedacnnl.train(algorithm, train_data, jax.random.fold_in(key, 0))
+               "device(s)", data_time, run.train_data.num_blocks,
+               run.train_data.block_size, run.mesh.size)
+  trained = train(config, run)
+  model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
+  train_data, test_data = run.train_data, run.test_data
 
   start = time.perf_counter()
-  accuracy = evaluation.evaluate(model.apply, trained.params, test_data, mesh)
+  accuracy = evaluation.evaluate(model.apply, trained.params, test_data, mesh,
+                                 trained.client_model)
   eval_time = time.perf_counter() - start
-  logging.info("overall test accuracy %.4f (%d / %d); training %.3fs + "
-               "compile %.3fs", accuracy.overall, accuracy.correct.sum(),
-               accuracy.count.sum(), trained.wall_time_s,
-               trained.compile_time_s)
+  logging.info("%s: overall test accuracy %.4f (%d / %d); training %.3fs + "
+               "compile %.3fs", config.algorithm, accuracy.overall,
+               accuracy.correct.sum(), accuracy.count.sum(),
+               trained.wall_time_s, trained.compile_time_s)
 
-  params = jax.tree.map(lambda a: a[0], trained.params)
-  save_params(output_dir / "params.msgpack", params)
+  save_params(output_dir / "params.msgpack", trained.params,
+              trained.client_model)
   results = {
       "algorithm": config.algorithm,
       "dataset": config.dataset,
@@ -181,9 +259,15 @@ def run_experiment(config: ml_collections.ConfigDict,
           None if np.isnan(a) else float(a) for a in accuracy.per_client],
       "per_client_test_samples": accuracy.count.tolist(),
       "per_client_train_samples": train_data.client_sizes().tolist(),
+      "client_group": groups.tolist(),
+      "group_sizes": np.bincount(groups).tolist(),
+      "group_label_histograms": [
+          counts[groups == k].sum(0).tolist()
+          for k in range(groups.max() + 1)],
       "rounds": trained.rounds,
       "wall_time_s": trained.wall_time_s,
       "compile_time_s": trained.compile_time_s,
+      "grouping_time_s": run.grouping_s,
       "data_time_s": data_time,
       "eval_time_s": eval_time,
       "peak_memory_gb": peak_memory_gb(),

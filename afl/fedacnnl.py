@@ -47,19 +47,23 @@ class FedACnnL(NamedTuple):
       layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
-    server_solve: (layer, Statistics) -> W_l [S, d, d_l], eq. 5 per segment.
+    solve: (layer, Statistics, reg, prior=None) -> W_l [S, d, d_l]: eq. 5
+      per segment with reg = gamma (the server), or eq. 13 with reg = eps and
+      the meta-model as prior (a client personalizing).
     write_layer: (layer, params, W_l [num_models, d, d_l]) -> params.
     model: the network.
     encodings: Q_l per layer (identity for the output layer).
     num_layers: L.
+    gamma: the server's ridge coefficient.
   """
   init: Callable[..., Params]
   client_statistics: Callable[..., statistics.Statistics]
-  server_solve: Callable[..., jax.Array]
+  solve: Callable[..., jax.Array]
   write_layer: Callable[..., Params]
   model: models.LayerwiseNet
   encodings: tuple[jax.Array, ...]
   num_layers: int
+  gamma: float
 
 
 def layer_input_shapes(model: models.LayerwiseNet,
@@ -112,9 +116,22 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
         statistics_dtype)
 
   @functools.partial(jax.jit, static_argnames="layer")
-  def server_solve(layer, stats):
-    return solve.ridge_solve(stats.full_gram(), stats.cross(encodings[layer]),
-                             gamma)
+  def solve_layer(layer, stats, reg, prior=None):
+    gram, cross = stats.full_gram(), stats.cross(encodings[layer])
+    prior = jnp.zeros_like(cross) if prior is None else prior
+    count = gram.shape[0]
+    if count == 1 or mesh.size == 1:
+      return solve.ridge_solve(gram, cross, reg, prior)
+    # Several systems (groups, clients): each device solves its share
+    # instead of every device solving all of them.
+    pad = -count % mesh.size
+    gram, cross, prior = (jnp.pad(a, ((0, pad), (0, 0), (0, 0)))
+                          for a in (gram, cross, prior))
+    by_device = jax.sharding.PartitionSpec(federated.CLIENTS)
+    solved = jax.shard_map(
+        lambda g, c, p: solve.ridge_solve(g, c, reg, p), mesh=mesh,
+        in_specs=(by_device,) * 3, out_specs=by_device)(gram, cross, prior)
+    return solved[:count]
 
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
   def write_layer(layer, params, weights):
@@ -124,8 +141,8 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
     inner[models.layer_name(layer)] = new
     return {**params, "params": inner}
 
-  return FedACnnL(init, client_statistics, server_solve, write_layer, model,
-                  encodings, len(model.stages))
+  return FedACnnL(init, client_statistics, solve_layer, write_layer, model,
+                  encodings, len(model.stages), gamma)
 
 
 class TrainResult(NamedTuple):
@@ -141,6 +158,48 @@ class TrainResult(NamedTuple):
   rounds: list[dict[str, Any]]
   wall_time_s: float
   compile_time_s: float
+
+
+def layer_by_layer(algorithm: FedACnnL, params: Params, stage: str,
+                   layer_step, first_round: int = 1) -> TrainResult:
+  """Runs one round per layer, timing and logging each.
+
+  Args:
+    algorithm: from `fedacnnl`.
+    params: stacked params to start from.
+    stage: a name for the records ("federated", "personalization").
+    layer_step: (layer, params) -> (params, record) where record holds
+      "width", "outputs" and "statistics_s" (seconds until the statistics
+      were ready); the rest of the round is counted as solving.
+    first_round: number of the first round (rounds continue across stages).
+
+  Returns:
+    TrainResult with the final params.
+  """
+  rounds = []
+  with timing.CompileClock() as compile_clock:
+    start = time.perf_counter()
+    for layer in range(algorithm.num_layers):
+      round_start = time.perf_counter()
+      compile_before = compile_clock.seconds
+      params, record = layer_step(layer, params)
+      jax.block_until_ready(params)
+      record = {
+          "round": first_round + layer, "stage": stage,
+          "layer": models.layer_name(layer), **record,
+          "solve_s": (time.perf_counter() - round_start -
+                      record["statistics_s"]),
+          "compile_s": compile_clock.seconds - compile_before,
+      }
+      rounds.append(record)
+      logging.info(
+          "round %d (%s) %s: d=%d -> %d, statistics %.3fs, solve %.3fs "
+          "(compile %.3fs)", record["round"], stage, record["layer"],
+          record["width"], record["outputs"], record["statistics_s"],
+          record["solve_s"], record["compile_s"])
+    total = time.perf_counter() - start
+  return TrainResult(params, rounds, total - compile_clock.seconds,
+                     compile_clock.seconds)
 
 
 def train(algorithm: FedACnnL, data: federated.FederatedData, key: jax.Array,
@@ -162,36 +221,16 @@ def train(algorithm: FedACnnL, data: federated.FederatedData, key: jax.Array,
     block_group = jnp.zeros_like(data.client)
   else:
     block_group = jnp.asarray(client_group, jnp.int32)[data.client]
-  params = algorithm.init(key, num_groups)
-  rounds = []
-  with timing.CompileClock() as compile_clock:
+
+  def layer_step(layer, params):
     start = time.perf_counter()
-    for layer in range(algorithm.num_layers):
-      round_start = time.perf_counter()
-      compile_before = compile_clock.seconds
-      stats = algorithm.client_statistics(layer, params, data, block_group,
-                                          block_group, num_groups)
-      jax.block_until_ready(stats)
-      stats_done = time.perf_counter()
-      weights = algorithm.server_solve(layer, stats)
-      params = algorithm.write_layer(layer, params, weights)
-      jax.block_until_ready(params)
-      end = time.perf_counter()
-      record = {
-          "round": layer + 1,
-          "layer": models.layer_name(layer),
-          "width": int(weights.shape[-2]),
-          "outputs": int(weights.shape[-1]),
-          "statistics_s": stats_done - round_start,
-          "solve_s": end - stats_done,
-          "compile_s": compile_clock.seconds - compile_before,
-      }
-      rounds.append(record)
-      logging.info(
-          "round %d/%d %s: d=%d -> %d, statistics %.3fs, solve %.3fs "
-          "(compile %.3fs)", record["round"], algorithm.num_layers,
-          record["layer"], record["width"], record["outputs"],
-          record["statistics_s"], record["solve_s"], record["compile_s"])
-    total = time.perf_counter() - start
-  return TrainResult(params, rounds, total - compile_clock.seconds,
-                     compile_clock.seconds)
+    stats = jax.block_until_ready(algorithm.client_statistics(
+        layer, params, data, block_group, block_group, num_groups))
+    stats_s = time.perf_counter() - start
+    weights = algorithm.solve(layer, stats, algorithm.gamma)
+    return algorithm.write_layer(layer, params, weights), {
+        "width": int(weights.shape[-2]), "outputs": int(weights.shape[-1]),
+        "statistics_s": stats_s}
+
+  return layer_by_layer(algorithm, algorithm.init(key, num_groups),
+                        "federated", layer_step)

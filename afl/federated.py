@@ -185,20 +185,23 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
   """Maps `block_fn` over all blocks and sums its results per segment.
 
   This is how clients are mapped: the block axis is sharded over the mesh
-  (`shard_map`); each device scans over its blocks and adds each result,
-  converted to float64, into the accumulator of the block's segment; the
-  devices' partial sums are then added (`psum`), so every device holds the
-  result.
+  (`shard_map`); each device scans over its blocks and folds each result,
+  converted to float64, into the sum of the block's segment; the devices'
+  partial sums are then added (`psum`), so every device holds the result.
+  Blocks without real samples or with a negative segment are skipped.
 
-  Each scan step takes up to `samples_per_step` samples' worth of
-  neighbouring blocks. When they all use the same params and segment (always
-  in FedACnnL; mostly when clients or groups are laid out contiguously, see
-  `federate`), they are merged into one `block_fn` call: the sum is the same,
-  and one large product costs far less than many small ones plus a float64
-  accumulation each. Otherwise the step's blocks are computed one by one.
-  Steps and blocks without real samples or with a negative segment are
-  skipped. (A vmap over the blocks of a step was measured 2-4x slower than
-  this on CPU: XLA's batched small dots are slow there.)
+  Two scans, chosen statically:
+  * one model and one segment (FedACnnL): neighbouring blocks are merged into
+    steps of up to `samples_per_step` samples, one `block_fn` call each: the
+    sum is the same, and one large product costs far less than many small
+    ones plus a float64 accumulation each;
+  * otherwise one block per step, its result added to a running sum of the
+    current segment that is written into the [S, ...] accumulator only when
+    the segment changes; `federate` lays a client's (or a group's) blocks out
+    next to each other, so that happens about once per client (group).
+  Both keep the large accumulator out of conditionals, which XLA would copy
+  at every step. (A vmap over the blocks of a step was measured 2-4x slower
+  than these scans on CPU: XLA's batched small dots are slow there.)
 
   Args:
     block_fn: (params, x [n, ...], y [n], mask [n]) -> pytree of arrays;
@@ -217,60 +220,88 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
   Returns:
     block_fn's pytree with every leaf [S, ...] float64.
   """
+  param_index = jnp.asarray(param_index, jnp.int32)
+  segment_index = jnp.asarray(segment_index, jnp.int32)
   per_device = data.num_blocks // mesh.size
+  num_models = jax.tree.leaves(params)[0].shape[0]
+  merge = num_segments == 1 and num_models == 1
   blocks_per_step = _largest_divisor_at_most(
-      per_device, samples_per_step // data.block_size)
+      per_device, samples_per_step // data.block_size) if merge else 1
   one = jax.eval_shape(block_fn, _take(params, 0), data.x[0], data.y[0],
                        data.mask[0])
 
-  def add(acc, out, segment):
-    # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
-    # by element and would cost more than the products.
-    def add_leaf(total, value):
-      row = jax.lax.dynamic_index_in_dim(total, segment, keepdims=False)
-      return jax.lax.dynamic_update_index_in_dim(total, row + value, segment,
-                                                 0)
-    return jax.tree.map(add_leaf, acc, out)
+  def varying_zeros(lead=()):  # varies over devices, like what it sums
+    return jax.tree.map(
+        lambda s: jax.lax.pcast(jnp.zeros(lead + s.shape, jnp.float64),
+                                CLIENTS, to="varying"), one)
 
   def local(params, x, y, mask, param_index, segment_index):
-    def result(x, y, mask, pidx):
-      """block_fn on the rows of one or more blocks, in float64."""
-      out = block_fn(_take(params, pidx), x.reshape((-1,) + x.shape[2:]),
-                     y.reshape(-1), mask.reshape(-1))
-      return jax.tree.map(lambda a: a.astype(jnp.float64), out)
-
-    def step(acc, chunk):
-      x, y, mask, pidx, seg = chunk  # [blocks_per_step, B, ...]
-      active = mask.any(axis=1) & (seg >= 0)
-      uniform = (pidx == pidx[0]).all() & (seg == seg[0]).all()
-
-      def merged(acc):
-        return add(acc, result(x, y, mask, pidx[0]), seg[0])
-
-      def one_by_one(acc):
-        def block(acc, b):
-          def take(a):
-            return jax.lax.dynamic_slice_in_dim(a, b, 1)
-          return jax.lax.cond(
-              active[b],
-              lambda acc: add(acc, result(take(x), take(y), take(mask),
-                                          pidx[b]), seg[b]),
-              lambda acc: acc, acc), None
-        return jax.lax.scan(block, acc, jnp.arange(blocks_per_step))[0]
-
-      branch = jnp.where(active.any(), jnp.where(uniform, 1, 2), 0)
-      return jax.lax.switch(branch, (lambda acc: acc, merged, one_by_one),
-                            acc), None
-
     steps = x.shape[0] // blocks_per_step
     chunks = jax.tree.map(
         lambda a: a.reshape((steps, blocks_per_step) + a.shape[1:]),
         (x, y, mask, param_index, segment_index))
-    zeros = jax.tree.map(  # varies over devices, like what it sums
-        lambda s: jax.lax.pcast(
-            jnp.zeros((num_segments,) + s.shape, jnp.float64), CLIENTS,
-            to="varying"), one)
-    acc, _ = jax.lax.scan(step, zeros, chunks)
+
+    def result(chunk):
+      """block_fn on the rows of the chunk's blocks, in float64, or zeros."""
+      x, y, mask, pidx, seg = chunk
+      active = mask.any() & (seg[0] >= 0)
+
+      def compute():
+        out = block_fn(_take(params, pidx[0]),
+                       x.reshape((-1,) + x.shape[2:]), y.reshape(-1),
+                       mask.reshape(-1))
+        return jax.tree.map(lambda a: a.astype(jnp.float64), out)
+
+      return active, jax.lax.cond(active, compute, varying_zeros)
+
+    def merged_step(acc, chunk):
+      _, out = result(chunk)
+      return jax.tree.map(jnp.add, acc, jax.tree.map(lambda a: a[None], out)
+                          ), None
+
+    def write(acc, running, segment):
+      # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
+      # by element and would cost more than the products.
+      def add_leaf(total, value):
+        row = jax.lax.dynamic_index_in_dim(total, segment, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(total, row + value,
+                                                   segment, 0)
+      return jax.tree.map(add_leaf, acc, running)
+
+    def block_step(index, carry):
+      acc, running, current = carry
+      chunk = jax.tree.map(
+          lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+          chunks)
+      x, y, mask, pidx, seg = chunk
+      active = mask.any() & (seg[0] >= 0)
+      out = jax.tree.map(
+          lambda a: a.astype(jnp.float64),
+          block_fn(_take(params, pidx[0]), x[0], y[0], mask[0]))
+      segment = seg[0]
+      switch = active & (segment != current)
+      acc = jax.lax.cond(switch & (current >= 0),
+                         lambda acc: write(acc, running, current),
+                         lambda acc: acc, acc)
+      running = jax.tree.map(
+          lambda r, o: jnp.where(switch, o, r + jnp.where(active, o, 0)),
+          running, out)
+      return acc, running, jnp.where(switch, segment, current)
+
+    if merge:
+      acc, _ = jax.lax.scan(merged_step, varying_zeros((1,)), chunks)
+    else:
+      # Only up to the last block with samples: the rest of a device's
+      # blocks are padding (`federate` puts them last), so a loop with a
+      # run-time bound skips them without a conditional per block.
+      has_samples = mask.any(axis=1)
+      end = jnp.max(jnp.where(has_samples, jnp.arange(steps) + 1, 0))
+      start = (varying_zeros((num_segments,)), varying_zeros(),
+               jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"))
+      acc, running, current = jax.lax.fori_loop(0, end, block_step, start)
+      acc = jax.lax.cond(current >= 0,
+                         lambda acc: write(acc, running, current),
+                         lambda acc: acc, acc)
     return jax.lax.psum(acc, CLIENTS)
 
   blocks = PartitionSpec(CLIENTS)

@@ -19,7 +19,8 @@ from afl import models
 _DEFAULTS = experiment.default_config()
 
 flags.DEFINE_enum("algorithm", _DEFAULTS.algorithm, experiment.ALGORITHMS,
-                  "Federated algorithm.")
+                  "fedacnnl; pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
+                  "pfedacnnl_wp (no personalization).")
 flags.DEFINE_enum("dataset", _DEFAULTS.dataset, data.DATASETS, "Dataset.")
 flags.DEFINE_enum("model", _DEFAULTS.model, models.MODELS,
                   "lr: multinomial logistic regression; mlp: [128, 64] ReLU; "
@@ -45,6 +46,10 @@ flags.DEFINE_string("data_dir", None,
 flags.DEFINE_enum("data_source", _DEFAULTS.data_source,
                   ["auto", "files", "tfds"], "Where mnist/cifar10 come from.")
 flags.DEFINE_float("gamma", _DEFAULTS.gamma, "Ridge coefficient (eq. 5).")
+flags.DEFINE_float("eps", _DEFAULTS.eps,
+                   "pFedACnnL's personalization weight epsilon (eq. 13).")
+flags.DEFINE_integer("num_groups", _DEFAULTS.num_groups,
+                     "pFedACnnL's number of K-means groups K.")
 flags.DEFINE_enum("statistics_dtype", _DEFAULTS.statistics_dtype,
                   ["float32", "float64"],
                   "dtype of the clients' Gram products (sums and solves are "

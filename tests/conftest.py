@@ -1,7 +1,11 @@
 """Test configuration: 8 virtual CPU devices and the shared data directory.
 
 XLA_FLAGS must be set before jax is imported anywhere, so it is set here, at
-collection time, for the whole test session.
+collection time, for the whole test session. Several virtual CPU devices in
+one process share one thread pool; with multi-threaded Eigen products a
+device can wait inside a product for threads that are all parked at another
+device's collective (a deadlock seen with float64 products), so Eigen runs
+single-threaded per device here.
 """
 
 import os
@@ -9,7 +13,8 @@ import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") +
-    " --xla_force_host_platform_device_count=8").strip()
+    " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_multi_thread_eigen=false").strip()
 
 import pytest  # pylint: disable=g-import-not-at-top
 

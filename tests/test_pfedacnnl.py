@@ -1,0 +1,183 @@
+"""pFedACnnL: grouping, group meta-models and personalization (section IV)."""
+
+import jax
+import numpy as np
+import pytest
+
+from afl import data as data_lib
+from afl import fedacnnl
+from afl import federated
+from afl import layers
+from afl import models
+from afl import pfedacnnl
+from tests import reference
+
+GAMMA, EPS = 100.0, 2500.0
+
+
+@pytest.fixture(scope="module")
+def mnist(data_dir):
+  """3,000 real MNIST samples over 12 Dirichlet(0.3) clients."""
+  ds = data_lib.load_mnist(data_dir)
+  x = data_lib.preprocess("mnist", ds.x_train[:3000]).reshape(3000, -1)
+  y = ds.y_train[:3000]
+  return x, y, data_lib.dirichlet_partition(y, 12, 0.3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+  x, y, clients = data_lib.synthetic(0.5, 0.5, num_clients=6, seed=2)
+  return x, y, clients
+
+
+def build(model, x, clients, groups=None):
+  mesh = federated.client_mesh()
+  order = None if groups is None else np.argsort(groups, kind="stable")
+  algorithm = fedacnnl.fedacnnl(model, num_classes=10,
+                                input_shape=x.shape[1:], mesh=mesh,
+                                gamma=GAMMA, statistics_dtype="float64")
+  return algorithm, mesh, order
+
+
+def blocks(x, y, clients, mesh, order=None):
+  return federated.shard(federated.federate(
+      x, y, clients, 16, num_shards=mesh.size, order=order), mesh)
+
+
+def weights(model, params, index):
+  """Per-layer W_l [d, d_out] of stacked model `index`."""
+  inner = params["params"]
+  return [np.asarray(layers.from_params(
+      stage.layer, jax.tree.map(lambda a: a[index],
+                                inner[models.layer_name(l)])))
+          for l, stage in enumerate(model.stages)]
+
+
+def personalized_reference(model, x, y, encodings, meta, eps):
+  """eq. 13 layer by layer on one client's data, numpy float64."""
+  h = x.astype(np.float64)
+  onehot = np.eye(10)[y]
+  out = []
+  for stage, q, prior in zip(model.stages, encodings, meta):
+    rows, spatial = reference.design(stage, h)
+    flat = rows.reshape(-1, rows.shape[-1])
+    w = np.linalg.solve(flat.T @ flat + eps * np.eye(flat.shape[1]),
+                        flat.T @ (onehot @ np.asarray(q)) + eps * prior)
+    out.append(w)
+    h = reference.apply_stage(stage, rows, w, spatial)
+  return out
+
+
+def test_personalization_matches_a_per_client_float64_reference(mnist):
+  x, y, clients = mnist
+  model = models.mlp(10)
+  counts = data_lib.client_label_histograms(clients, y, 10)
+  algorithm, mesh, _ = build(model, x, clients)
+  groups, _ = pfedacnnl.assign_groups(counts, algorithm, 3, seed=0)
+  data = blocks(x, y, clients, mesh, np.argsort(groups, kind="stable"))
+  result = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
+                           eps=EPS)
+  assert result.params["params"]["layer_0"]["kernel"].shape[0] == 12
+  for k in range(3):  # meta-models: centralized ACnnL on each group (eq. 11)
+    members = np.concatenate([clients[i] for i in np.flatnonzero(
+        groups == k)])
+    meta = reference.centralized_acnnl(model, x[members], y[members],
+                                       algorithm.encodings, GAMMA)
+    for i in np.flatnonzero(groups == k):
+      expected = personalized_reference(model, x[clients[i]], y[clients[i]],
+                                        algorithm.encodings, meta, EPS)
+      for got, want in zip(weights(model, result.params, i), expected):
+        assert reference.relative_error(got, want) < 1e-5
+
+
+def test_group_meta_models_equal_fedacnnl_on_each_group_alone(mnist):
+  x, y, clients = mnist
+  model = models.mlp(10)
+  groups = np.arange(len(clients)) % 3
+  algorithm, mesh, order = build(model, x, clients, groups)
+  meta = pfedacnnl.train(algorithm, blocks(x, y, clients, mesh, order),
+                         jax.random.key(0), groups, personalized=False)
+  np.testing.assert_array_equal(meta.client_model, groups)
+  for k in range(3):
+    alone = [clients[i] for i in np.flatnonzero(groups == k)]
+    single = fedacnnl.train(algorithm, blocks(x, y, alone, mesh),
+                            jax.random.key(0))
+    for got, want in zip(weights(model, meta.params, k),
+                         weights(model, single.params, 0)):
+      assert reference.relative_error(got, want) < 1e-6  # float32 params
+
+
+def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
+  x, y, clients = synthetic
+  model = models.logistic_regression(10)
+  groups = np.zeros(len(clients), np.int32)
+  algorithm, mesh, _ = build(model, x, clients)
+  data = blocks(x, y, clients, mesh)
+  meta = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
+                         personalized=False)
+  near_meta = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
+                              eps=1e12)
+  local = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
+                          eps=1e-6)
+  for i, c in enumerate(clients):
+    assert reference.relative_error(weights(model, near_meta.params, i)[0],
+                                    weights(model, meta.params, 0)[0]) < 1e-6
+    rows = np.c_[x[c], np.ones(len(c))].astype(np.float64)
+    least_squares = np.linalg.lstsq(rows, np.eye(10)[y[c]], rcond=None)[0]
+    assert reference.relative_error(weights(model, local.params, i)[0],
+                                    least_squares) < 1e-4
+
+
+def test_one_group_is_the_wc_variant(mnist):
+  x, y, clients = mnist
+  model = models.mlp(10)
+  counts = data_lib.client_label_histograms(clients, y, 10)
+  algorithm, mesh, _ = build(model, x, clients)
+  groups, _ = pfedacnnl.assign_groups(counts, algorithm, 1, seed=0)
+  np.testing.assert_array_equal(groups, 0)
+  data = blocks(x, y, clients, mesh)
+  one_group = pfedacnnl.train(algorithm, data, jax.random.key(0), groups)
+  wc = pfedacnnl.train(algorithm, data, jax.random.key(1),
+                       np.zeros(len(clients), np.int32))
+  for i in range(len(clients)):
+    for got, want in zip(weights(model, one_group.params, i),
+                         weights(model, wc.params, i)):
+      assert reference.relative_error(got, want) <= 1e-12
+
+
+def test_clustering_is_seeded_and_groups_identical_distributions():
+  base = np.array([[50, 0, 0, 5], [0, 40, 10, 0], [3, 3, 3, 30]])
+  kind = np.array([0, 1, 2, 1, 0, 2, 2, 1, 0, 0])
+  counts = base[kind] * (1 + np.arange(len(kind)))[:, None]  # sizes differ
+  q = np.random.default_rng(0).standard_normal((4, 8))
+  vectors = pfedacnnl.encoded_label_vectors(counts, q)
+  groups = pfedacnnl.group_clients(vectors, 3, seed=5)
+  np.testing.assert_array_equal(groups, kind)  # numbered by first appearance
+  np.testing.assert_array_equal(pfedacnnl.group_clients(vectors, 3, seed=5),
+                                groups)
+
+
+def test_encoded_vectors_follow_eq_9_and_lr_uses_the_label_distribution():
+  counts = np.array([[2, 0, 6], [0, 0, 0], [1, 1, 1]])
+  q = np.arange(6.0).reshape(3, 2)
+  np.testing.assert_allclose(
+      pfedacnnl.encoded_label_vectors(counts, q),
+      [[0.25 * q[0] + 0.75 * q[2]][0], [0, 0], q.mean(0)])
+  mesh = federated.client_mesh()
+  lr = fedacnnl.fedacnnl(models.logistic_regression(3), num_classes=3,
+                         input_shape=(5,), mesh=mesh)
+  groups, _ = pfedacnnl.assign_groups(np.array([[4, 0, 0], [0, 3, 0],
+                                                [8, 0, 0]]), lr, 2, seed=0)
+  np.testing.assert_array_equal(groups, [0, 1, 0])
+
+
+def test_bad_settings_are_rejected(synthetic):
+  x, y, clients = synthetic
+  with pytest.raises(ValueError, match="num_groups"):
+    pfedacnnl.group_clients(np.zeros((4, 2)), 5, seed=0)
+  model = models.logistic_regression(10)
+  algorithm, mesh, _ = build(model, x, clients)
+  with pytest.raises(ValueError, match="eps"):
+    pfedacnnl.train(algorithm, blocks(x, y, clients, mesh),
+                    jax.random.key(0), np.zeros(len(clients), np.int32),
+                    eps=0.0)
