@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_groups=10,  # pFedACnnL's K
       statistics_dtype="float32",  # of the clients' products; see statistics
       seed=0,
+      data_seed=-1,  # seed of the data split / generator; -1: `seed`
       block_size=0,  # 0: `federated.default_block_size`
       num_devices=0,  # 0: all local devices
       overwrite=False,
@@ -143,7 +144,8 @@ def prepare_split(config: ml_collections.ConfigDict) -> data_lib.ClientSplit:
       config.dataset, num_clients=config.num_clients,
       partition=config.partition, dirichlet_beta=config.dirichlet_beta,
       min_client_size=config.min_client_size,
-      test_fraction=config.test_fraction, seed=config.seed,
+      test_fraction=config.test_fraction,
+      seed=config.seed if config.data_seed < 0 else config.data_seed,
       data_dir=config.data_dir, source=config.data_source,
       synthetic_alpha=config.synthetic_alpha,
       synthetic_beta=config.synthetic_beta)

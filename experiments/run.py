@@ -56,6 +56,9 @@ flags.DEFINE_enum("statistics_dtype", _DEFAULTS.statistics_dtype,
                   "float64 either way); float64 is exact, float32 faster.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed,
                      "Root seed: data split, label encodings, init.")
+flags.DEFINE_integer("data_seed", _DEFAULTS.data_seed,
+                     "Seed of the data (split, synthetic generator) alone; "
+                     "-1: --seed.")
 flags.DEFINE_integer("block_size", _DEFAULTS.block_size,
                      "Samples per client block; 0 picks one from N and C.")
 flags.DEFINE_integer("num_devices", _DEFAULTS.num_devices,
