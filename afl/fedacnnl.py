@@ -117,20 +117,23 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
 
   @functools.partial(jax.jit, static_argnames="layer")
   def solve_layer(layer, stats, reg, prior=None):
-    gram, cross = stats.full_gram(), stats.cross(encodings[layer])
-    prior = jnp.zeros_like(cross) if prior is None else prior
-    count = gram.shape[0]
+    count, width = stats.gram.shape[0], stats.gram.shape[-1] + 1
+    if prior is None:
+      prior = jnp.zeros((count, width, encodings[layer].shape[-1]),
+                        jnp.float64)
     if count == 1 or mesh.size == 1:
-      return solve.ridge_solve(gram, cross, reg, prior)
+      return solve.solve_statistics(stats, encodings[layer], reg, prior)
     # Several systems (groups, clients): each device solves its share
     # instead of every device solving all of them.
     pad = -count % mesh.size
-    gram, cross, prior = (jnp.pad(a, ((0, pad), (0, 0), (0, 0)))
-                          for a in (gram, cross, prior))
+    stats, prior = jax.tree.map(
+        lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)),
+        (stats, prior))
     by_device = jax.sharding.PartitionSpec(federated.CLIENTS)
     solved = jax.shard_map(
-        lambda g, c, p: solve.ridge_solve(g, c, reg, p), mesh=mesh,
-        in_specs=(by_device,) * 3, out_specs=by_device)(gram, cross, prior)
+        lambda s, p: solve.solve_statistics(s, encodings[layer], reg, p),
+        mesh=mesh, in_specs=(by_device, by_device),
+        out_specs=by_device)(stats, prior)
     return solved[:count]
 
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
