@@ -57,17 +57,24 @@ def design(stage: models.Stage, x: np.ndarray):
 
 
 def centralized_acnnl(model: models.LayerwiseNet, x: np.ndarray,
-                      y: np.ndarray, encodings, gamma: float) -> list:
-  """Per-layer W_l [d, d_out] (bias last row) of ACnnL on the pooled data."""
+                      y: np.ndarray, encodings, gamma: float,
+                      priors=None) -> list:
+  """Per-layer W_l [d, d_out] (bias last row) of ACnnL on the pooled data.
+
+  With `priors` (one W per layer), each layer is shrunk towards its prior
+  instead of towards 0: pFedACnnL's personalization (eq. 13) on one client's
+  data, with gamma playing eps.
+  """
   h = np.asarray(x, np.float64)
   onehot = np.eye(encodings[-1].shape[0])[y]
+  priors = priors or [0.0] * len(model.stages)
   weights = []
-  for stage, q in zip(model.stages, encodings):
+  for stage, q, prior in zip(model.stages, encodings, priors):
     rows, spatial = design(stage, h)
     flat = rows.reshape(-1, rows.shape[-1])
     targets = np.repeat(onehot @ np.asarray(q, np.float64), rows.shape[1], 0)
     w = np.linalg.solve(flat.T @ flat + gamma * np.eye(flat.shape[1]),
-                        flat.T @ targets)
+                        flat.T @ targets + gamma * prior)
     weights.append(w)
     h = apply_stage(stage, rows, w, spatial)
   return weights

@@ -53,21 +53,6 @@ def weights(model, params, index):
           for l, stage in enumerate(model.stages)]
 
 
-def personalized_reference(model, x, y, encodings, meta, eps):
-  """eq. 13 layer by layer on one client's data, numpy float64."""
-  h = x.astype(np.float64)
-  onehot = np.eye(10)[y]
-  out = []
-  for stage, q, prior in zip(model.stages, encodings, meta):
-    rows, spatial = reference.design(stage, h)
-    flat = rows.reshape(-1, rows.shape[-1])
-    w = np.linalg.solve(flat.T @ flat + eps * np.eye(flat.shape[1]),
-                        flat.T @ (onehot @ np.asarray(q)) + eps * prior)
-    out.append(w)
-    h = reference.apply_stage(stage, rows, w, spatial)
-  return out
-
-
 def test_personalization_matches_a_per_client_float64_reference(mnist):
   x, y, clients = mnist
   model = models.mlp(10)
@@ -84,8 +69,9 @@ def test_personalization_matches_a_per_client_float64_reference(mnist):
     meta = reference.centralized_acnnl(model, x[members], y[members],
                                        algorithm.encodings, GAMMA)
     for i in np.flatnonzero(groups == k):
-      expected = personalized_reference(model, x[clients[i]], y[clients[i]],
-                                        algorithm.encodings, meta, EPS)
+      expected = reference.centralized_acnnl(
+          model, x[clients[i]], y[clients[i]], algorithm.encodings, EPS,
+          priors=meta)
       for got, want in zip(weights(model, result.params, i), expected):
         assert reference.relative_error(got, want) < 1e-5
 
