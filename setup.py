@@ -7,13 +7,23 @@ setuptools.setup(
     version="0.1.0",
     description=(
         "FedACnnL / pFedACnnL and gradient, zeroth-order and personalized "
-        "FL baselines on shared Flax models, in JAX."),
+        "FL baselines on shared Flax models, in JAX."
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=[
-        "afl", "afl.*", "baselines", "baselines.*", "experiments",
-        "experiments.*", "launch", "launch.*"]),
+    packages=setuptools.find_packages(
+        include=[
+            "afl",
+            "afl.*",
+            "baselines",
+            "baselines.*",
+            "experiments",
+            "experiments.*",
+            "launch",
+            "launch.*",
+        ]
+    ),
     install_requires=[
         "jax>=0.10,<0.11",
         "jaxlib>=0.10,<0.11",

@@ -18,8 +18,9 @@ def output_widths(model: models.LayerwiseNet) -> tuple[int, ...]:
   return tuple(stage.layer.features for stage in model.stages)
 
 
-def label_encodings(seed: int, model: models.LayerwiseNet,
-                    num_classes: int) -> tuple[jax.Array, ...]:
+def label_encodings(
+    seed: int, model: models.LayerwiseNet, num_classes: int
+) -> tuple[jax.Array, ...]:
   """Q_1 .. Q_{L-1} drawn from `seed`, then the identity for the output layer.
 
   Returns:
@@ -29,8 +30,9 @@ def label_encodings(seed: int, model: models.LayerwiseNet,
   key = jax.random.key(seed)
   widths = output_widths(model)
   encodings = tuple(
-      jax.random.normal(jax.random.fold_in(key, l), (num_classes, width),
-                        jnp.float32).astype(jnp.float64)
-      for l, width in enumerate(widths[:-1]))
+      jax.random.normal(
+          jax.random.fold_in(key, l), (num_classes, width), jnp.float32
+      ).astype(jnp.float64)
+      for l, width in enumerate(widths[:-1])
+  )
   return encodings + (jnp.eye(num_classes, widths[-1], dtype=jnp.float64),)
-

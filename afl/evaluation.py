@@ -23,6 +23,7 @@ class Accuracy(NamedTuple):
     correct: [C] correct predictions per client.
     count: [C] test samples per client.
   """
+
   correct: np.ndarray
   count: np.ndarray
 
@@ -37,9 +38,13 @@ class Accuracy(NamedTuple):
       return self.correct / self.count
 
 
-def evaluate(apply_fn, params, data: federated.FederatedData,
-             mesh: jax.sharding.Mesh,
-             client_model: np.ndarray | None = None) -> Accuracy:
+def evaluate(
+    apply_fn,
+    params,
+    data: federated.FederatedData,
+    mesh: jax.sharding.Mesh,
+    client_model: np.ndarray | None = None,
+) -> Accuracy:
   """Tests every client on its test blocks.
 
   Args:
@@ -58,8 +63,10 @@ def evaluate(apply_fn, params, data: federated.FederatedData,
   else:
     param_index = jnp.asarray(client_model, jnp.int32)[data.client]
   correct, count = _counter(apply_fn, mesh)(params, data, param_index)
-  return Accuracy(np.asarray(correct).round().astype(np.int64),
-                  np.asarray(count).round().astype(np.int64))
+  return Accuracy(
+      np.asarray(correct).round().astype(np.int64),
+      np.asarray(count).round().astype(np.int64),
+  )
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,7 +80,8 @@ def _counter(apply_fn, mesh: jax.sharding.Mesh):
 
   @jax.jit
   def count(params, data, param_index):
-    return federated.segment_sum(block_fn, params, data, param_index,
-                                 data.client, data.num_clients, mesh)
+    return federated.segment_sum(
+        block_fn, params, data, param_index, data.client, data.num_clients, mesh
+    )
 
   return count

@@ -45,42 +45,54 @@ ALGORITHMS = tuple(ANALYTIC)
 
 def default_config() -> ml_collections.ConfigDict:
   """Every setting of a run, with the paper's defaults (section V-A)."""
-  return ml_collections.ConfigDict(dict(
-      algorithm="fedacnnl",
-      dataset="synthetic",
-      model="mlp",
-      width=1.0,  # DCNN width multiplier
-      num_clients=100,
-      partition="default",
-      dirichlet_beta=0.1,
-      min_client_size=10,
-      test_fraction=0.25,
-      synthetic_alpha=0.5,
-      synthetic_beta=0.5,
-      data_dir=None,
-      data_source="auto",
-      gamma=100.0,
-      eps=2500.0,  # pFedACnnL's personalization weight (eq. 12, 13)
-      num_groups=10,  # pFedACnnL's K
-      statistics_dtype="float32",  # of the clients' products; see statistics
-      seed=0,
-      data_seed=-1,  # seed of the data split / generator; -1: `seed`
-      block_size=0,  # 0: `federated.default_block_size`
-      num_devices=0,  # 0: all local devices
-      overwrite=False,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          algorithm="fedacnnl",
+          dataset="synthetic",
+          model="mlp",
+          width=1.0,  # DCNN width multiplier
+          num_clients=100,
+          partition="default",
+          dirichlet_beta=0.1,
+          min_client_size=10,
+          test_fraction=0.25,
+          synthetic_alpha=0.5,
+          synthetic_beta=0.5,
+          data_dir=None,
+          data_source="auto",
+          gamma=100.0,
+          eps=2500.0,  # pFedACnnL's personalization weight (eq. 12, 13)
+          num_groups=10,  # pFedACnnL's K
+          statistics_dtype="float32",  # of the clients' products; see statistics
+          seed=0,
+          data_seed=-1,  # seed of the data split / generator; -1: `seed`
+          block_size=0,  # 0: `federated.default_block_size`
+          num_devices=0,  # 0: all local devices
+          overwrite=False,
+      )
+  )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the setting for anything out of range."""
-  choices = {"algorithm": ALGORITHMS, "dataset": data_lib.DATASETS,
-             "model": models.MODELS, "partition": data_lib.PARTITIONS,
-             "statistics_dtype": ("float32", "float64")}
+  choices = {
+      "algorithm": ALGORITHMS,
+      "dataset": data_lib.DATASETS,
+      "model": models.MODELS,
+      "partition": data_lib.PARTITIONS,
+      "statistics_dtype": ("float32", "float64"),
+  }
   for name, valid in choices.items():
     if config[name] not in valid:
       raise ValueError(f"--{name}={config[name]!r} is not one of {valid}")
-  positive = ("num_clients", "gamma", "eps", "num_groups", "width",
-              "dirichlet_beta")
+  positive = (
+      "num_clients",
+      "gamma",
+      "eps",
+      "num_groups",
+      "width",
+      "dirichlet_beta",
+  )
   for name in positive:
     if not config[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {config[name]}")
@@ -89,13 +101,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"--{name} must be >= 0, got {config[name]}")
   if not 0 < config.test_fraction < 1:
     raise ValueError(
-        f"--test_fraction must be in (0, 1), got {config.test_fraction}")
+        f"--test_fraction must be in (0, 1), got {config.test_fraction}"
+    )
   if config.num_groups > config.num_clients:
-    raise ValueError(f"--num_groups={config.num_groups} exceeds "
-                     f"--num_clients={config.num_clients}")
+    raise ValueError(
+        f"--num_groups={config.num_groups} exceeds "
+        f"--num_clients={config.num_clients}"
+    )
   if config.num_devices > jax.local_device_count():
-    raise ValueError(f"--num_devices={config.num_devices} but only "
-                     f"{jax.local_device_count()} devices are visible")
+    raise ValueError(
+        f"--num_devices={config.num_devices} but only "
+        f"{jax.local_device_count()} devices are visible"
+    )
 
 
 def model_inputs(model: models.LayerwiseNet, x: np.ndarray) -> np.ndarray:
@@ -117,9 +134,15 @@ def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
 
 def save_params(path: pathlib.Path, params, client_model: np.ndarray) -> None:
   """Writes stacked Flax params and each client's model index (msgpack)."""
-  _write_atomically(path, flax.serialization.msgpack_serialize({
-      "models": jax.tree.map(np.asarray, params),
-      "client_model": np.asarray(client_model)}))
+  _write_atomically(
+      path,
+      flax.serialization.msgpack_serialize(
+          {
+              "models": jax.tree.map(np.asarray, params),
+              "client_model": np.asarray(client_model),
+          }
+      ),
+  )
 
 
 def load_params(path: str | os.PathLike, client: int = 0):
@@ -141,18 +164,23 @@ def peak_memory_gb() -> float:
 def prepare_split(config: ml_collections.ConfigDict) -> data_lib.ClientSplit:
   """The clients' data for `config` (the paper's protocol, see afl.data)."""
   return data_lib.prepare(
-      config.dataset, num_clients=config.num_clients,
-      partition=config.partition, dirichlet_beta=config.dirichlet_beta,
+      config.dataset,
+      num_clients=config.num_clients,
+      partition=config.partition,
+      dirichlet_beta=config.dirichlet_beta,
       min_client_size=config.min_client_size,
       test_fraction=config.test_fraction,
       seed=config.seed if config.data_seed < 0 else config.data_seed,
-      data_dir=config.data_dir, source=config.data_source,
+      data_dir=config.data_dir,
+      source=config.data_source,
       synthetic_alpha=config.synthetic_alpha,
-      synthetic_beta=config.synthetic_beta)
+      synthetic_beta=config.synthetic_beta,
+  )
 
 
 class Setup(NamedTuple):
   """Everything a run needs before training (see `setup`)."""
+
   model: models.LayerwiseNet
   mesh: jax.sharding.Mesh
   algorithm: fedacnnl.FedACnnL
@@ -163,51 +191,79 @@ class Setup(NamedTuple):
   test_data: federated.FederatedData
 
 
-def setup(config: ml_collections.ConfigDict,
-          split: data_lib.ClientSplit) -> Setup:
+def setup(
+    config: ml_collections.ConfigDict, split: data_lib.ClientSplit
+) -> Setup:
   """Model, mesh, algorithm, grouping (pFedACnnL stage 1) and client blocks.
 
   Clients are laid out by group, so that group sums merge neighbours.
   """
   model = models.get_model(config.model, split.num_classes, config.width)
   x = model_inputs(model, split.x)
-  devices = jax.local_devices()[:config.num_devices or None]
+  devices = jax.local_devices()[: config.num_devices or None]
   mesh = federated.client_mesh(devices)
   algorithm = fedacnnl.fedacnnl(
-      model, num_classes=split.num_classes, input_shape=x.shape[1:],
-      mesh=mesh, gamma=config.gamma, encoding_seed=config.seed,
-      statistics_dtype=config.statistics_dtype)
+      model,
+      num_classes=split.num_classes,
+      input_shape=x.shape[1:],
+      mesh=mesh,
+      gamma=config.gamma,
+      encoding_seed=config.seed,
+      statistics_dtype=config.statistics_dtype,
+  )
   clustered, _ = ANALYTIC[config.algorithm]
-  counts = data_lib.client_label_histograms(split.train_indices, split.y,
-                                            split.num_classes)
+  counts = data_lib.client_label_histograms(
+      split.train_indices, split.y, split.num_classes
+  )
   groups, grouping_s = pfedacnnl.assign_groups(
-      counts, algorithm, config.num_groups if clustered else 1, config.seed)
+      counts, algorithm, config.num_groups if clustered else 1, config.seed
+  )
   if clustered:
-    logging.info("K-means grouping (eq. 8, 9) in %.3fs:\n%s", grouping_s,
-                 pfedacnnl.grouping_report(groups, counts))
+    logging.info(
+        "K-means grouping (eq. 8, 9) in %.3fs:\n%s",
+        grouping_s,
+        pfedacnnl.grouping_report(groups, counts),
+    )
   train_data, test_data = (
-      federated.shard(federated.federate(
-          x, split.y, indices, config.block_size or None,
-          num_shards=mesh.size, order=np.argsort(groups, kind="stable")),
-                      mesh)
-      for indices in (split.train_indices, split.test_indices))
-  return Setup(model, mesh, algorithm, counts, groups, grouping_s,
-               train_data, test_data)
+      federated.shard(
+          federated.federate(
+              x,
+              split.y,
+              indices,
+              config.block_size or None,
+              num_shards=mesh.size,
+              order=np.argsort(groups, kind="stable"),
+          ),
+          mesh,
+      )
+      for indices in (split.train_indices, split.test_indices)
+  )
+  return Setup(
+      model, mesh, algorithm, counts, groups, grouping_s, train_data, test_data
+  )
 
 
-def train(config: ml_collections.ConfigDict,
-          run: Setup) -> pfedacnnl.PFedACnnLResult:
+def train(
+    config: ml_collections.ConfigDict, run: Setup
+) -> pfedacnnl.PFedACnnLResult:
   """Trains `config.algorithm` (FedACnnL or a pFedACnnL variant)."""
   _, personalized = ANALYTIC[config.algorithm]
   return pfedacnnl.train(
-      run.algorithm, run.train_data,
-      jax.random.fold_in(jax.random.key(config.seed), 0), run.groups,
-      eps=config.eps, personalized=personalized, grouping_s=run.grouping_s)
+      run.algorithm,
+      run.train_data,
+      jax.random.fold_in(jax.random.key(config.seed), 0),
+      run.groups,
+      eps=config.eps,
+      personalized=personalized,
+      grouping_s=run.grouping_s,
+  )
 
 
-def run_experiment(config: ml_collections.ConfigDict,
-                   output_dir: str | os.PathLike,
-                   split: data_lib.ClientSplit | None = None) -> dict[str, Any]:
+def run_experiment(
+    config: ml_collections.ConfigDict,
+    output_dir: str | os.PathLike,
+    split: data_lib.ClientSplit | None = None,
+) -> dict[str, Any]:
   """Runs one configuration and writes its results; returns them too.
 
   Args:
@@ -222,34 +278,50 @@ def run_experiment(config: ml_collections.ConfigDict,
   if results_path.exists() and not config.overwrite:
     raise FileExistsError(
         f"{results_path} exists; choose another --output_dir or pass "
-        "--overwrite")
+        "--overwrite"
+    )
   output_dir.mkdir(parents=True, exist_ok=True)
 
   start = time.perf_counter()
   split = split or prepare_split(config)
-  logging.info("%s over %d clients:\n%s", config.dataset, config.num_clients,
-               data_lib.summarize(split.train_indices, split.y,
-                                  split.num_classes))
+  logging.info(
+      "%s over %d clients:\n%s",
+      config.dataset,
+      config.num_clients,
+      data_lib.summarize(split.train_indices, split.y, split.num_classes),
+  )
   run = setup(config, split)
   data_time = time.perf_counter() - start - run.grouping_s
-  logging.info("data ready in %.2fs: %d train blocks of %d rows on %d "
-               "device(s)", data_time, run.train_data.num_blocks,
-               run.train_data.block_size, run.mesh.size)
+  logging.info(
+      "data ready in %.2fs: %d train blocks of %d rows on %d " "device(s)",
+      data_time,
+      run.train_data.num_blocks,
+      run.train_data.block_size,
+      run.mesh.size,
+  )
   trained = train(config, run)
   model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
   train_data, test_data = run.train_data, run.test_data
 
   start = time.perf_counter()
-  accuracy = evaluation.evaluate(model.apply, trained.params, test_data, mesh,
-                                 trained.client_model)
+  accuracy = evaluation.evaluate(
+      model.apply, trained.params, test_data, mesh, trained.client_model
+  )
   eval_time = time.perf_counter() - start
-  logging.info("%s: overall test accuracy %.4f (%d / %d); training %.3fs + "
-               "compile %.3fs", config.algorithm, accuracy.overall,
-               accuracy.correct.sum(), accuracy.count.sum(),
-               trained.wall_time_s, trained.compile_time_s)
+  logging.info(
+      "%s: overall test accuracy %.4f (%d / %d); training %.3fs + "
+      "compile %.3fs",
+      config.algorithm,
+      accuracy.overall,
+      accuracy.correct.sum(),
+      accuracy.count.sum(),
+      trained.wall_time_s,
+      trained.compile_time_s,
+  )
 
-  save_params(output_dir / "params.msgpack", trained.params,
-              trained.client_model)
+  save_params(
+      output_dir / "params.msgpack", trained.params, trained.client_model
+  )
   results = {
       "algorithm": config.algorithm,
       "dataset": config.dataset,
@@ -258,14 +330,15 @@ def run_experiment(config: ml_collections.ConfigDict,
       "seed": config.seed,
       "accuracy": accuracy.overall,
       "per_client_accuracy": [
-          None if np.isnan(a) else float(a) for a in accuracy.per_client],
+          None if np.isnan(a) else float(a) for a in accuracy.per_client
+      ],
       "per_client_test_samples": accuracy.count.tolist(),
       "per_client_train_samples": train_data.client_sizes().tolist(),
       "client_group": groups.tolist(),
       "group_sizes": np.bincount(groups).tolist(),
       "group_label_histograms": [
-          counts[groups == k].sum(0).tolist()
-          for k in range(groups.max() + 1)],
+          counts[groups == k].sum(0).tolist() for k in range(groups.max() + 1)
+      ],
       "rounds": trained.rounds,
       "wall_time_s": trained.wall_time_s,
       "compile_time_s": trained.compile_time_s,
@@ -279,7 +352,6 @@ def run_experiment(config: ml_collections.ConfigDict,
       "jax_version": jax.__version__,
       "config": config.to_dict(),
   }
-  _write_atomically(results_path,
-                    json.dumps(results, indent=2).encode("utf-8"))
+  _write_atomically(results_path, json.dumps(results, indent=2).encode("utf-8"))
   logging.info("wrote %s", results_path)
   return results

@@ -56,6 +56,7 @@ class FedACnnL(NamedTuple):
     num_layers: L.
     gamma: the server's ridge coefficient.
   """
+
   init: Callable[..., Params]
   client_statistics: Callable[..., statistics.Statistics]
   solve: Callable[..., jax.Array]
@@ -66,22 +67,33 @@ class FedACnnL(NamedTuple):
   gamma: float
 
 
-def layer_input_shapes(model: models.LayerwiseNet,
-                       input_shape) -> tuple[tuple[int, ...], ...]:
+def layer_input_shapes(
+    model: models.LayerwiseNet, input_shape
+) -> tuple[tuple[int, ...], ...]:
   """The per-sample input shape of every trainable layer."""
   params = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), input_shape))
+      lambda: models.init_params(model, jax.random.key(0), input_shape)
+  )
   sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   return tuple(
-      jax.eval_shape(functools.partial(model.apply, upto=l), params,
-                     sample).shape[1:]
-      for l in range(len(model.stages)))
+      jax.eval_shape(
+          functools.partial(model.apply, upto=l), params, sample
+      ).shape[1:]
+      for l in range(len(model.stages))
+  )
 
 
-def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
-             mesh: jax.sharding.Mesh, gamma: float = 100.0,
-             encoding_seed: int = 0, rows_per_step: int = 1024,
-             statistics_dtype=jnp.float32) -> FedACnnL:
+def fedacnnl(
+    model: models.LayerwiseNet,
+    *,
+    num_classes: int,
+    input_shape,
+    mesh: jax.sharding.Mesh,
+    gamma: float = 100.0,
+    encoding_seed: int = 0,
+    rows_per_step: int = 1024,
+    statistics_dtype=jnp.float32,
+) -> FedACnnL:
   """Builds FedACnnL for `model`.
 
   Args:
@@ -104,23 +116,33 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
   def init(key: jax.Array, num_models: int = 1) -> Params:
     params = models.init_params(model, key, input_shape)
     params = jax.tree.map(
-        lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), params)
+        lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), params
+    )
     return jax.device_put(params, replicated)
 
   @functools.partial(jax.jit, static_argnames=("layer", "num_segments"))
-  def client_statistics(layer, params, data, param_index, segment_index,
-                        num_segments):
+  def client_statistics(
+      layer, params, data, param_index, segment_index, num_segments
+  ):
     return statistics.segment_statistics(
-        model, layer, params, data, param_index, segment_index,
-        num_segments, num_classes, mesh, rows_per_step,
-        statistics_dtype)
+        model,
+        layer,
+        params,
+        data,
+        param_index,
+        segment_index,
+        num_segments,
+        num_classes,
+        mesh,
+        rows_per_step,
+        statistics_dtype,
+    )
 
   @functools.partial(jax.jit, static_argnames="layer")
   def solve_layer(layer, stats, reg, prior=None):
     count, width = stats.gram.shape[0], stats.gram.shape[-1] + 1
     if prior is None:
-      prior = jnp.zeros((count, width, encodings[layer].shape[-1]),
-                        jnp.float64)
+      prior = jnp.zeros((count, width, encodings[layer].shape[-1]), jnp.float64)
     if count == 1 or mesh.size == 1:
       return solve.solve_statistics(stats, encodings[layer], reg, prior)
     # Several systems (groups, clients): each device solves its share
@@ -128,24 +150,36 @@ def fedacnnl(model: models.LayerwiseNet, *, num_classes: int, input_shape,
     pad = -count % mesh.size
     stats, prior = jax.tree.map(
         lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)),
-        (stats, prior))
+        (stats, prior),
+    )
     by_device = jax.sharding.PartitionSpec(federated.CLIENTS)
     solved = jax.shard_map(
         lambda s, p: solve.solve_statistics(s, encodings[layer], reg, p),
-        mesh=mesh, in_specs=(by_device, by_device),
-        out_specs=by_device)(stats, prior)
+        mesh=mesh,
+        in_specs=(by_device, by_device),
+        out_specs=by_device,
+    )(stats, prior)
     return solved[:count]
 
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
   def write_layer(layer, params, weights):
-    new = layers.to_params(model.stages[layer].layer, weights,
-                           input_shapes[layer][-1])
+    new = layers.to_params(
+        model.stages[layer].layer, weights, input_shapes[layer][-1]
+    )
     inner = dict(params["params"])
     inner[models.layer_name(layer)] = new
     return {**params, "params": inner}
 
-  return FedACnnL(init, client_statistics, solve_layer, write_layer, model,
-                  encodings, len(model.stages), gamma)
+  return FedACnnL(
+      init,
+      client_statistics,
+      solve_layer,
+      write_layer,
+      model,
+      encodings,
+      len(model.stages),
+      gamma,
+  )
 
 
 class TrainResult(NamedTuple):
@@ -157,14 +191,20 @@ class TrainResult(NamedTuple):
     wall_time_s: training time without compilation.
     compile_time_s: time spent tracing and compiling during training.
   """
+
   params: Params
   rounds: list[dict[str, Any]]
   wall_time_s: float
   compile_time_s: float
 
 
-def layer_by_layer(algorithm: FedACnnL, params: Params, stage: str,
-                   layer_step, first_round: int = 1) -> TrainResult:
+def layer_by_layer(
+    algorithm: FedACnnL,
+    params: Params,
+    stage: str,
+    layer_step,
+    first_round: int = 1,
+) -> TrainResult:
   """Runs one round per layer, timing and logging each.
 
   Args:
@@ -188,26 +228,41 @@ def layer_by_layer(algorithm: FedACnnL, params: Params, stage: str,
       params, record = layer_step(layer, params)
       jax.block_until_ready(params)
       record = {
-          "round": first_round + layer, "stage": stage,
-          "layer": models.layer_name(layer), **record,
-          "solve_s": (time.perf_counter() - round_start -
-                      record["statistics_s"]),
+          "round": first_round + layer,
+          "stage": stage,
+          "layer": models.layer_name(layer),
+          **record,
+          "solve_s": (
+              time.perf_counter() - round_start - record["statistics_s"]
+          ),
           "compile_s": compile_clock.seconds - compile_before,
       }
       rounds.append(record)
       logging.info(
           "round %d (%s) %s: d=%d -> %d, statistics %.3fs, solve %.3fs "
-          "(compile %.3fs)", record["round"], stage, record["layer"],
-          record["width"], record["outputs"], record["statistics_s"],
-          record["solve_s"], record["compile_s"])
+          "(compile %.3fs)",
+          record["round"],
+          stage,
+          record["layer"],
+          record["width"],
+          record["outputs"],
+          record["statistics_s"],
+          record["solve_s"],
+          record["compile_s"],
+      )
     total = time.perf_counter() - start
-  return TrainResult(params, rounds, total - compile_clock.seconds,
-                     compile_clock.seconds)
+  return TrainResult(
+      params, rounds, total - compile_clock.seconds, compile_clock.seconds
+  )
 
 
-def train(algorithm: FedACnnL, data: federated.FederatedData, key: jax.Array,
-          client_group: np.ndarray | None = None,
-          num_groups: int = 1) -> TrainResult:
+def train(
+    algorithm: FedACnnL,
+    data: federated.FederatedData,
+    key: jax.Array,
+    client_group: np.ndarray | None = None,
+    num_groups: int = 1,
+) -> TrainResult:
   """Runs the L federated rounds (eq. 5, or eq. 11 per group).
 
   Args:
@@ -227,13 +282,19 @@ def train(algorithm: FedACnnL, data: federated.FederatedData, key: jax.Array,
 
   def layer_step(layer, params):
     start = time.perf_counter()
-    stats = jax.block_until_ready(algorithm.client_statistics(
-        layer, params, data, block_group, block_group, num_groups))
+    stats = jax.block_until_ready(
+        algorithm.client_statistics(
+            layer, params, data, block_group, block_group, num_groups
+        )
+    )
     stats_s = time.perf_counter() - start
     weights = algorithm.solve(layer, stats, algorithm.gamma)
     return algorithm.write_layer(layer, params, weights), {
-        "width": int(weights.shape[-2]), "outputs": int(weights.shape[-1]),
-        "statistics_s": stats_s}
+        "width": int(weights.shape[-2]),
+        "outputs": int(weights.shape[-1]),
+        "statistics_s": stats_s,
+    }
 
-  return layer_by_layer(algorithm, algorithm.init(key, num_groups),
-                        "federated", layer_step)
+  return layer_by_layer(
+      algorithm, algorithm.init(key, num_groups), "federated", layer_step
+  )

@@ -45,6 +45,7 @@ class FederatedData:
       all-padding blocks, which contribute nothing).
     num_clients: C.
   """
+
   x: jax.Array
   y: jax.Array
   mask: jax.Array
@@ -61,9 +62,11 @@ class FederatedData:
 
   def client_sizes(self) -> np.ndarray:
     """[C] number of samples of each client."""
-    return np.bincount(np.asarray(self.client),
-                       weights=np.asarray(self.mask).sum(1),
-                       minlength=self.num_clients).astype(np.int64)
+    return np.bincount(
+        np.asarray(self.client),
+        weights=np.asarray(self.mask).sum(1),
+        minlength=self.num_clients,
+    ).astype(np.int64)
 
 
 def default_block_size(num_samples: int, num_clients: int) -> int:
@@ -75,14 +78,17 @@ def default_block_size(num_samples: int, num_clients: int) -> int:
   expected padding by about 1/8 of the data.
   """
   target = max(1.0, num_samples / num_clients / 4)
-  return int(min(512, max(8, 2**math.floor(math.log2(target)))))
+  return int(min(512, max(8, 2 ** math.floor(math.log2(target)))))
 
 
-def federate(x: np.ndarray, y: np.ndarray,
-             client_indices: Sequence[np.ndarray],
-             block_size: int | None = None,
-             num_shards: int = 1,
-             order: Sequence[int] | None = None) -> FederatedData:
+def federate(
+    x: np.ndarray,
+    y: np.ndarray,
+    client_indices: Sequence[np.ndarray],
+    block_size: int | None = None,
+    num_shards: int = 1,
+    order: Sequence[int] | None = None,
+) -> FederatedData:
   """Lays out the clients' samples in blocks (host-side, numpy).
 
   Args:
@@ -108,8 +114,10 @@ def federate(x: np.ndarray, y: np.ndarray,
   if block_size is None:
     block_size = default_block_size(total, num_clients)
   if block_size < 1 or num_shards < 1:
-    raise ValueError(f"block_size ({block_size}) and num_shards "
-                     f"({num_shards}) must be positive")
+    raise ValueError(
+        f"block_size ({block_size}) and num_shards "
+        f"({num_shards}) must be positive"
+    )
   capacity = math.ceil(total / block_size) + num_clients
   align = num_shards * BLOCK_ALIGNMENT
   capacity = math.ceil(capacity / align) * align
@@ -121,10 +129,14 @@ def federate(x: np.ndarray, y: np.ndarray,
   # first_block[k] + j // B, row j % B.
   first_block = np.concatenate([[0], np.cumsum(blocks_per_client)[:-1]])
   positions = np.concatenate(
-      [first_block[k] * block_size + np.arange(sizes[client])
-       for k, client in enumerate(order)]).astype(np.int64)
-  sources = np.concatenate([np.asarray(client_indices[client], np.int64)
-                            for client in order])
+      [
+          first_block[k] * block_size + np.arange(sizes[client])
+          for k, client in enumerate(order)
+      ]
+  ).astype(np.int64)
+  sources = np.concatenate(
+      [np.asarray(client_indices[client], np.int64) for client in order]
+  )
 
   # Deal the real blocks to the devices in contiguous runs whose lengths
   # differ by at most one; each device's padding blocks follow its run.
@@ -148,7 +160,8 @@ def federate(x: np.ndarray, y: np.ndarray,
       y=out_y.reshape(capacity, block_size),
       mask=out_mask.reshape(capacity, block_size),
       client=out_client,
-      num_clients=num_clients)
+      num_clients=num_clients,
+  )
 
 
 def client_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -165,9 +178,11 @@ def block_sharding(mesh: Mesh) -> NamedSharding:
 def shard(data: FederatedData, mesh: Mesh) -> FederatedData:
   """Places the block axis of `data` over the mesh's devices."""
   if data.num_blocks % mesh.size:
-    raise ValueError(f"{data.num_blocks} blocks do not split over "
-                     f"{mesh.size} devices; federate with num_shards="
-                     f"{mesh.size}")
+    raise ValueError(
+        f"{data.num_blocks} blocks do not split over "
+        f"{mesh.size} devices; federate with num_shards="
+        f"{mesh.size}"
+    )
   return jax.device_put(data, block_sharding(mesh))
 
 
@@ -179,9 +194,16 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
   return max(k for k in range(1, max(1, min(n, limit)) + 1) if n % k == 0)
 
 
-def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
-                segment_index: jax.Array, num_segments: int, mesh: Mesh,
-                samples_per_step: int = 1024):
+def segment_sum(
+    block_fn,
+    params,
+    data: FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    num_segments: int,
+    mesh: Mesh,
+    samples_per_step: int = 1024,
+):
   """Maps `block_fn` over all blocks and sums its results per segment.
 
   This is how clients are mapped: the block axis is sharded over the mesh
@@ -225,21 +247,29 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
   per_device = data.num_blocks // mesh.size
   num_models = jax.tree.leaves(params)[0].shape[0]
   merge = num_segments == 1 and num_models == 1
-  blocks_per_step = _largest_divisor_at_most(
-      per_device, samples_per_step // data.block_size) if merge else 1
-  one = jax.eval_shape(block_fn, _take(params, 0), data.x[0], data.y[0],
-                       data.mask[0])
+  blocks_per_step = (
+      _largest_divisor_at_most(per_device, samples_per_step // data.block_size)
+      if merge
+      else 1
+  )
+  one = jax.eval_shape(
+      block_fn, _take(params, 0), data.x[0], data.y[0], data.mask[0]
+  )
 
   def varying_zeros(lead=()):  # varies over devices, like what it sums
     return jax.tree.map(
-        lambda s: jax.lax.pcast(jnp.zeros(lead + s.shape, jnp.float64),
-                                CLIENTS, to="varying"), one)
+        lambda s: jax.lax.pcast(
+            jnp.zeros(lead + s.shape, jnp.float64), CLIENTS, to="varying"
+        ),
+        one,
+    )
 
   def local(params, x, y, mask, param_index, segment_index):
     steps = x.shape[0] // blocks_per_step
     chunks = jax.tree.map(
         lambda a: a.reshape((steps, blocks_per_step) + a.shape[1:]),
-        (x, y, mask, param_index, segment_index))
+        (x, y, mask, param_index, segment_index),
+    )
 
     def result(chunk):
       """block_fn on the rows of the chunk's blocks, in float64, or zeros."""
@@ -247,45 +277,59 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
       active = mask.any() & (seg[0] >= 0)
 
       def compute():
-        out = block_fn(_take(params, pidx[0]),
-                       x.reshape((-1,) + x.shape[2:]), y.reshape(-1),
-                       mask.reshape(-1))
+        out = block_fn(
+            _take(params, pidx[0]),
+            x.reshape((-1,) + x.shape[2:]),
+            y.reshape(-1),
+            mask.reshape(-1),
+        )
         return jax.tree.map(lambda a: a.astype(jnp.float64), out)
 
       return active, jax.lax.cond(active, compute, varying_zeros)
 
     def merged_step(acc, chunk):
       _, out = result(chunk)
-      return jax.tree.map(jnp.add, acc, jax.tree.map(lambda a: a[None], out)
-                          ), None
+      return (
+          jax.tree.map(jnp.add, acc, jax.tree.map(lambda a: a[None], out)),
+          None,
+      )
 
     def write(acc, running, segment):
       # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
       # by element and would cost more than the products.
       def add_leaf(total, value):
         row = jax.lax.dynamic_index_in_dim(total, segment, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(total, row + value,
-                                                   segment, 0)
+        return jax.lax.dynamic_update_index_in_dim(
+            total, row + value, segment, 0
+        )
+
       return jax.tree.map(add_leaf, acc, running)
 
     def block_step(index, carry):
       acc, running, current = carry
       chunk = jax.tree.map(
           lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
-          chunks)
+          chunks,
+      )
       x, y, mask, pidx, seg = chunk
       active = mask.any() & (seg[0] >= 0)
       out = jax.tree.map(
           lambda a: a.astype(jnp.float64),
-          block_fn(_take(params, pidx[0]), x[0], y[0], mask[0]))
+          block_fn(_take(params, pidx[0]), x[0], y[0], mask[0]),
+      )
       segment = seg[0]
       switch = active & (segment != current)
-      acc = jax.lax.cond(switch & (current >= 0),
-                         lambda acc: write(acc, running, current),
-                         lambda acc: acc, acc)
+      acc = jax.lax.cond(
+          switch & (current >= 0),
+          lambda acc: write(acc, running, current),
+          lambda acc: acc,
+          acc,
+      )
       running = jax.tree.map(
           lambda r, o: jnp.where(switch, o, r + jnp.where(active, o, 0)),
-          running, out)
+          running,
+          out,
+      )
       return acc, running, jnp.where(switch, segment, current)
 
     if merge:
@@ -296,17 +340,24 @@ def segment_sum(block_fn, params, data: FederatedData, param_index: jax.Array,
       # run-time bound skips them without a conditional per block.
       has_samples = mask.any(axis=1)
       end = jnp.max(jnp.where(has_samples, jnp.arange(steps) + 1, 0))
-      start = (varying_zeros((num_segments,)), varying_zeros(),
-               jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"))
+      start = (
+          varying_zeros((num_segments,)),
+          varying_zeros(),
+          jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
+      )
       acc, running, current = jax.lax.fori_loop(0, end, block_step, start)
-      acc = jax.lax.cond(current >= 0,
-                         lambda acc: write(acc, running, current),
-                         lambda acc: acc, acc)
+      acc = jax.lax.cond(
+          current >= 0,
+          lambda acc: write(acc, running, current),
+          lambda acc: acc,
+          acc,
+      )
     return jax.lax.psum(acc, CLIENTS)
 
   blocks = PartitionSpec(CLIENTS)
   return jax.shard_map(
-      local, mesh=mesh,
+      local,
+      mesh=mesh,
       in_specs=(PartitionSpec(), blocks, blocks, blocks, blocks, blocks),
-      out_specs=PartitionSpec())(params, data.x, data.y, data.mask,
-                                 param_index, segment_index)
+      out_specs=PartitionSpec(),
+  )(params, data.x, data.y, data.mask, param_index, segment_index)

@@ -30,8 +30,9 @@ def input_width(layer: models.Dense | models.Conv, input_shape) -> int:
   return layer.kernel_size**2 * input_shape[-1] + 1
 
 
-def design_rows(layer: models.Dense | models.Conv, x: jax.Array,
-                mask: jax.Array | None) -> jax.Array:
+def design_rows(
+    layer: models.Dense | models.Conv, x: jax.Array, mask: jax.Array | None
+) -> jax.Array:
   """The rows X_l^{b} of eq. 6 for a batch, without the bias column.
 
   Args:
@@ -48,8 +49,8 @@ def design_rows(layer: models.Dense | models.Conv, x: jax.Array,
   if isinstance(layer, models.Conv):
     k = layer.kernel_size
     patches = jax.lax.conv_general_dilated_patches(
-        x, (k, k), (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, (k, k), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     rows = patches.reshape(x.shape[0], -1, patches.shape[-1])
   else:
     rows = x[:, None, :]
@@ -58,8 +59,11 @@ def design_rows(layer: models.Dense | models.Conv, x: jax.Array,
   return rows * mask[:, None, None].astype(rows.dtype)
 
 
-def to_params(layer: models.Dense | models.Conv, weights: jax.Array,
-              input_channels: int | None = None) -> dict[str, jax.Array]:
+def to_params(
+    layer: models.Dense | models.Conv,
+    weights: jax.Array,
+    input_channels: int | None = None,
+) -> dict[str, jax.Array]:
   """Flax {'kernel', 'bias'} from a solved W_l [..., d, d_out].
 
   Leading axes (e.g. one per group or client) are kept.
@@ -71,11 +75,15 @@ def to_params(layer: models.Dense | models.Conv, weights: jax.Array,
     kernel = kernel.reshape(lead + (input_channels, k, k, layer.features))
     n = len(lead)
     kernel = jnp.moveaxis(kernel, n, n + 2)  # (C_in, kh, kw) -> (kh, kw, C_in)
-  return {"kernel": kernel.astype(jnp.float32), "bias": bias.astype(jnp.float32)}
+  return {
+      "kernel": kernel.astype(jnp.float32),
+      "bias": bias.astype(jnp.float32),
+  }
 
 
-def from_params(layer: models.Dense | models.Conv,
-                params: dict[str, jax.Array]) -> jax.Array:
+def from_params(
+    layer: models.Dense | models.Conv, params: dict[str, jax.Array]
+) -> jax.Array:
   """The inverse of `to_params`: W_l [..., d, d_out] from Flax params."""
   kernel = params["kernel"]
   if isinstance(layer, models.Conv):

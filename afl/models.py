@@ -32,17 +32,20 @@ GLOBAL_POOL = 0  # `Stage.pool` value: average over all spatial positions.
 
 class Dense(NamedTuple):
   """A fully connected layer; its input is flattened first."""
+
   features: int
 
 
 class Conv(NamedTuple):
   """A stride-1, 'SAME'-padded convolution with a square kernel."""
+
   features: int
   kernel_size: int
 
 
 class Stage(NamedTuple):
   """One trainable layer and the fixed maps after it."""
+
   layer: Dense | Conv
   activation: str = "identity"  # one of ACTIVATIONS
   pool: int = 1  # average-pool window (= stride); 1: none; GLOBAL_POOL: global
@@ -75,6 +78,7 @@ class LayerwiseNet(nn.Module):
   Attributes:
     stages: the layers in order; the last stage's output is the logits.
   """
+
   stages: tuple[Stage, ...]
 
   @nn.compact
@@ -96,16 +100,22 @@ class LayerwiseNet(nn.Module):
         return x
       x = after_layer(stage, make_layer(stage.layer, index)(x))
     if upto is not None:
-      raise ValueError(f"upto={upto} but the model has {len(self.stages)} "
-                       "trainable layers")
+      raise ValueError(
+          f"upto={upto} but the model has {len(self.stages)} "
+          "trainable layers"
+      )
     return x
 
 
 def make_layer(layer: Dense | Conv, index: int) -> nn.Module:
   if isinstance(layer, Dense):
     return nn.Dense(layer.features, name=layer_name(index))
-  return nn.Conv(layer.features, (layer.kernel_size,) * 2, padding="SAME",
-                 name=layer_name(index))
+  return nn.Conv(
+      layer.features,
+      (layer.kernel_size,) * 2,
+      padding="SAME",
+      name=layer_name(index),
+  )
 
 
 def logistic_regression(num_classes: int) -> LayerwiseNet:
@@ -114,21 +124,26 @@ def logistic_regression(num_classes: int) -> LayerwiseNet:
 
 def mlp(num_classes: int, hidden: Sequence[int] = (128, 64)) -> LayerwiseNet:
   return LayerwiseNet(
-      tuple(Stage(Dense(h), "relu") for h in hidden) +
-      (Stage(Dense(num_classes)),))
+      tuple(Stage(Dense(h), "relu") for h in hidden)
+      + (Stage(Dense(num_classes)),)
+  )
 
 
 def dcnn(num_classes: int, width: float = 1.0) -> LayerwiseNet:
   """The paper's DCNN with every conv width multiplied by `width`."""
+
   def w(channels):
     return max(1, round(channels * width))
-  return LayerwiseNet((
-      Stage(Conv(w(512), 5), "leaky_relu", pool=2),
-      Stage(Conv(w(1024), 3), "leaky_relu", pool=2),
-      Stage(Conv(w(2048), 3), "leaky_relu"),
-      Stage(Conv(w(2048), 3), "leaky_relu", pool=GLOBAL_POOL),
-      Stage(Dense(num_classes)),
-  ))
+
+  return LayerwiseNet(
+      (
+          Stage(Conv(w(512), 5), "leaky_relu", pool=2),
+          Stage(Conv(w(1024), 3), "leaky_relu", pool=2),
+          Stage(Conv(w(2048), 3), "leaky_relu"),
+          Stage(Conv(w(2048), 3), "leaky_relu", pool=GLOBAL_POOL),
+          Stage(Dense(num_classes)),
+      )
+  )
 
 
 MODELS = ("lr", "mlp", "dcnn")
@@ -145,7 +160,8 @@ def get_model(name: str, num_classes: int, width: float = 1.0) -> LayerwiseNet:
   raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
-def init_params(model: LayerwiseNet, key: jax.Array,
-                input_shape: Sequence[int]):
+def init_params(
+    model: LayerwiseNet, key: jax.Array, input_shape: Sequence[int]
+):
   """Ordinary Flax params of `model` for inputs of shape [batch, *input_shape]."""
   return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))

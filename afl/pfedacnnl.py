@@ -44,8 +44,9 @@ from afl import models
 DEFAULT_MEMORY_BUDGET = 2**30  # bytes of per-client float64 Grams at once
 
 
-def encoded_label_vectors(label_counts: np.ndarray,
-                          label_encoding: np.ndarray) -> np.ndarray:
+def encoded_label_vectors(
+    label_counts: np.ndarray, label_encoding: np.ndarray
+) -> np.ndarray:
   """eq. 9: h_i = Q_enc^T (1/|D_i|) sum_n y_n.
 
   Args:
@@ -58,12 +59,15 @@ def encoded_label_vectors(label_counts: np.ndarray,
   """
   counts = np.asarray(label_counts, np.float64)
   sizes = counts.sum(1, keepdims=True)
-  distribution = np.divide(counts, sizes, out=np.zeros_like(counts),
-                           where=sizes > 0)
+  distribution = np.divide(
+      counts, sizes, out=np.zeros_like(counts), where=sizes > 0
+  )
   return distribution @ np.asarray(label_encoding, np.float64)
 
 
-def group_clients(vectors: np.ndarray, num_groups: int, seed: int) -> np.ndarray:
+def group_clients(
+    vectors: np.ndarray, num_groups: int, seed: int
+) -> np.ndarray:
   """The server's K-means on {h_i} (section IV-B), seeded.
 
   Returns:
@@ -72,12 +76,15 @@ def group_clients(vectors: np.ndarray, num_groups: int, seed: int) -> np.ndarray
   """
   num_clients = len(vectors)
   if not 1 <= num_groups <= num_clients:
-    raise ValueError(f"num_groups must be in [1, {num_clients}] (the number "
-                     f"of clients), got {num_groups}")
+    raise ValueError(
+        f"num_groups must be in [1, {num_clients}] (the number "
+        f"of clients), got {num_groups}"
+    )
   if num_groups == 1:
     return np.zeros(num_clients, np.int32)
-  labels = cluster.KMeans(n_clusters=num_groups, n_init=10,
-                          random_state=seed).fit_predict(vectors)
+  labels = cluster.KMeans(
+      n_clusters=num_groups, n_init=10, random_state=seed
+  ).fit_predict(vectors)
   _, first = np.unique(labels, return_index=True)
   renumber = np.empty(labels.max() + 1, np.int32)
   renumber[labels[np.sort(first)]] = np.arange(len(first))
@@ -90,15 +97,22 @@ def grouping_report(groups: np.ndarray, counts: np.ndarray) -> str:
   for k in range(groups.max() + 1):
     members = groups == k
     hist = counts[members].sum(0)
-    lines.append(f"{k:5d} {members.sum():7d} {hist.sum():7d} | " +
-                 " ".join(f"{c:5d}" for c in hist))
+    lines.append(
+        f"{k:5d} {members.sum():7d} {hist.sum():7d} | "
+        + " ".join(f"{c:5d}" for c in hist)
+    )
   return "\n".join(lines)
 
 
-def personalize(algorithm: fedacnnl.FedACnnL, data: federated.FederatedData,
-                meta_params, client_group: np.ndarray, eps: float,
-                memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                first_round: int = 1) -> fedacnnl.TrainResult:
+def personalize(
+    algorithm: fedacnnl.FedACnnL,
+    data: federated.FederatedData,
+    meta_params,
+    client_group: np.ndarray,
+    eps: float,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    first_round: int = 1,
+) -> fedacnnl.TrainResult:
   """Local personalization (eq. 13) of every client, layer by layer.
 
   Args:
@@ -124,29 +138,38 @@ def personalize(algorithm: fedacnnl.FedACnnL, data: federated.FederatedData,
   def layer_step(layer, params):
     stage = algorithm.model.stages[layer]
     meta = layers.from_params(
-        stage.layer, meta_params["params"][models.layer_name(layer)])
+        stage.layer, meta_params["params"][models.layer_name(layer)]
+    )
     width = meta.shape[-2]
-    chunk = int(max(1, min(num_clients,
-                           memory_budget_bytes // (8 * width * width))))
+    chunk = int(
+        max(1, min(num_clients, memory_budget_bytes // (8 * width * width)))
+    )
     weights, stats_s = [], 0.0
     for start in range(0, num_clients, chunk):
       members = np.arange(start, min(start + chunk, num_clients))
-      segment = np.where((client >= start) & (client < start + chunk),
-                         client - start, -1).astype(np.int32)
+      segment = np.where(
+          (client >= start) & (client < start + chunk), client - start, -1
+      ).astype(np.int32)
       began = time.perf_counter()
-      stats = jax.block_until_ready(algorithm.client_statistics(
-          layer, params, data, data.client, segment, chunk))
+      stats = jax.block_until_ready(
+          algorithm.client_statistics(
+              layer, params, data, data.client, segment, chunk
+          )
+      )
       stats_s += time.perf_counter() - began
-      prior = meta[client_group[np.resize(members, chunk)]].astype(
-          jnp.float64)
-      weights.append(algorithm.solve(layer, stats, eps, prior)[:len(members)])
+      prior = meta[client_group[np.resize(members, chunk)]].astype(jnp.float64)
+      weights.append(algorithm.solve(layer, stats, eps, prior)[: len(members)])
     weights = jnp.concatenate(weights) if len(weights) > 1 else weights[0]
     return algorithm.write_layer(layer, params, weights), {
-        "width": int(width), "outputs": int(weights.shape[-1]),
-        "statistics_s": stats_s, "clients_per_pass": chunk}
+        "width": int(width),
+        "outputs": int(weights.shape[-1]),
+        "statistics_s": stats_s,
+        "clients_per_pass": chunk,
+    }
 
-  return fedacnnl.layer_by_layer(algorithm, params, "personalization",
-                                 layer_step, first_round)
+  return fedacnnl.layer_by_layer(
+      algorithm, params, "personalization", layer_step, first_round
+  )
 
 
 class PFedACnnLResult(NamedTuple):
@@ -162,6 +185,7 @@ class PFedACnnLResult(NamedTuple):
     compile_time_s: compilation during training.
     grouping_s: the initialization stage (encoding and K-means).
   """
+
   params: fedacnnl.Params
   client_model: np.ndarray
   groups: np.ndarray
@@ -171,11 +195,17 @@ class PFedACnnLResult(NamedTuple):
   grouping_s: float
 
 
-def train(algorithm: fedacnnl.FedACnnL, data: federated.FederatedData,
-          key: jax.Array, groups: np.ndarray, *, eps: float = 2500.0,
-          personalized: bool = True,
-          memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-          grouping_s: float = 0.0) -> PFedACnnLResult:
+def train(
+    algorithm: fedacnnl.FedACnnL,
+    data: federated.FederatedData,
+    key: jax.Array,
+    groups: np.ndarray,
+    *,
+    eps: float = 2500.0,
+    personalized: bool = True,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    grouping_s: float = 0.0,
+) -> PFedACnnLResult:
   """Stages 2 and 3 of pFedACnnL for a given grouping (see `assign_groups`).
 
   Args:
@@ -193,24 +223,43 @@ def train(algorithm: fedacnnl.FedACnnL, data: federated.FederatedData,
   num_groups = int(groups.max()) + 1
   meta = fedacnnl.train(algorithm, data, key, groups, num_groups)
   if not personalized:
-    return PFedACnnLResult(meta.params, groups, groups, meta.rounds,
-                           meta.wall_time_s + grouping_s,
-                           meta.compile_time_s, grouping_s)
-  local = personalize(algorithm, data, meta.params, groups, eps,
-                      memory_budget_bytes, algorithm.num_layers + 1)
+    return PFedACnnLResult(
+        meta.params,
+        groups,
+        groups,
+        meta.rounds,
+        meta.wall_time_s + grouping_s,
+        meta.compile_time_s,
+        grouping_s,
+    )
+  local = personalize(
+      algorithm,
+      data,
+      meta.params,
+      groups,
+      eps,
+      memory_budget_bytes,
+      algorithm.num_layers + 1,
+  )
   return PFedACnnLResult(
-      local.params, np.arange(data.num_clients), groups,
+      local.params,
+      np.arange(data.num_clients),
+      groups,
       meta.rounds + local.rounds,
       meta.wall_time_s + local.wall_time_s + grouping_s,
-      meta.compile_time_s + local.compile_time_s, grouping_s)
+      meta.compile_time_s + local.compile_time_s,
+      grouping_s,
+  )
 
 
-def assign_groups(counts: np.ndarray, algorithm: fedacnnl.FedACnnL,
-                  num_groups: int, seed: int) -> tuple[np.ndarray, float]:
+def assign_groups(
+    counts: np.ndarray, algorithm: fedacnnl.FedACnnL, num_groups: int, seed: int
+) -> tuple[np.ndarray, float]:
   """Stage 1: eq. 8, 9 and K-means. Returns (groups [C], seconds)."""
   start = time.perf_counter()
   hidden = algorithm.encodings[:-1] or algorithm.encodings  # LR: identity
   label_encoding = min(hidden, key=lambda q: q.shape[1])  # eq. 8
-  groups = group_clients(encoded_label_vectors(counts, label_encoding),
-                         num_groups, seed)
+  groups = group_clients(
+      encoded_label_vectors(counts, label_encoding), num_groups, seed
+  )
   return groups, time.perf_counter() - start

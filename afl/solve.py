@@ -14,8 +14,12 @@ from jax.scipy import linalg
 from afl import statistics
 
 
-def ridge_solve(gram: jax.Array, cross: jax.Array, reg: float,
-                prior: jax.Array | None = None) -> jax.Array:
+def ridge_solve(
+    gram: jax.Array,
+    cross: jax.Array,
+    reg: float,
+    prior: jax.Array | None = None,
+) -> jax.Array:
   """(gram + reg I)^-1 (cross + reg prior) for one system.
 
   Args:
@@ -29,12 +33,15 @@ def ridge_solve(gram: jax.Array, cross: jax.Array, reg: float,
   """
   rhs = cross if prior is None else cross + reg * prior
   eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-  return linalg.cho_solve(linalg.cho_factor(gram + reg * eye, lower=True),
-                          rhs)
+  return linalg.cho_solve(linalg.cho_factor(gram + reg * eye, lower=True), rhs)
 
 
-def solve_statistics(stats: statistics.Statistics, encoding: jax.Array,
-                     reg: float, prior: jax.Array) -> jax.Array:
+def solve_statistics(
+    stats: statistics.Statistics,
+    encoding: jax.Array,
+    reg: float,
+    prior: jax.Array,
+) -> jax.Array:
   """eq. 5 / 11 / 13 for every segment of `stats`: W [S, d, d_l].
 
   One system after another (`lax.map`), each assembled from its segment's
@@ -49,8 +56,11 @@ def solve_statistics(stats: statistics.Statistics, encoding: jax.Array,
     reg: gamma or eps.
     prior: [S, d, d_l] (zeros for eq. 5 and 11).
   """
+
   def one(system):
     segment, segment_prior = system
-    return ridge_solve(segment.full_gram(), segment.cross(encoding), reg,
-                       segment_prior)
+    return ridge_solve(
+        segment.full_gram(), segment.cross(encoding), reg, segment_prior
+    )
+
   return jax.lax.map(one, (stats, prior))

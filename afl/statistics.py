@@ -52,6 +52,7 @@ class Statistics(NamedTuple):
     label_sums: [S, d - 1, num_classes] float64, sum of r y^T.
     label_counts: [S, num_classes] float64, number of rows of each class.
   """
+
   gram: jax.Array
   label_sums: jax.Array
   label_counts: jax.Array
@@ -67,13 +68,21 @@ class Statistics(NamedTuple):
   def cross(self, encoding: jax.Array) -> jax.Array:
     """[S, d, d_l] H = X_l^T Z_l = (X_l^T Y) Q_l (A_1 of eq. 5)."""
     label_sums = jnp.concatenate(
-        [self.label_sums, self.label_counts[..., None, :]], -2)
+        [self.label_sums, self.label_counts[..., None, :]], -2
+    )
     return label_sums @ encoding
 
 
-def block_statistics(model: models.LayerwiseNet, layer: int, params,
-                     x: jax.Array, y: jax.Array, mask: jax.Array,
-                     num_classes: int, dtype=jnp.float32) -> Statistics:
+def block_statistics(
+    model: models.LayerwiseNet,
+    layer: int,
+    params,
+    x: jax.Array,
+    y: jax.Array,
+    mask: jax.Array,
+    num_classes: int,
+    dtype=jnp.float32,
+) -> Statistics:
   """One client's batch: eq. 6's summand for layer `layer`.
 
   Args:
@@ -93,8 +102,9 @@ def block_statistics(model: models.LayerwiseNet, layer: int, params,
   # Padding samples of the raw input are zero (`FederatedData`); deeper
   # inputs are not (the bias), so only they need masking. Skipping it at
   # layer 0 saves a pass over the largest array.
-  rows = layers.design_rows(model.stages[layer].layer, inputs,
-                            None if layer == 0 else mask).astype(dtype)
+  rows = layers.design_rows(
+      model.stages[layer].layer, inputs, None if layer == 0 else mask
+  ).astype(dtype)
   flat = rows.reshape(-1, rows.shape[-1])  # [B * positions, d - 1]
   contract_rows = (((0,), (0,)), ((), ()))
   onehot = jax.nn.one_hot(y, num_classes, dtype=rows.dtype)
@@ -102,16 +112,23 @@ def block_statistics(model: models.LayerwiseNet, layer: int, params,
   return Statistics(
       gram=jax.lax.dot_general(flat, flat, contract_rows),
       label_sums=jax.lax.dot_general(rows.sum(1), onehot, contract_rows),
-      label_counts=onehot.sum(0) * rows.shape[1])
+      label_counts=onehot.sum(0) * rows.shape[1],
+  )
 
 
-def segment_statistics(model: models.LayerwiseNet, layer: int, params,
-                       data: federated.FederatedData,
-                       param_index: jax.Array, segment_index: jax.Array,
-                       num_segments: int, num_classes: int,
-                       mesh: jax.sharding.Mesh,
-                       rows_per_step: int = 1024,
-                       dtype=jnp.float32) -> Statistics:
+def segment_statistics(
+    model: models.LayerwiseNet,
+    layer: int,
+    params,
+    data: federated.FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    num_segments: int,
+    num_classes: int,
+    mesh: jax.sharding.Mesh,
+    rows_per_step: int = 1024,
+    dtype=jnp.float32,
+) -> Statistics:
   """eq. 6 for every block, summed per segment, over a device mesh.
 
   Args:
@@ -133,20 +150,37 @@ def segment_statistics(model: models.LayerwiseNet, layer: int, params,
   Returns:
     Statistics with [S, ...] float64 entries, replicated on every device.
   """
-  block_fn = functools.partial(block_statistics, model, layer,
-                               num_classes=num_classes, dtype=dtype)
+  block_fn = functools.partial(
+      block_statistics, model, layer, num_classes=num_classes, dtype=dtype
+  )
   rows = jax.eval_shape(
-      lambda p, x: layers.design_rows(model.stages[layer].layer,
-                                      model.apply(p, x, upto=layer), None),
-      jax.tree.map(lambda a: a[0], params), data.x[0])
+      lambda p, x: layers.design_rows(
+          model.stages[layer].layer, model.apply(p, x, upto=layer), None
+      ),
+      jax.tree.map(lambda a: a[0], params),
+      data.x[0],
+  )
   positions = rows.shape[1]  # design rows per sample
   return federated.segment_sum(
-      block_fn, params, data, param_index, segment_index, num_segments,
-      mesh, max(1, rows_per_step // positions))
+      block_fn,
+      params,
+      data,
+      param_index,
+      segment_index,
+      num_segments,
+      mesh,
+      max(1, rows_per_step // positions),
+  )
 
 
-def client_statistics_loop(model: models.LayerwiseNet, layer: int, params,
-                           client_x, client_y, num_classes: int) -> Statistics:
+def client_statistics_loop(
+    model: models.LayerwiseNet,
+    layer: int,
+    params,
+    client_x,
+    client_y,
+    num_classes: int,
+) -> Statistics:
   """Reference path: a Python loop over clients, each client in one batch.
 
   Exists to test `segment_statistics` against; not for hot paths.
@@ -158,11 +192,20 @@ def client_statistics_loop(model: models.LayerwiseNet, layer: int, params,
   Returns:
     Statistics with one segment per client.
   """
-  fn = jax.jit(functools.partial(block_statistics, model, layer, params,
-                                 num_classes=num_classes))
+  fn = jax.jit(
+      functools.partial(
+          block_statistics, model, layer, params, num_classes=num_classes
+      )
+  )
   per_client = [
-      jax.tree.map(lambda a: a.astype(jnp.float64),
-                   fn(jnp.asarray(x, jnp.float32), jnp.asarray(y),
-                      jnp.ones(len(y), bool)))
-      for x, y in zip(client_x, client_y)]
+      jax.tree.map(
+          lambda a: a.astype(jnp.float64),
+          fn(
+              jnp.asarray(x, jnp.float32),
+              jnp.asarray(y),
+              jnp.ones(len(y), bool),
+          ),
+      )
+      for x, y in zip(client_x, client_y)
+  ]
   return jax.tree.map(lambda *a: jnp.stack(a), *per_client)

@@ -30,15 +30,20 @@ from afl import models
 from afl import pfedacnnl
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
-flags.DEFINE_enum("algorithm", "fedacnnl", experiment.ALGORITHMS,
-                  "Algorithm to time.")
+flags.DEFINE_enum(
+    "algorithm", "fedacnnl", experiment.ALGORITHMS, "Algorithm to time."
+)
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
 flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer("repeats", 7, "Timed repetitions (medians reported).")
 flags.DEFINE_integer("block_size", 0, "0: default block size.")
-flags.DEFINE_enum("statistics_dtype", "float32", ["float32", "float64"],
-                  "dtype of the clients' products.")
+flags.DEFINE_enum(
+    "statistics_dtype",
+    "float32",
+    ["float32", "float64"],
+    "dtype of the clients' products.",
+)
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
 
@@ -52,10 +57,15 @@ def _timed(fn) -> float:
 def main(argv):
   del argv
   config = experiment.default_config()
-  config.update(algorithm=FLAGS.algorithm, dataset=FLAGS.dataset,
-                model=FLAGS.model, num_clients=FLAGS.num_clients,
-                data_dir=FLAGS.data_dir, block_size=FLAGS.block_size,
-                statistics_dtype=FLAGS.statistics_dtype)
+  config.update(
+      algorithm=FLAGS.algorithm,
+      dataset=FLAGS.dataset,
+      model=FLAGS.model,
+      num_clients=FLAGS.num_clients,
+      data_dir=FLAGS.data_dir,
+      block_size=FLAGS.block_size,
+      statistics_dtype=FLAGS.statistics_dtype,
+  )
   split = experiment.prepare_split(config)
   run = experiment.setup(config, split)
   clustered = experiment.ANALYTIC[config.algorithm][0]
@@ -63,14 +73,20 @@ def main(argv):
   def complete_run():
     """Stage 1 (grouping) again, then training; wall time without compile."""
     groups, grouping_s = pfedacnnl.assign_groups(
-        run.counts, run.algorithm, config.num_groups if clustered else 1,
-        config.seed)
-    return experiment.train(config, run._replace(
-        groups=groups, grouping_s=grouping_s))
+        run.counts,
+        run.algorithm,
+        config.num_groups if clustered else 1,
+        config.seed,
+    )
+    return experiment.train(
+        config, run._replace(groups=groups, grouping_s=grouping_s)
+    )
 
-  pooled = jnp.asarray(experiment.model_inputs(run.model, split.x)[
-      np.concatenate(split.train_indices)].reshape(
-          sum(map(len, split.train_indices)), -1))
+  pooled = jnp.asarray(
+      experiment.model_inputs(run.model, split.x)[
+          np.concatenate(split.train_indices)
+      ].reshape(sum(map(len, split.train_indices)), -1)
+  )
   gram = jax.jit(lambda a: a.T @ a)
 
   first = complete_run()
@@ -81,24 +97,34 @@ def main(argv):
     gram_times.append(_timed(lambda: gram(pooled)))
   train_s, gram_s = np.median(train_times), np.median(gram_times)
   numbers = {
-      "algorithm": FLAGS.algorithm, "dataset": FLAGS.dataset,
-      "model": FLAGS.model, "num_clients": FLAGS.num_clients,
-      "train_rows": int(pooled.shape[0]), "features": int(pooled.shape[1]),
-      "devices": run.mesh.size, "block_size": run.train_data.block_size,
+      "algorithm": FLAGS.algorithm,
+      "dataset": FLAGS.dataset,
+      "model": FLAGS.model,
+      "num_clients": FLAGS.num_clients,
+      "train_rows": int(pooled.shape[0]),
+      "features": int(pooled.shape[1]),
+      "devices": run.mesh.size,
+      "block_size": run.train_data.block_size,
       "statistics_dtype": FLAGS.statistics_dtype,
-      "train_median_s": float(train_s), "xtx_median_s": float(gram_s),
+      "train_median_s": float(train_s),
+      "xtx_median_s": float(gram_s),
       "ratio": float(train_s / gram_s),
       "compile_s": first.compile_time_s,
       "peak_memory_gb": experiment.peak_memory_gb(),
-      "train_s": train_times, "xtx_s": gram_times,
+      "train_s": train_times,
+      "xtx_s": gram_times,
       "rounds_of_first_run": first.rounds,
   }
-  print(f"{FLAGS.algorithm} {FLAGS.dataset}-{FLAGS.model}, "
-        f"{FLAGS.num_clients} clients, {pooled.shape[0]} x {pooled.shape[1]} "
-        f"training data, {run.mesh.size} device(s), median of "
-        f"{FLAGS.repeats}:")
-  print(f"  training           {train_s:8.4f} s   (compile "
-        f"{first.compile_time_s:.2f} s once)")
+  print(
+      f"{FLAGS.algorithm} {FLAGS.dataset}-{FLAGS.model}, "
+      f"{FLAGS.num_clients} clients, {pooled.shape[0]} x {pooled.shape[1]} "
+      f"training data, {run.mesh.size} device(s), median of "
+      f"{FLAGS.repeats}:"
+  )
+  print(
+      f"  training           {train_s:8.4f} s   (compile "
+      f"{first.compile_time_s:.2f} s once)"
+  )
   print(f"  bare X.T @ X       {gram_s:8.4f} s")
   print(f"  ratio              {train_s / gram_s:8.2f} x")
   print(f"  peak memory        {numbers['peak_memory_gb']:8.2f} GB")

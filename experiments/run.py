@@ -18,55 +18,107 @@ from afl import models
 
 _DEFAULTS = experiment.default_config()
 
-flags.DEFINE_enum("algorithm", _DEFAULTS.algorithm, experiment.ALGORITHMS,
-                  "fedacnnl; pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
-                  "pfedacnnl_wp (no personalization).")
+flags.DEFINE_enum(
+    "algorithm",
+    _DEFAULTS.algorithm,
+    experiment.ALGORITHMS,
+    "fedacnnl; pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
+    "pfedacnnl_wp (no personalization).",
+)
 flags.DEFINE_enum("dataset", _DEFAULTS.dataset, data.DATASETS, "Dataset.")
-flags.DEFINE_enum("model", _DEFAULTS.model, models.MODELS,
-                  "lr: multinomial logistic regression; mlp: [128, 64] ReLU; "
-                  "dcnn: the paper's conv net (see --width).")
+flags.DEFINE_enum(
+    "model",
+    _DEFAULTS.model,
+    models.MODELS,
+    "lr: multinomial logistic regression; mlp: [128, 64] ReLU; "
+    "dcnn: the paper's conv net (see --width).",
+)
 flags.DEFINE_float("width", _DEFAULTS.width, "DCNN width multiplier.")
 flags.DEFINE_integer("num_clients", _DEFAULTS.num_clients, "Clients C.")
-flags.DEFINE_enum("partition", _DEFAULTS.partition, data.PARTITIONS,
-                  "Client split: default is dirichlet for mnist/cifar10 and "
-                  "the generator's power-law clients for synthetic.")
-flags.DEFINE_float("dirichlet_beta", _DEFAULTS.dirichlet_beta,
-                   "Dirichlet concentration (smaller: more heterogeneous).")
-flags.DEFINE_integer("min_client_size", _DEFAULTS.min_client_size,
-                     "Least samples per client (dirichlet, power_law).")
-flags.DEFINE_float("test_fraction", _DEFAULTS.test_fraction,
-                   "Share of each client's samples held out for testing.")
-flags.DEFINE_float("synthetic_alpha", _DEFAULTS.synthetic_alpha,
-                   "alpha of synthetic(alpha, beta).")
-flags.DEFINE_float("synthetic_beta", _DEFAULTS.synthetic_beta,
-                   "beta of synthetic(alpha, beta).")
-flags.DEFINE_string("data_dir", None,
-                    "Folder with mnist/ or cifar10 files; default: "
-                    "$AFL_DATA_DIR, then ~/.cache/afl/data.")
-flags.DEFINE_enum("data_source", _DEFAULTS.data_source,
-                  ["auto", "files", "tfds"], "Where mnist/cifar10 come from.")
+flags.DEFINE_enum(
+    "partition",
+    _DEFAULTS.partition,
+    data.PARTITIONS,
+    "Client split: default is dirichlet for mnist/cifar10 and "
+    "the generator's power-law clients for synthetic.",
+)
+flags.DEFINE_float(
+    "dirichlet_beta",
+    _DEFAULTS.dirichlet_beta,
+    "Dirichlet concentration (smaller: more heterogeneous).",
+)
+flags.DEFINE_integer(
+    "min_client_size",
+    _DEFAULTS.min_client_size,
+    "Least samples per client (dirichlet, power_law).",
+)
+flags.DEFINE_float(
+    "test_fraction",
+    _DEFAULTS.test_fraction,
+    "Share of each client's samples held out for testing.",
+)
+flags.DEFINE_float(
+    "synthetic_alpha",
+    _DEFAULTS.synthetic_alpha,
+    "alpha of synthetic(alpha, beta).",
+)
+flags.DEFINE_float(
+    "synthetic_beta",
+    _DEFAULTS.synthetic_beta,
+    "beta of synthetic(alpha, beta).",
+)
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Folder with mnist/ or cifar10 files; default: "
+    "$AFL_DATA_DIR, then ~/.cache/afl/data.",
+)
+flags.DEFINE_enum(
+    "data_source",
+    _DEFAULTS.data_source,
+    ["auto", "files", "tfds"],
+    "Where mnist/cifar10 come from.",
+)
 flags.DEFINE_float("gamma", _DEFAULTS.gamma, "Ridge coefficient (eq. 5).")
-flags.DEFINE_float("eps", _DEFAULTS.eps,
-                   "pFedACnnL's personalization weight epsilon (eq. 13).")
-flags.DEFINE_integer("num_groups", _DEFAULTS.num_groups,
-                     "pFedACnnL's number of K-means groups K.")
-flags.DEFINE_enum("statistics_dtype", _DEFAULTS.statistics_dtype,
-                  ["float32", "float64"],
-                  "dtype of the clients' Gram products (sums and solves are "
-                  "float64 either way); float64 is exact, float32 faster.")
-flags.DEFINE_integer("seed", _DEFAULTS.seed,
-                     "Root seed: data split, label encodings, init.")
-flags.DEFINE_integer("data_seed", _DEFAULTS.data_seed,
-                     "Seed of the data (split, synthetic generator) alone; "
-                     "-1: --seed.")
-flags.DEFINE_integer("block_size", _DEFAULTS.block_size,
-                     "Samples per client block; 0 picks one from N and C.")
-flags.DEFINE_integer("num_devices", _DEFAULTS.num_devices,
-                     "Local devices to shard clients over; 0: all.")
-flags.DEFINE_string("output_dir", None, "Where results.json goes.",
-                    required=True)
-flags.DEFINE_bool("overwrite", False,
-                  "Replace an existing results.json in --output_dir.")
+flags.DEFINE_float(
+    "eps", _DEFAULTS.eps, "pFedACnnL's personalization weight epsilon (eq. 13)."
+)
+flags.DEFINE_integer(
+    "num_groups",
+    _DEFAULTS.num_groups,
+    "pFedACnnL's number of K-means groups K.",
+)
+flags.DEFINE_enum(
+    "statistics_dtype",
+    _DEFAULTS.statistics_dtype,
+    ["float32", "float64"],
+    "dtype of the clients' Gram products (sums and solves are "
+    "float64 either way); float64 is exact, float32 faster.",
+)
+flags.DEFINE_integer(
+    "seed", _DEFAULTS.seed, "Root seed: data split, label encodings, init."
+)
+flags.DEFINE_integer(
+    "data_seed",
+    _DEFAULTS.data_seed,
+    "Seed of the data (split, synthetic generator) alone; " "-1: --seed.",
+)
+flags.DEFINE_integer(
+    "block_size",
+    _DEFAULTS.block_size,
+    "Samples per client block; 0 picks one from N and C.",
+)
+flags.DEFINE_integer(
+    "num_devices",
+    _DEFAULTS.num_devices,
+    "Local devices to shard clients over; 0: all.",
+)
+flags.DEFINE_string(
+    "output_dir", None, "Where results.json goes.", required=True
+)
+flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing results.json in --output_dir."
+)
 
 FLAGS = flags.FLAGS
 

@@ -32,39 +32,79 @@ from afl import experiment
 
 # Table II of the paper (percent).
 PAPER = {
-    "mnist-mlp": dict(fedacnnl=90.76, pfedacnnl_wc=96.85, pfedacnnl_wp=93.66,
-                      pfedme=96.92, pfedzo=96.17, pfedacnnl=96.23),
-    "synthetic-mlp": dict(fedacnnl=86.09, pfedacnnl_wc=88.63,
-                          pfedacnnl_wp=89.22, pfedme=88.58, pfedzo=89.05,
-                          pfedacnnl=90.00),
-    "mnist-lr": dict(fedacnnl=87.11, pfedacnnl_wc=96.24, pfedacnnl_wp=91.79,
-                     pfedme=93.22, pfedzo=93.09, pfedacnnl=95.81),
-    "synthetic-lr": dict(fedacnnl=81.80, pfedacnnl_wc=87.81,
-                         pfedacnnl_wp=88.33, pfedme=83.13, pfedzo=72.14,
-                         pfedacnnl=88.96),
+    "mnist-mlp": dict(
+        fedacnnl=90.76,
+        pfedacnnl_wc=96.85,
+        pfedacnnl_wp=93.66,
+        pfedme=96.92,
+        pfedzo=96.17,
+        pfedacnnl=96.23,
+    ),
+    "synthetic-mlp": dict(
+        fedacnnl=86.09,
+        pfedacnnl_wc=88.63,
+        pfedacnnl_wp=89.22,
+        pfedme=88.58,
+        pfedzo=89.05,
+        pfedacnnl=90.00,
+    ),
+    "mnist-lr": dict(
+        fedacnnl=87.11,
+        pfedacnnl_wc=96.24,
+        pfedacnnl_wp=91.79,
+        pfedme=93.22,
+        pfedzo=93.09,
+        pfedacnnl=95.81,
+    ),
+    "synthetic-lr": dict(
+        fedacnnl=81.80,
+        pfedacnnl_wc=87.81,
+        pfedacnnl_wp=88.33,
+        pfedme=83.13,
+        pfedzo=72.14,
+        pfedacnnl=88.96,
+    ),
 }
-COLUMNS = ("fedacnnl", "pfedacnnl_wc", "pfedacnnl_wp", "pfedme", "pfedzo",
-           "pfedacnnl")
-TITLES = dict(fedacnnl="FedACnnL", pfedacnnl_wc="pFedACnnL-WC",
-              pfedacnnl_wp="pFedACnnL-WP", pfedme="pFedMe", pfedzo="pFedZO",
-              pfedacnnl="pFedACnnL")
+COLUMNS = (
+    "fedacnnl",
+    "pfedacnnl_wc",
+    "pfedacnnl_wp",
+    "pfedme",
+    "pfedzo",
+    "pfedacnnl",
+)
+TITLES = dict(
+    fedacnnl="FedACnnL",
+    pfedacnnl_wc="pFedACnnL-WC",
+    pfedacnnl_wp="pFedACnnL-WP",
+    pfedme="pFedMe",
+    pfedzo="pFedZO",
+    pfedacnnl="pFedACnnL",
+)
 RUNNERS = {name: experiment.run_experiment for name in experiment.ALGORITHMS}
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_string("output_dir", "runs/table2", "Where the table goes.")
 flags.DEFINE_list("settings", list(PAPER), "Rows: DATASET-MODEL.")
-flags.DEFINE_list("columns", [c for c in COLUMNS if c in RUNNERS],
-                  "Columns (algorithms) to run.")
+flags.DEFINE_list(
+    "columns",
+    [c for c in COLUMNS if c in RUNNERS],
+    "Columns (algorithms) to run.",
+)
 flags.DEFINE_integer("seeds", 5, "Seeds 0..seeds-1 per cell.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
-flags.DEFINE_integer("data_seed", 0,
-                     "Seed of the data, the same for every seed; -1: each "
-                     "seed draws its own data.")
+flags.DEFINE_integer(
+    "data_seed",
+    0,
+    "Seed of the data, the same for every seed; -1: each "
+    "seed draws its own data.",
+)
 FLAGS = flags.FLAGS
 
 
-def run_cell(setting: str, column: str, seed: int, split,
-             output_dir: pathlib.Path) -> float:
+def run_cell(
+    setting: str, column: str, seed: int, split, output_dir: pathlib.Path
+) -> float:
   """One (setting, column, seed) run, or its saved result."""
   out = output_dir / setting / column / f"seed_{seed}"
   saved = out / "results.json"
@@ -72,9 +112,15 @@ def run_cell(setting: str, column: str, seed: int, split,
     return json.loads(saved.read_text())["accuracy"]
   dataset, model = setting.split("-")
   config = experiment.default_config()
-  config.update(algorithm=column, dataset=dataset, model=model, seed=seed,
-                data_seed=FLAGS.data_seed, num_clients=FLAGS.num_clients,
-                data_dir=FLAGS.data_dir)
+  config.update(
+      algorithm=column,
+      dataset=dataset,
+      model=model,
+      seed=seed,
+      data_seed=FLAGS.data_seed,
+      num_clients=FLAGS.num_clients,
+      data_dir=FLAGS.data_dir,
+  )
   return RUNNERS[column](config, out, split)["accuracy"]
 
 
@@ -87,9 +133,12 @@ def summarize(accuracies: dict) -> dict:
       values = 100 * np.asarray(values)
       paper = PAPER[setting].get(column)
       table[setting][column] = {
-          "mean": float(values.mean()), "std": float(values.std()),
-          "seeds": values.tolist(), "paper": paper,
-          "delta": None if paper is None else float(values.mean() - paper)}
+          "mean": float(values.mean()),
+          "std": float(values.std()),
+          "seeds": values.tolist(),
+          "paper": paper,
+          "delta": None if paper is None else float(values.mean() - paper),
+      }
   return table
 
 
@@ -97,9 +146,13 @@ def markdown(table: dict, columns) -> str:
   head = "| setting | " + " | ".join(TITLES[c] for c in columns) + " |"
   lines = [head, "|" + " --- |" * (len(columns) + 1)]
   for setting, cells in table.items():
-    row = [f"{cells[c]['mean']:.2f} +- {cells[c]['std']:.2f} "
-           f"(paper {cells[c]['paper']:.2f})" if c in cells else "-"
-           for c in columns]
+    row = [
+        f"{cells[c]['mean']:.2f} +- {cells[c]['std']:.2f} "
+        f"(paper {cells[c]['paper']:.2f})"
+        if c in cells
+        else "-"
+        for c in columns
+    ]
     lines.append(f"| {setting} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
@@ -108,12 +161,14 @@ def main(argv):
   del argv
   for name in FLAGS.columns:
     if name not in RUNNERS:
-      raise app.UsageError(f"--columns: {name!r} has no runner; available: "
-                           f"{sorted(RUNNERS)}")
+      raise app.UsageError(
+          f"--columns: {name!r} has no runner; available: " f"{sorted(RUNNERS)}"
+      )
   for setting in FLAGS.settings:
     if setting not in PAPER:
-      raise app.UsageError(f"--settings: {setting!r} is not one of "
-                           f"{list(PAPER)}")
+      raise app.UsageError(
+          f"--settings: {setting!r} is not one of " f"{list(PAPER)}"
+      )
   logging.set_verbosity(logging.WARNING)  # the runs' own logs are per round
   output_dir = pathlib.Path(FLAGS.output_dir)
   accuracies = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
@@ -122,14 +177,22 @@ def main(argv):
     for seed in range(FLAGS.seeds):
       dataset, _ = setting.split("-")
       config = experiment.default_config()
-      config.update(dataset=dataset, seed=seed, data_seed=FLAGS.data_seed,
-                    data_dir=FLAGS.data_dir, num_clients=FLAGS.num_clients)
+      config.update(
+          dataset=dataset,
+          seed=seed,
+          data_seed=FLAGS.data_seed,
+          data_dir=FLAGS.data_dir,
+          num_clients=FLAGS.num_clients,
+      )
       split = experiment.prepare_split(config)  # shared by the columns
       for column in FLAGS.columns:
         accuracy = run_cell(setting, column, seed, split, output_dir)
         accuracies[setting][column].append(accuracy)
-        print(f"[{time.perf_counter() - start:7.1f}s] {setting} {column} "
-              f"seed {seed}: {100 * accuracy:.2f}", flush=True)
+        print(
+            f"[{time.perf_counter() - start:7.1f}s] {setting} {column} "
+            f"seed {seed}: {100 * accuracy:.2f}",
+            flush=True,
+        )
   table = summarize(accuracies)
   output_dir.mkdir(parents=True, exist_ok=True)
   (output_dir / "table2.json").write_text(json.dumps(table, indent=2))

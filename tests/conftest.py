@@ -12,9 +12,10 @@ import os
 import pathlib
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") +
-    " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_multi_thread_eigen=false").strip()
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_multi_thread_eigen=false"
+).strip()
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -31,5 +32,6 @@ def data_dir() -> pathlib.Path:
     raise FileNotFoundError(
         f"test data directory {path} has no mnist/ folder; set AFL_DATA_DIR "
         "to the folder that holds mnist/ and cifar10-subset/ (in CI: "
-        "../shared/data)")
+        "../shared/data)"
+    )
   return path

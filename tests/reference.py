@@ -15,16 +15,28 @@ from afl import models
 def im2col(x: np.ndarray, kernel_size: int) -> np.ndarray:
   """[N, H, W, C] -> [N, H*W, C*k*k] 'SAME'-padded patches, (c, kh, kw) order."""
   pad = (kernel_size - 1) // 2
-  padded = np.pad(x, ((0, 0), (pad, kernel_size - 1 - pad),
-                      (pad, kernel_size - 1 - pad), (0, 0)))
+  padded = np.pad(
+      x,
+      (
+          (0, 0),
+          (pad, kernel_size - 1 - pad),
+          (pad, kernel_size - 1 - pad),
+          (0, 0),
+      ),
+  )
   windows = np.lib.stride_tricks.sliding_window_view(
-      padded, (kernel_size, kernel_size), axis=(1, 2))  # [N, H, W, C, k, k]
+      padded, (kernel_size, kernel_size), axis=(1, 2)
+  )  # [N, H, W, C, k, k]
   n, h, w = x.shape[:3]
   return windows.reshape(n, h * w, -1)
 
 
-def apply_stage(stage: models.Stage, rows: np.ndarray, weights: np.ndarray,
-                spatial: tuple[int, int] | None) -> np.ndarray:
+def apply_stage(
+    stage: models.Stage,
+    rows: np.ndarray,
+    weights: np.ndarray,
+    spatial: tuple[int, int] | None,
+) -> np.ndarray:
   """f_l(X_l W_l) for a layer whose design rows (with bias 1) are `rows`."""
   out = rows @ weights  # [N, positions, d_out]
   if stage.activation == "relu":
@@ -56,9 +68,14 @@ def design(stage: models.Stage, x: np.ndarray):
   return np.concatenate([rows, ones], -1), spatial
 
 
-def centralized_acnnl(model: models.LayerwiseNet, x: np.ndarray,
-                      y: np.ndarray, encodings, gamma: float,
-                      priors=None) -> list:
+def centralized_acnnl(
+    model: models.LayerwiseNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    encodings,
+    gamma: float,
+    priors=None,
+) -> list:
   """Per-layer W_l [d, d_out] (bias last row) of ACnnL on the pooled data.
 
   With `priors` (one W per layer), each layer is shrunk towards its prior
@@ -73,8 +90,10 @@ def centralized_acnnl(model: models.LayerwiseNet, x: np.ndarray,
     rows, spatial = design(stage, h)
     flat = rows.reshape(-1, rows.shape[-1])
     targets = np.repeat(onehot @ np.asarray(q, np.float64), rows.shape[1], 0)
-    w = np.linalg.solve(flat.T @ flat + gamma * np.eye(flat.shape[1]),
-                        flat.T @ targets + gamma * prior)
+    w = np.linalg.solve(
+        flat.T @ flat + gamma * np.eye(flat.shape[1]),
+        flat.T @ targets + gamma * prior,
+    )
     weights.append(w)
     h = apply_stage(stage, rows, w, spatial)
   return weights

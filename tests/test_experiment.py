@@ -37,9 +37,20 @@ def test_results_file_has_what_a_researcher_needs(mnist_mlp):
   cfg, out, results = mnist_mlp
   on_disk = json.loads((out / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
-  for key in ("algorithm", "dataset", "model", "num_clients", "seed",
-              "accuracy", "per_client_accuracy", "rounds", "wall_time_s",
-              "compile_time_s", "peak_memory_gb", "config"):
+  for key in (
+      "algorithm",
+      "dataset",
+      "model",
+      "num_clients",
+      "seed",
+      "accuracy",
+      "per_client_accuracy",
+      "rounds",
+      "wall_time_s",
+      "compile_time_s",
+      "peak_memory_gb",
+      "config",
+  ):
     assert key in on_disk, key
   assert on_disk["algorithm"] == "fedacnnl" and on_disk["num_clients"] == 100
   assert len(on_disk["per_client_accuracy"]) == 100
@@ -48,8 +59,9 @@ def test_results_file_has_what_a_researcher_needs(mnist_mlp):
   assert on_disk["config"]["gamma"] == cfg.gamma
   counts = np.array(on_disk["per_client_test_samples"])
   per_client = np.array(on_disk["per_client_accuracy"], float)
-  assert np.isclose((per_client * counts).sum() / counts.sum(),
-                    on_disk["accuracy"])
+  assert np.isclose(
+      (per_client * counts).sum() / counts.sum(), on_disk["accuracy"]
+  )
 
 
 def test_mnist_mlp_accuracy_floor(mnist_mlp):
@@ -76,8 +88,12 @@ def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
   train = np.concatenate(split.train_indices)
   model = models.get_model("mlp", 10)
   expected = reference.centralized_acnnl(
-      model, split.x[train].reshape(len(train), -1), split.y[train],
-      encoding.label_encodings(cfg.seed, model, 10), cfg.gamma)
+      model,
+      split.x[train].reshape(len(train), -1),
+      split.y[train],
+      encoding.label_encodings(cfg.seed, model, 10),
+      cfg.gamma,
+  )
   for l, stage in enumerate(model.stages):
     got = layers.from_params(stage.layer, params[models.layer_name(l)])
     assert reference.relative_error(got, expected[l]) < 1e-5
@@ -86,7 +102,8 @@ def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
 def test_mnist_lr_accuracy_floor(data_dir, tmp_path):
   """Paper: 87.11%. Ours (seed 0): 0.8536."""
   results = experiment.run_experiment(
-      config(dataset="mnist", model="lr", data_dir=str(data_dir)), tmp_path)
+      config(dataset="mnist", model="lr", data_dir=str(data_dir)), tmp_path
+  )
   assert results["accuracy"] >= 0.85
 
 
@@ -96,19 +113,23 @@ def test_existing_results_are_not_overwritten(tmp_path):
   with pytest.raises(FileExistsError, match="--overwrite"):
     experiment.run_experiment(cfg, tmp_path)
   cfg.overwrite = True
-  assert experiment.run_experiment(cfg, tmp_path)["accuracy"] == first[
-      "accuracy"]
+  assert (
+      experiment.run_experiment(cfg, tmp_path)["accuracy"] == first["accuracy"]
+  )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(algorithm="fedsgd"), "--algorithm"),
-    (dict(model="resnet"), "--model"),
-    (dict(gamma=0.0), "--gamma"),
-    (dict(test_fraction=1.0), "--test_fraction"),
-    (dict(num_clients=0), "--num_clients"),
-    (dict(num_devices=99), "--num_devices=99"),
-    (dict(statistics_dtype="float16"), "--statistics_dtype"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(algorithm="fedsgd"), "--algorithm"),
+        (dict(model="resnet"), "--model"),
+        (dict(gamma=0.0), "--gamma"),
+        (dict(test_fraction=1.0), "--test_fraction"),
+        (dict(num_clients=0), "--num_clients"),
+        (dict(num_devices=99), "--num_devices=99"),
+        (dict(statistics_dtype="float16"), "--statistics_dtype"),
+    ],
+)
 def test_bad_settings_are_named(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     experiment.run_experiment(config(**overrides), tmp_path)
@@ -119,22 +140,43 @@ def test_missing_dataset_names_the_folder(tmp_path):
   with pytest.raises(data_lib.DataError, match=str(tmp_path)):
     experiment.run_experiment(
         config(dataset="mnist", data_dir=str(tmp_path), data_source="files"),
-        tmp_path / "out")
+        tmp_path / "out",
+    )
 
 
 def test_command_line(tmp_path):
   """The README's main command, shrunk: flags in, results.json out."""
   out = tmp_path / "run"
   subprocess.run(
-      [sys.executable, "-m", "experiments.run", "--dataset=synthetic",
-       "--num_clients=12", "--seed=3", f"--output_dir={out}"],
-      cwd=_REPO, check=True, capture_output=True, text=True)
+      [
+          sys.executable,
+          "-m",
+          "experiments.run",
+          "--dataset=synthetic",
+          "--num_clients=12",
+          "--seed=3",
+          f"--output_dir={out}",
+      ],
+      cwd=_REPO,
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   results = json.loads((out / "results.json").read_text())
   assert results["num_clients"] == 12 and results["seed"] == 3
   assert 0.3 < results["accuracy"] <= 1.0
   bad = subprocess.run(
-      [sys.executable, "-m", "experiments.run", "--model=vgg",
-       f"--output_dir={out}"], cwd=_REPO, capture_output=True, text=True)
+      [
+          sys.executable,
+          "-m",
+          "experiments.run",
+          "--model=vgg",
+          f"--output_dir={out}",
+      ],
+      cwd=_REPO,
+      capture_output=True,
+      text=True,
+  )
   assert bad.returncode != 0 and "--model" in bad.stderr
 
 
@@ -147,7 +189,8 @@ def test_pfedacnnl_run_reports_groups_and_personal_models(data_dir, tmp_path):
   assert len(results["group_sizes"]) == 10
   assert sum(results["group_sizes"]) == 100
   assert [r["stage"] for r in results["rounds"]] == (
-      ["federated"] * 3 + ["personalization"] * 3)
+      ["federated"] * 3 + ["personalization"] * 3
+  )
   split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
   model = models.get_model("mlp", 10)
   for client in (0, 57):

@@ -38,23 +38,41 @@ def cifar(data_dir):
 
 def small_convnet(num_classes=10):
   """Conv-LeakyReLU-AvgPool2 - Conv-LeakyReLU-GlobalPool - Dense, like the DCNN."""
-  return models.LayerwiseNet((
-      models.Stage(models.Conv(6, 5), "leaky_relu", pool=2),
-      models.Stage(models.Conv(8, 3), "leaky_relu", pool=models.GLOBAL_POOL),
-      models.Stage(models.Dense(num_classes)),
-  ))
+  return models.LayerwiseNet(
+      (
+          models.Stage(models.Conv(6, 5), "leaky_relu", pool=2),
+          models.Stage(
+              models.Conv(8, 3), "leaky_relu", pool=models.GLOBAL_POOL
+          ),
+          models.Stage(models.Dense(num_classes)),
+      )
+  )
 
 
-def train(model, x, y, clients, devices=None, block_size=None, seed=0,
-          encoding_seed=0, statistics_dtype=jax.numpy.float32):
+def train(
+    model,
+    x,
+    y,
+    clients,
+    devices=None,
+    block_size=None,
+    seed=0,
+    encoding_seed=0,
+    statistics_dtype=jax.numpy.float32,
+):
   mesh = federated.client_mesh(devices)
   blocks = federated.shard(
-      federated.federate(x, y, clients, block_size, num_shards=mesh.size),
-      mesh)
-  algorithm = fedacnnl.fedacnnl(model, num_classes=10,
-                                input_shape=x.shape[1:], mesh=mesh,
-                                gamma=GAMMA, encoding_seed=encoding_seed,
-                                statistics_dtype=statistics_dtype)
+      federated.federate(x, y, clients, block_size, num_shards=mesh.size), mesh
+  )
+  algorithm = fedacnnl.fedacnnl(
+      model,
+      num_classes=10,
+      input_shape=x.shape[1:],
+      mesh=mesh,
+      gamma=GAMMA,
+      encoding_seed=encoding_seed,
+      statistics_dtype=statistics_dtype,
+  )
   result = fedacnnl.train(algorithm, blocks, jax.random.key(seed))
   return algorithm, result
 
@@ -62,14 +80,16 @@ def train(model, x, y, clients, devices=None, block_size=None, seed=0,
 def solved_weights(model, params):
   """W_l [d, d_out] per layer from stacked params (model 0)."""
   inner = jax.tree.map(lambda a: np.asarray(a[0]), params)["params"]
-  return [np.asarray(layers.from_params(stage.layer,
-                                        inner[models.layer_name(l)]))
-          for l, stage in enumerate(model.stages)]
+  return [
+      np.asarray(layers.from_params(stage.layer, inner[models.layer_name(l)]))
+      for l, stage in enumerate(model.stages)
+  ]
 
 
 def assert_same_weights(model, params_a, params_b, rtol):
-  for a, b in zip(solved_weights(model, params_a),
-                  solved_weights(model, params_b)):
+  for a, b in zip(
+      solved_weights(model, params_a), solved_weights(model, params_b)
+  ):
     assert reference.relative_error(a, b) <= rtol
 
 
@@ -79,8 +99,9 @@ def test_federated_equals_centralized_float64(mnist, model_name):
   model = models.get_model(model_name, 10)
   algorithm, result = train(model, x, y, clients)
   pooled = np.concatenate(clients)
-  expected = reference.centralized_acnnl(model, x[pooled], y[pooled],
-                                         algorithm.encodings, GAMMA)
+  expected = reference.centralized_acnnl(
+      model, x[pooled], y[pooled], algorithm.encodings, GAMMA
+  )
   for got, want in zip(solved_weights(model, result.params), expected):
     assert reference.relative_error(got, want) < 1e-5
 
@@ -90,11 +111,13 @@ def test_conv_net_federated_equals_centralized_float64(cifar, dtype, rtol):
   """Image patches are ill-conditioned: float32 products cost 1e-4 there."""
   x, y, clients = cifar
   model = small_convnet()
-  algorithm, result = train(model, x, y, clients, block_size=16,
-                            statistics_dtype=dtype)
+  algorithm, result = train(
+      model, x, y, clients, block_size=16, statistics_dtype=dtype
+  )
   pooled = np.concatenate(clients)
-  expected = reference.centralized_acnnl(model, x[pooled], y[pooled],
-                                         algorithm.encodings, GAMMA)
+  expected = reference.centralized_acnnl(
+      model, x[pooled], y[pooled], algorithm.encodings, GAMMA
+  )
   for got, want in zip(solved_weights(model, result.params), expected):
     assert reference.relative_error(got, want) < rtol
 
@@ -124,8 +147,10 @@ def test_label_encoding_seed_matters(mnist):
   model = models.mlp(10)
   _, a = train(model, x, y, clients)
   _, b = train(model, x, y, clients, encoding_seed=1)
-  first_a, first_b = solved_weights(model, a.params)[0], solved_weights(
-      model, b.params)[0]
+  first_a, first_b = (
+      solved_weights(model, a.params)[0],
+      solved_weights(model, b.params)[0],
+  )
   assert reference.relative_error(first_a, first_b) > 0.1
 
 
@@ -136,10 +161,12 @@ def test_one_device_equals_eight(mnist):
   for dtype, rtol in (("float64", 1e-9), ("float32", 1e-5)):
     # float32 products group rows differently per device count; float64
     # products leave only the order of float64 additions.
-    _, one = train(model, x, y, clients, devices=jax.devices()[:1],
-                   statistics_dtype=dtype)
-    _, eight = train(model, x, y, clients, devices=jax.devices(),
-                     statistics_dtype=dtype)
+    _, one = train(
+        model, x, y, clients, devices=jax.devices()[:1], statistics_dtype=dtype
+    )
+    _, eight = train(
+        model, x, y, clients, devices=jax.devices(), statistics_dtype=dtype
+    )
     assert_same_weights(model, eight.params, one.params, rtol)
 
 
@@ -150,19 +177,24 @@ def test_block_statistics_match_numpy_per_client(mnist):
   algorithm, result = train(model, x, y, clients)
   mesh = federated.client_mesh()
   blocks = federated.shard(
-      federated.federate(x, y, clients, 32, num_shards=mesh.size), mesh)
+      federated.federate(x, y, clients, 32, num_shards=mesh.size), mesh
+  )
   layer = 1  # statistics of a hidden layer, through the solved layer 0
-  mapped = algorithm.client_statistics(layer, result.params, blocks,
-                                       jax.numpy.zeros_like(blocks.client),
-                                       blocks.client, len(clients))
+  mapped = algorithm.client_statistics(
+      layer,
+      result.params,
+      blocks,
+      jax.numpy.zeros_like(blocks.client),
+      blocks.client,
+      len(clients),
+  )
   params = jax.tree.map(lambda a: a[0], result.params)
   loop = statistics.client_statistics_loop(
-      model, layer, params, [x[c] for c in clients], [y[c] for c in clients],
-      10)
+      model, layer, params, [x[c] for c in clients], [y[c] for c in clients], 10
+  )
   w0 = solved_weights(model, result.params)[0]
   for i, c in enumerate(clients):
-    hidden = np.maximum(np.c_[x[c], np.ones(len(c))].astype(np.float64) @ w0,
-                        0)
+    hidden = np.maximum(np.c_[x[c], np.ones(len(c))].astype(np.float64) @ w0, 0)
     rows = np.c_[hidden, np.ones(len(c))]
     gram = rows.T @ rows
     cross = rows.T @ (np.eye(10)[y[c]] @ np.asarray(algorithm.encodings[1]))
@@ -178,14 +210,16 @@ def test_a_second_split_reuses_the_compiled_rounds(mnist):
   x, y, clients = mnist
   model = models.mlp(10)
   mesh = federated.client_mesh()
-  algorithm = fedacnnl.fedacnnl(model, num_classes=10, input_shape=(784,),
-                                mesh=mesh, gamma=GAMMA)
+  algorithm = fedacnnl.fedacnnl(
+      model, num_classes=10, input_shape=(784,), mesh=mesh, gamma=GAMMA
+  )
   pooled = np.concatenate(clients)
   other = [pooled[c] for c in data_lib.iid_partition(len(pooled), 30, 1)]
   results = []
   for split in (clients, other):
     blocks = federated.shard(
-        federated.federate(x, y, split, 64, num_shards=mesh.size), mesh)
+        federated.federate(x, y, split, 64, num_shards=mesh.size), mesh
+    )
     results.append(fedacnnl.train(algorithm, blocks, jax.random.key(0)))
   assert results[0].compile_time_s > 0
   assert results[1].compile_time_s < 0.05 * results[0].compile_time_s
@@ -202,5 +236,10 @@ def test_compile_clock_counts_compilation_only():
 
 def test_bad_gamma_is_rejected():
   with pytest.raises(ValueError, match="gamma"):
-    fedacnnl.fedacnnl(models.mlp(10), num_classes=10, input_shape=(4,),
-                      mesh=federated.client_mesh(), gamma=0.0)
+    fedacnnl.fedacnnl(
+        models.mlp(10),
+        num_classes=10,
+        input_shape=(4,),
+        mesh=federated.client_mesh(),
+        gamma=0.0,
+    )

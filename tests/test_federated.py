@@ -42,8 +42,8 @@ def labelled_samples(num_samples):
 
 def sharded(x, y, clients, mesh, block_size=BLOCK):
   return federated.shard(
-      federated.federate(x, y, clients, block_size, num_shards=mesh.size),
-      mesh)
+      federated.federate(x, y, clients, block_size, num_shards=mesh.size), mesh
+  )
 
 
 def non_empty_per_shard(data, num_shards):
@@ -59,8 +59,9 @@ def test_federate_places_every_sample_once_in_its_clients_block(num_shards):
   for i, c in enumerate(clients):
     owner[c] = i
   mask = np.asarray(data.mask)
-  block_of_row = np.broadcast_to(np.arange(data.num_blocks)[:, None],
-                                 mask.shape)[mask]
+  block_of_row = np.broadcast_to(
+      np.arange(data.num_blocks)[:, None], mask.shape
+  )[mask]
   source = data.x[mask][:, 0, 0].astype(np.int64) - 1
   np.testing.assert_array_equal(np.sort(source), np.arange(sum(SIZES)))
   np.testing.assert_array_equal(data.x[mask], x[source])
@@ -81,15 +82,19 @@ def test_federate_places_every_sample_once_in_its_clients_block(num_shards):
 
 @pytest.mark.parametrize("num_shards", [1, 2, 8])
 def test_block_count_is_split_independent_and_real_blocks_are_dealt_evenly(
-    num_shards):
+    num_shards,
+):
   num_samples, num_clients = sum(SIZES), len(SIZES)
   x, y = integer_samples(num_samples)
   # The worst split for padding: all clients but one hold a single sample.
-  splits = [partition(SIZES),
-            partition(SIZES[::-1], seed=1),
-            partition((1,) * (num_clients - 1) +
-                      (num_samples - num_clients + 1,), seed=2),
-            partition((num_samples,) + (0,) * (num_clients - 1), seed=3)]
+  splits = [
+      partition(SIZES),
+      partition(SIZES[::-1], seed=1),
+      partition(
+          (1,) * (num_clients - 1) + (num_samples - num_clients + 1,), seed=2
+      ),
+      partition((num_samples,) + (0,) * (num_clients - 1), seed=3),
+  ]
   align = num_shards * federated.BLOCK_ALIGNMENT
   bound = math.ceil(num_samples / BLOCK) + num_clients
   for clients in splits:
@@ -119,8 +124,15 @@ def test_order_lays_clients_out_contiguously_under_their_own_ids():
 
 def test_default_block_size():
   """A power of two in [8, 512] near a quarter of the mean client size."""
-  cases = {(60000, 100): 128, (50000, 10): 512, (10**7, 1): 512,
-           (100, 10): 8, (0, 3): 8, (4096, 8): 128, (4095, 8): 64}
+  cases = {
+      (60000, 100): 128,
+      (50000, 10): 512,
+      (10**7, 1): 512,
+      (100, 10): 8,
+      (0, 3): 8,
+      (4096, 8): 128,
+      (4095, 8): 64,
+  }
   for (num_samples, num_clients), expected in cases.items():
     assert federated.default_block_size(num_samples, num_clients) == expected
   for num_samples in (1, 37, 999, 5000, 123456):
@@ -150,25 +162,27 @@ def test_bad_inputs_are_rejected():
 def scaled_sums(params, x, y, mask):
   """A client's work: scale * sum of its rows, its row count, its labels."""
   weights = mask.astype(x.dtype)
-  return {"sum": params["scale"] * (x * weights[:, None]).sum(0),
-          "count": mask.sum(),
-          "label_sum": (y * mask).sum()}
+  return {
+      "sum": params["scale"] * (x * weights[:, None]).sum(0),
+      "count": mask.sum(),
+      "label_sum": (y * mask).sum(),
+  }
 
 
-segment_sum = jax.jit(federated.segment_sum,
-                      static_argnums=(0, 5, 6, 7))
+segment_sum = jax.jit(federated.segment_sum, static_argnums=(0, 5, 6, 7))
 
 
 def stacked_scales(*scales):
   return {"scale": jnp.asarray(scales, jnp.float32)}
 
 
-def numpy_sums(x, y, clients, scale_of_client, segment_of_client,
-               num_segments):
+def numpy_sums(x, y, clients, scale_of_client, segment_of_client, num_segments):
   """scaled_sums per segment by a numpy loop over clients (float64)."""
-  total = {"sum": np.zeros((num_segments, x.shape[1])),
-           "count": np.zeros(num_segments),
-           "label_sum": np.zeros(num_segments)}
+  total = {
+      "sum": np.zeros((num_segments, x.shape[1])),
+      "count": np.zeros(num_segments),
+      "label_sum": np.zeros(num_segments),
+  }
   for i, c in enumerate(clients):
     s = segment_of_client[i]
     total["sum"][s] += scale_of_client[i] * x[c].astype(np.float64).sum(0)
@@ -192,44 +206,75 @@ def samples():
   eight = federated.client_mesh()
   one = federated.client_mesh(jax.devices()[:1])
   assert eight.size == 8, "conftest sets 8 CPU devices"
-  return x, y, clients, {8: (sharded(x, y, clients, eight), eight),
-                         1: (sharded(x, y, clients, one), one)}
+  return (
+      x,
+      y,
+      clients,
+      {
+          8: (sharded(x, y, clients, eight), eight),
+          1: (sharded(x, y, clients, one), one),
+      },
+  )
 
 
 @pytest.mark.parametrize("devices", [8, 1])
 @pytest.mark.parametrize("blocks_per_step", [1, 2, 16])
-def test_per_client_segments_equal_a_numpy_loop(samples, devices,
-                                                blocks_per_step):
+def test_per_client_segments_equal_a_numpy_loop(
+    samples, devices, blocks_per_step
+):
   x, y, clients, layouts = samples
   data, mesh = layouts[devices]
   num_clients = len(clients)
-  got = segment_sum(scaled_sums, stacked_scales(0.5), data,
-                    jnp.zeros_like(data.client), data.client, num_clients,
-                    mesh, blocks_per_step * BLOCK)
-  assert_equal_results(got, numpy_sums(x, y, clients, [0.5] * num_clients,
-                                       range(num_clients), num_clients))
+  got = segment_sum(
+      scaled_sums,
+      stacked_scales(0.5),
+      data,
+      jnp.zeros_like(data.client),
+      data.client,
+      num_clients,
+      mesh,
+      blocks_per_step * BLOCK,
+  )
+  assert_equal_results(
+      got,
+      numpy_sums(
+          x, y, clients, [0.5] * num_clients, range(num_clients), num_clients
+      ),
+  )
 
 
 @pytest.mark.parametrize("devices", [8, 1])
-@pytest.mark.parametrize("samples_per_step", [BLOCK, 2 * BLOCK, 16 * BLOCK,
-                                              1024, 1])
-def test_one_segment_one_model_merges_blocks(samples, devices,
-                                             samples_per_step):
+@pytest.mark.parametrize(
+    "samples_per_step", [BLOCK, 2 * BLOCK, 16 * BLOCK, 1024, 1]
+)
+def test_one_segment_one_model_merges_blocks(
+    samples, devices, samples_per_step
+):
   """The merged-steps path: 1, 2 or 16 blocks per block_fn call."""
   x, y, clients, layouts = samples
   data, mesh = layouts[devices]
-  got = segment_sum(scaled_sums, stacked_scales(-2.0), data,
-                    jnp.zeros_like(data.client), jnp.zeros_like(data.client),
-                    1, mesh, samples_per_step)
-  assert_equal_results(got, numpy_sums(x, y, clients, [-2.0] * len(clients),
-                                       [0] * len(clients), 1))
+  got = segment_sum(
+      scaled_sums,
+      stacked_scales(-2.0),
+      data,
+      jnp.zeros_like(data.client),
+      jnp.zeros_like(data.client),
+      1,
+      mesh,
+      samples_per_step,
+  )
+  assert_equal_results(
+      got,
+      numpy_sums(x, y, clients, [-2.0] * len(clients), [0] * len(clients), 1),
+  )
 
 
 @pytest.mark.parametrize("devices", [8, 1])
 @pytest.mark.parametrize("blocks_per_step", [1, 2, 16])
 @pytest.mark.parametrize("per_client_segments", [False, True])
 def test_group_models_with_group_or_client_segments(
-    samples, devices, blocks_per_step, per_client_segments):
+    samples, devices, blocks_per_step, per_client_segments
+):
   """param_index picks each block's stacked model: that of its client's group."""
   x, y, clients, layouts = samples
   data, mesh = layouts[devices]
@@ -241,12 +286,27 @@ def test_group_models_with_group_or_client_segments(
   else:
     segment_of_client, num_segments = group, 3
   client = np.asarray(data.client)
-  got = segment_sum(scaled_sums, stacked_scales(*scales), data,
-                    group[client], segment_of_client[client], num_segments,
-                    mesh, blocks_per_step * BLOCK)
-  assert_equal_results(got, numpy_sums(
-      x, y, clients, [scales[g] for g in group], segment_of_client,
-      num_segments))
+  got = segment_sum(
+      scaled_sums,
+      stacked_scales(*scales),
+      data,
+      group[client],
+      segment_of_client[client],
+      num_segments,
+      mesh,
+      blocks_per_step * BLOCK,
+  )
+  assert_equal_results(
+      got,
+      numpy_sums(
+          x,
+          y,
+          clients,
+          [scales[g] for g in group],
+          segment_of_client,
+          num_segments,
+      ),
+  )
 
 
 def test_one_device_equals_eight_on_the_same_layout(samples):
@@ -258,10 +318,29 @@ def test_one_device_equals_eight_on_the_same_layout(samples):
   client = np.asarray(data.client)  # numpy: usable on either mesh
   args = (stacked_scales(0.5), np.zeros_like(client), client, len(clients))
   assert_equal_results(
-      segment_sum(scaled_sums, args[0], on_one, args[1], args[2], args[3],
-                  one, 2 * BLOCK),
-      jax.device_get(segment_sum(scaled_sums, args[0], data, args[1],
-                                 args[2], args[3], mesh, 2 * BLOCK)))
+      segment_sum(
+          scaled_sums,
+          args[0],
+          on_one,
+          args[1],
+          args[2],
+          args[3],
+          one,
+          2 * BLOCK,
+      ),
+      jax.device_get(
+          segment_sum(
+              scaled_sums,
+              args[0],
+              data,
+              args[1],
+              args[2],
+              args[3],
+              mesh,
+              2 * BLOCK,
+          )
+      ),
+  )
 
 
 @pytest.mark.parametrize("blocks_per_step", [1, 16])
@@ -271,11 +350,19 @@ def test_negative_segments_are_left_out(samples, blocks_per_step):
   data, mesh = layouts[8]
   client = np.asarray(data.client)
   segment = np.where((client >= 2) & (client < 6), client - 2, -1)
-  got = segment_sum(scaled_sums, stacked_scales(1.0), data,
-                    np.zeros_like(client), segment, 4, mesh,
-                    blocks_per_step * BLOCK)
-  assert_equal_results(got, numpy_sums(x, y, clients[2:6], [1.0] * 4,
-                                       range(4), 4))
+  got = segment_sum(
+      scaled_sums,
+      stacked_scales(1.0),
+      data,
+      np.zeros_like(client),
+      segment,
+      4,
+      mesh,
+      blocks_per_step * BLOCK,
+  )
+  assert_equal_results(
+      got, numpy_sums(x, y, clients[2:6], [1.0] * 4, range(4), 4)
+  )
 
 
 def linear_apply(params, x):
@@ -308,12 +395,14 @@ def test_evaluate_counts_correct_predictions_per_client():
   assert (own.correct != everyone_model_0.correct).any()
 
   for accuracy, hits in ((everyone_model_0, argmax_hits), (own, expected)):
-    assert accuracy.overall == pytest.approx(hits.sum() / count.sum(),
-                                             rel=1e-15)
+    assert accuracy.overall == pytest.approx(
+        hits.sum() / count.sum(), rel=1e-15
+    )
     per_client = accuracy.per_client
     assert np.isnan(per_client[1])  # the client without test data
-    np.testing.assert_allclose(np.delete(per_client, 1),
-                               np.delete(hits / np.maximum(count, 1), 1))
+    np.testing.assert_allclose(
+        np.delete(per_client, 1), np.delete(hits / np.maximum(count, 1), 1)
+    )
 
 
 def test_accuracy_without_test_data_is_zero_overall():

@@ -34,21 +34,38 @@ def model_and_params(name, input_shape):
 
 def kernel_shapes(params):
   """{'layer_l': (kernel shape, bias shape)} of one model's params."""
-  return {name: (p["kernel"].shape, p["bias"].shape)
-          for name, p in params["params"].items()}
+  return {
+      name: (p["kernel"].shape, p["bias"].shape)
+      for name, p in params["params"].items()
+  }
 
 
-@pytest.mark.parametrize("name,input_shape,expected", [
-    ("lr", (28, 28, 1), {"layer_0": ((784, 10), (10,))}),
-    ("mlp", (28, 28, 1), {"layer_0": ((784, 128), (128,)),
-                          "layer_1": ((128, 64), (64,)),
-                          "layer_2": ((64, 10), (10,))}),
-    ("dcnn", (32, 32, 3), {"layer_0": ((5, 5, 3, 8), (8,)),
-                           "layer_1": ((3, 3, 8, 16), (16,)),
-                           "layer_2": ((3, 3, 16, 32), (32,)),
-                           "layer_3": ((3, 3, 32, 32), (32,)),
-                           "layer_4": ((32, 10), (10,))}),
-])
+@pytest.mark.parametrize(
+    "name,input_shape,expected",
+    [
+        ("lr", (28, 28, 1), {"layer_0": ((784, 10), (10,))}),
+        (
+            "mlp",
+            (28, 28, 1),
+            {
+                "layer_0": ((784, 128), (128,)),
+                "layer_1": ((128, 64), (64,)),
+                "layer_2": ((64, 10), (10,)),
+            },
+        ),
+        (
+            "dcnn",
+            (32, 32, 3),
+            {
+                "layer_0": ((5, 5, 3, 8), (8,)),
+                "layer_1": ((3, 3, 8, 16), (16,)),
+                "layer_2": ((3, 3, 16, 32), (32,)),
+                "layer_3": ((3, 3, 32, 32), (32,)),
+                "layer_4": ((32, 10), (10,)),
+            },
+        ),
+    ],
+)
 def test_models_have_named_layers_and_logits(name, input_shape, expected):
   """layer_0..layer_{L-1}, HWIO conv kernels with the width applied, [B, 10]."""
   model, params = model_and_params(name, input_shape)
@@ -64,7 +81,12 @@ def test_dcnn_width_multiplier_rounds_and_keeps_one_channel():
   features = [s.layer.features for s in models.dcnn(10, 1e-6).stages]
   assert features == [1, 1, 1, 1, 10]
   assert [s.layer.features for s in models.dcnn(10).stages] == [
-      512, 1024, 2048, 2048, 10]
+      512,
+      1024,
+      2048,
+      2048,
+      10,
+  ]
 
 
 def test_unknown_model_names_the_valid_ones():
@@ -72,12 +94,18 @@ def test_unknown_model_names_the_valid_ones():
     models.get_model("resnet", 10)
 
 
-@pytest.mark.parametrize("name,input_shape,expected", [
-    ("lr", (28, 28, 1), [(784,)]),
-    ("mlp", (28, 28, 1), [(784,), (128,), (64,)]),
-    ("dcnn", (32, 32, 3), [(32, 32, 3), (16, 16, 8), (8, 8, 16), (8, 8, 32),
-                           (32,)]),
-])
+@pytest.mark.parametrize(
+    "name,input_shape,expected",
+    [
+        ("lr", (28, 28, 1), [(784,)]),
+        ("mlp", (28, 28, 1), [(784,), (128,), (64,)]),
+        (
+            "dcnn",
+            (32, 32, 3),
+            [(32, 32, 3), (16, 16, 8), (8, 8, 16), (8, 8, 32), (32,)],
+        ),
+    ],
+)
 def test_upto_returns_each_layers_input(name, input_shape, expected):
   """`upto=l` is the input of layer l: it reproduces the logits from there."""
   model, params = model_and_params(name, input_shape)
@@ -88,11 +116,15 @@ def test_upto_returns_each_layers_input(name, input_shape, expected):
     assert inputs.shape == (2,) + shape
     # Finish the forward pass from layer `index` by hand.
     for later, stage in enumerate(model.stages[index:], index):
-      inputs = inputs.reshape(2, -1) if isinstance(
-          stage.layer, models.Dense) else inputs
+      inputs = (
+          inputs.reshape(2, -1)
+          if isinstance(stage.layer, models.Dense)
+          else inputs
+      )
       layer_params = {"params": params["params"][models.layer_name(later)]}
       inputs = models.after_layer(
-          stage, flax_layer(stage.layer).apply(layer_params, inputs))
+          stage, flax_layer(stage.layer).apply(layer_params, inputs)
+      )
     np.testing.assert_allclose(inputs, logits, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="upto"):
     model.apply(params, x, upto=len(expected))
@@ -116,15 +148,18 @@ def test_design_rows_times_weights_equals_flax(layer, input_shape):
   weights = random_weights(rng, (d, layer.features))
   x = rng.standard_normal((3,) + input_shape).astype(np.float32)
   rows = np.asarray(layers.design_rows(layer, x, mask=None))
-  positions = 1 if isinstance(layer, models.Dense) else np.prod(
-      input_shape[:2])
+  positions = 1 if isinstance(layer, models.Dense) else np.prod(input_shape[:2])
   assert rows.shape == (3, positions, d - 1)
   analytic = rows.astype(np.float64) @ weights[:-1] + weights[-1]
   flax_out = flax_layer(layer).apply(
-      {"params": layers.to_params(layer, weights, channels)}, x)
+      {"params": layers.to_params(layer, weights, channels)}, x
+  )
   np.testing.assert_allclose(
-      analytic, np.asarray(flax_out).reshape(3, positions, -1),
-      rtol=1e-5, atol=1e-5)
+      analytic,
+      np.asarray(flax_out).reshape(3, positions, -1),
+      rtol=1e-5,
+      atol=1e-5,
+  )
 
 
 def test_design_rows_of_a_conv_are_channel_major_patches():
@@ -134,7 +169,7 @@ def test_design_rows_of_a_conv_are_channel_major_patches():
   padded = np.pad(x[0], ((1, 1), (1, 1), (0, 0)))
   for i in range(4):
     for j in range(5):
-      patch = padded[i:i + 3, j:j + 3].transpose(2, 0, 1).reshape(-1)
+      patch = padded[i : i + 3, j : j + 3].transpose(2, 0, 1).reshape(-1)
       np.testing.assert_array_equal(rows[0, i * 5 + j], patch)
 
 
@@ -155,18 +190,20 @@ def test_from_params_inverts_to_params(layer, input_shape, lead):
   """Also with stacked (group, client) axes, each slice converted alone."""
   channels = input_shape[-1]
   d = layers.input_width(layer, input_shape)
-  weights = random_weights(np.random.default_rng(5),
-                           lead + (d, layer.features))
+  weights = random_weights(np.random.default_rng(5), lead + (d, layer.features))
   params = layers.to_params(layer, weights, channels)
-  one = layers.to_params(layer, weights.reshape((-1, d, layer.features))[0],
-                         channels)
-  init = flax_layer(layer).init(jax.random.key(0),
-                                np.zeros((1,) + input_shape, np.float32))
+  one = layers.to_params(
+      layer, weights.reshape((-1, d, layer.features))[0], channels
+  )
+  init = flax_layer(layer).init(
+      jax.random.key(0), np.zeros((1,) + input_shape, np.float32)
+  )
   for key in ("kernel", "bias"):
     assert params[key].dtype == np.float32
     assert params[key].shape == lead + init["params"][key].shape
     np.testing.assert_array_equal(
-        np.asarray(params[key]).reshape((-1,) + one[key].shape)[0], one[key])
+        np.asarray(params[key]).reshape((-1,) + one[key].shape)[0], one[key]
+    )
   np.testing.assert_array_equal(layers.from_params(layer, params), weights)
 
 
@@ -186,12 +223,17 @@ def test_after_layer_numerics():
       (models.Stage(models.Conv(3, 3)), z),
       (models.Stage(models.Conv(3, 3), "relu"), relu),
       (models.Stage(models.Conv(3, 3), "leaky_relu"), leaky),
-      (models.Stage(models.Conv(3, 3), "leaky_relu", pool=2),
-       leaky.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))),
-      (models.Stage(models.Conv(3, 3), "relu", pool=models.GLOBAL_POOL),
-       relu.mean(axis=(1, 2))),
+      (
+          models.Stage(models.Conv(3, 3), "leaky_relu", pool=2),
+          leaky.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4)),
+      ),
+      (
+          models.Stage(models.Conv(3, 3), "relu", pool=models.GLOBAL_POOL),
+          relu.mean(axis=(1, 2)),
+      ),
   ]
   assert models.LEAKY_RELU_SLOPE == 0.01
   for stage, expected in cases:
-    np.testing.assert_allclose(models.after_layer(stage, z), expected,
-                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        models.after_layer(stage, z), expected, rtol=1e-12, atol=0
+    )

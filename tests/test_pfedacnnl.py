@@ -33,24 +33,36 @@ def synthetic():
 def build(model, x, clients, groups=None):
   mesh = federated.client_mesh()
   order = None if groups is None else np.argsort(groups, kind="stable")
-  algorithm = fedacnnl.fedacnnl(model, num_classes=10,
-                                input_shape=x.shape[1:], mesh=mesh,
-                                gamma=GAMMA, statistics_dtype="float64")
+  algorithm = fedacnnl.fedacnnl(
+      model,
+      num_classes=10,
+      input_shape=x.shape[1:],
+      mesh=mesh,
+      gamma=GAMMA,
+      statistics_dtype="float64",
+  )
   return algorithm, mesh, order
 
 
 def blocks(x, y, clients, mesh, order=None):
-  return federated.shard(federated.federate(
-      x, y, clients, 16, num_shards=mesh.size, order=order), mesh)
+  return federated.shard(
+      federated.federate(x, y, clients, 16, num_shards=mesh.size, order=order),
+      mesh,
+  )
 
 
 def weights(model, params, index):
   """Per-layer W_l [d, d_out] of stacked model `index`."""
   inner = params["params"]
-  return [np.asarray(layers.from_params(
-      stage.layer, jax.tree.map(lambda a: a[index],
-                                inner[models.layer_name(l)])))
-          for l, stage in enumerate(model.stages)]
+  return [
+      np.asarray(
+          layers.from_params(
+              stage.layer,
+              jax.tree.map(lambda a: a[index], inner[models.layer_name(l)]),
+          )
+      )
+      for l, stage in enumerate(model.stages)
+  ]
 
 
 def test_personalization_matches_a_per_client_float64_reference(mnist):
@@ -60,18 +72,22 @@ def test_personalization_matches_a_per_client_float64_reference(mnist):
   algorithm, mesh, _ = build(model, x, clients)
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 3, seed=0)
   data = blocks(x, y, clients, mesh, np.argsort(groups, kind="stable"))
-  result = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
-                           eps=EPS)
+  result = pfedacnnl.train(algorithm, data, jax.random.key(0), groups, eps=EPS)
   assert result.params["params"]["layer_0"]["kernel"].shape[0] == 12
   for k in range(3):  # meta-models: centralized ACnnL on each group (eq. 11)
-    members = np.concatenate([clients[i] for i in np.flatnonzero(
-        groups == k)])
-    meta = reference.centralized_acnnl(model, x[members], y[members],
-                                       algorithm.encodings, GAMMA)
+    members = np.concatenate([clients[i] for i in np.flatnonzero(groups == k)])
+    meta = reference.centralized_acnnl(
+        model, x[members], y[members], algorithm.encodings, GAMMA
+    )
     for i in np.flatnonzero(groups == k):
       expected = reference.centralized_acnnl(
-          model, x[clients[i]], y[clients[i]], algorithm.encodings, EPS,
-          priors=meta)
+          model,
+          x[clients[i]],
+          y[clients[i]],
+          algorithm.encodings,
+          EPS,
+          priors=meta,
+      )
       for got, want in zip(weights(model, result.params, i), expected):
         assert reference.relative_error(got, want) < 1e-5
 
@@ -81,15 +97,22 @@ def test_group_meta_models_equal_fedacnnl_on_each_group_alone(mnist):
   model = models.mlp(10)
   groups = np.arange(len(clients)) % 3
   algorithm, mesh, order = build(model, x, clients, groups)
-  meta = pfedacnnl.train(algorithm, blocks(x, y, clients, mesh, order),
-                         jax.random.key(0), groups, personalized=False)
+  meta = pfedacnnl.train(
+      algorithm,
+      blocks(x, y, clients, mesh, order),
+      jax.random.key(0),
+      groups,
+      personalized=False,
+  )
   np.testing.assert_array_equal(meta.client_model, groups)
   for k in range(3):
     alone = [clients[i] for i in np.flatnonzero(groups == k)]
-    single = fedacnnl.train(algorithm, blocks(x, y, alone, mesh),
-                            jax.random.key(0))
-    for got, want in zip(weights(model, meta.params, k),
-                         weights(model, single.params, 0)):
+    single = fedacnnl.train(
+        algorithm, blocks(x, y, alone, mesh), jax.random.key(0)
+    )
+    for got, want in zip(
+        weights(model, meta.params, k), weights(model, single.params, 0)
+    ):
       assert reference.relative_error(got, want) < 1e-6  # float32 params
 
 
@@ -99,19 +122,29 @@ def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
   groups = np.zeros(len(clients), np.int32)
   algorithm, mesh, _ = build(model, x, clients)
   data = blocks(x, y, clients, mesh)
-  meta = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
-                         personalized=False)
-  near_meta = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
-                              eps=1e12)
-  local = pfedacnnl.train(algorithm, data, jax.random.key(0), groups,
-                          eps=1e-6)
+  meta = pfedacnnl.train(
+      algorithm, data, jax.random.key(0), groups, personalized=False
+  )
+  near_meta = pfedacnnl.train(
+      algorithm, data, jax.random.key(0), groups, eps=1e12
+  )
+  local = pfedacnnl.train(algorithm, data, jax.random.key(0), groups, eps=1e-6)
   for i, c in enumerate(clients):
-    assert reference.relative_error(weights(model, near_meta.params, i)[0],
-                                    weights(model, meta.params, 0)[0]) < 1e-6
+    assert (
+        reference.relative_error(
+            weights(model, near_meta.params, i)[0],
+            weights(model, meta.params, 0)[0],
+        )
+        < 1e-6
+    )
     rows = np.c_[x[c], np.ones(len(c))].astype(np.float64)
     least_squares = np.linalg.lstsq(rows, np.eye(10)[y[c]], rcond=None)[0]
-    assert reference.relative_error(weights(model, local.params, i)[0],
-                                    least_squares) < 1e-4
+    assert (
+        reference.relative_error(
+            weights(model, local.params, i)[0], least_squares
+        )
+        < 1e-4
+    )
 
 
 def test_one_group_is_the_wc_variant(mnist):
@@ -123,11 +156,13 @@ def test_one_group_is_the_wc_variant(mnist):
   np.testing.assert_array_equal(groups, 0)
   data = blocks(x, y, clients, mesh)
   one_group = pfedacnnl.train(algorithm, data, jax.random.key(0), groups)
-  wc = pfedacnnl.train(algorithm, data, jax.random.key(1),
-                       np.zeros(len(clients), np.int32))
+  wc = pfedacnnl.train(
+      algorithm, data, jax.random.key(1), np.zeros(len(clients), np.int32)
+  )
   for i in range(len(clients)):
-    for got, want in zip(weights(model, one_group.params, i),
-                         weights(model, wc.params, i)):
+    for got, want in zip(
+        weights(model, one_group.params, i), weights(model, wc.params, i)
+    ):
       assert reference.relative_error(got, want) <= 1e-12
 
 
@@ -139,8 +174,9 @@ def test_clustering_is_seeded_and_groups_identical_distributions():
   vectors = pfedacnnl.encoded_label_vectors(counts, q)
   groups = pfedacnnl.group_clients(vectors, 3, seed=5)
   np.testing.assert_array_equal(groups, kind)  # numbered by first appearance
-  np.testing.assert_array_equal(pfedacnnl.group_clients(vectors, 3, seed=5),
-                                groups)
+  np.testing.assert_array_equal(
+      pfedacnnl.group_clients(vectors, 3, seed=5), groups
+  )
 
 
 def test_encoded_vectors_follow_eq_9_and_lr_uses_the_label_distribution():
@@ -148,12 +184,15 @@ def test_encoded_vectors_follow_eq_9_and_lr_uses_the_label_distribution():
   q = np.arange(6.0).reshape(3, 2)
   np.testing.assert_allclose(
       pfedacnnl.encoded_label_vectors(counts, q),
-      [[0.25 * q[0] + 0.75 * q[2]][0], [0, 0], q.mean(0)])
+      [[0.25 * q[0] + 0.75 * q[2]][0], [0, 0], q.mean(0)],
+  )
   mesh = federated.client_mesh()
-  lr = fedacnnl.fedacnnl(models.logistic_regression(3), num_classes=3,
-                         input_shape=(5,), mesh=mesh)
-  groups, _ = pfedacnnl.assign_groups(np.array([[4, 0, 0], [0, 3, 0],
-                                                [8, 0, 0]]), lr, 2, seed=0)
+  lr = fedacnnl.fedacnnl(
+      models.logistic_regression(3), num_classes=3, input_shape=(5,), mesh=mesh
+  )
+  groups, _ = pfedacnnl.assign_groups(
+      np.array([[4, 0, 0], [0, 3, 0], [8, 0, 0]]), lr, 2, seed=0
+  )
   np.testing.assert_array_equal(groups, [0, 1, 0])
 
 
@@ -164,6 +203,10 @@ def test_bad_settings_are_rejected(synthetic):
   model = models.logistic_regression(10)
   algorithm, mesh, _ = build(model, x, clients)
   with pytest.raises(ValueError, match="eps"):
-    pfedacnnl.train(algorithm, blocks(x, y, clients, mesh),
-                    jax.random.key(0), np.zeros(len(clients), np.int32),
-                    eps=0.0)
+    pfedacnnl.train(
+        algorithm,
+        blocks(x, y, clients, mesh),
+        jax.random.key(0),
+        np.zeros(len(clients), np.int32),
+        eps=0.0,
+    )

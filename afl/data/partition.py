@@ -24,20 +24,26 @@ _MAX_DIRICHLET_ATTEMPTS = 1000
 
 def _check_at_least(name: str, value: int, low: int) -> None:
   if value < low:
-    raise ValueError(f'{name} must be >= {low}, got {value}')
+    raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _check_fits(num_samples: int, num_clients: int, min_size: int) -> None:
-  _check_at_least('num_clients', num_clients, 1)
-  _check_at_least('min_size', min_size, 0)
+  _check_at_least("num_clients", num_clients, 1)
+  _check_at_least("min_size", min_size, 0)
   if num_clients * max(min_size, 1) > num_samples:
     raise ValueError(
-        f'cannot give {num_clients} clients at least {max(min_size, 1)} '
-        f'samples each from {num_samples} samples')
+        f"cannot give {num_clients} clients at least {max(min_size, 1)} "
+        f"samples each from {num_samples} samples"
+    )
 
 
-def dirichlet_partition(labels: np.ndarray, num_clients: int, beta: float,
-                        seed: int, min_size: int = 10) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    beta: float,
+    seed: int,
+    min_size: int = 10,
+) -> list[np.ndarray]:
   """Splits samples over clients with per-class Dir(beta) proportions.
 
   Args:
@@ -56,9 +62,9 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, beta: float,
   """
   labels = np.asarray(labels)
   if labels.ndim != 1:
-    raise ValueError(f'labels must be 1-D, got shape {labels.shape}')
+    raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
   if not beta > 0:
-    raise ValueError(f'beta must be > 0, got {beta}')
+    raise ValueError(f"beta must be > 0, got {beta}")
   num_samples = len(labels)
   _check_fits(num_samples, num_clients, min_size)
   rng = np.random.default_rng(seed)
@@ -74,31 +80,39 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, beta: float,
       open_proportions = proportions * (sizes < cap)
       if open_proportions.sum() > 0:  # else all mass sat on full clients
         proportions = open_proportions
-      cuts = (np.cumsum(proportions / proportions.sum())
-              * len(members)).astype(np.int64)[:-1]
+      cuts = (np.cumsum(proportions / proportions.sum()) * len(members)).astype(
+          np.int64
+      )[:-1]
       for k, part in enumerate(np.split(members, cuts)):
         client_parts[k].append(part)
         sizes[k] += len(part)
     if sizes.min() >= min_size:
       return [np.sort(np.concatenate(parts)) for parts in client_parts]
   raise ValueError(
-      f'dirichlet_partition: no draw in {_MAX_DIRICHLET_ATTEMPTS} attempts '
-      f'gave all {num_clients} clients >= {min_size} of the {num_samples} '
-      f'samples with beta={beta}; lower min_size or num_clients, or raise '
-      'beta')
+      f"dirichlet_partition: no draw in {_MAX_DIRICHLET_ATTEMPTS} attempts "
+      f"gave all {num_clients} clients >= {min_size} of the {num_samples} "
+      f"samples with beta={beta}; lower min_size or num_clients, or raise "
+      "beta"
+  )
 
 
-def iid_partition(num_samples: int, num_clients: int,
-                  seed: int) -> list[np.ndarray]:
+def iid_partition(
+    num_samples: int, num_clients: int, seed: int
+) -> list[np.ndarray]:
   """Cuts a random permutation of range(num_samples) into near-equal parts."""
   _check_fits(num_samples, num_clients, 1)
   order = np.random.default_rng(seed).permutation(num_samples)
   return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
-def power_law_partition(num_samples: int, num_clients: int, seed: int,
-                        mean: float = 4.0, sigma: float = 2.0,
-                        min_size: int = 10) -> list[np.ndarray]:
+def power_law_partition(
+    num_samples: int,
+    num_clients: int,
+    seed: int,
+    mean: float = 4.0,
+    sigma: float = 2.0,
+    min_size: int = 10,
+) -> list[np.ndarray]:
   """Gives clients log-normally distributed shares of shuffled samples.
 
   Each client gets min_size samples plus a share of the rest proportional to
@@ -118,7 +132,7 @@ def power_law_partition(num_samples: int, num_clients: int, seed: int,
   """
   _check_fits(num_samples, num_clients, min_size)
   if not sigma > 0:
-    raise ValueError(f'sigma must be > 0, got {sigma}')
+    raise ValueError(f"sigma must be > 0, got {sigma}")
   rng = np.random.default_rng(seed)
   weights = rng.lognormal(mean, sigma, num_clients)  # [num_clients]
   shares = weights / weights.sum() * (num_samples - num_clients * min_size)
@@ -131,8 +145,8 @@ def power_law_partition(num_samples: int, num_clients: int, seed: int,
 
 
 def split_train_test(
-    client_indices: list[np.ndarray], test_fraction: float = 0.25,
-    seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    client_indices: list[np.ndarray], test_fraction: float = 0.25, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Splits each client's samples at random into local train and test sets.
 
   A client with n samples gets round(test_fraction * n) test samples, clipped
@@ -147,14 +161,14 @@ def split_train_test(
     (train, test): per client, sorted int64 arrays partitioning its indices.
   """
   if not 0 < test_fraction < 1:
-    raise ValueError(f'test_fraction must be in (0, 1), got {test_fraction}')
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
   rng = np.random.default_rng(seed)
   train, test = [], []
   for k, indices in enumerate(client_indices):
     indices = np.asarray(indices, np.int64)
     n = len(indices)
     if n == 0:
-      raise ValueError(f'client {k} has no samples')
+      raise ValueError(f"client {k} has no samples")
     num_test = min(max(round(test_fraction * n), 1), n - 1)
     shuffled = rng.permutation(indices)
     test.append(np.sort(shuffled[:num_test]))
@@ -162,18 +176,27 @@ def split_train_test(
   return train, test
 
 
-def client_label_histograms(client_indices: list[np.ndarray],
-                            labels: np.ndarray,
-                            num_classes: int) -> np.ndarray:
+def client_label_histograms(
+    client_indices: list[np.ndarray], labels: np.ndarray, num_classes: int
+) -> np.ndarray:
   """Returns int64 [num_clients, num_classes]: label counts of each client."""
   labels = np.asarray(labels)
-  return np.stack([np.bincount(labels[np.asarray(indices, np.int64)],
-                               minlength=num_classes)[:num_classes]
-                   for indices in client_indices])
+  return np.stack(
+      [
+          np.bincount(
+              labels[np.asarray(indices, np.int64)], minlength=num_classes
+          )[:num_classes]
+          for indices in client_indices
+      ]
+  )
 
 
-def summarize(client_indices: list[np.ndarray], labels: np.ndarray,
-              num_classes: int, max_rows: int = 20) -> str:
+def summarize(
+    client_indices: list[np.ndarray],
+    labels: np.ndarray,
+    num_classes: int,
+    max_rows: int = 20,
+) -> str:
   """Returns a printable table: client size statistics and label histograms.
 
   Args:
@@ -186,14 +209,14 @@ def summarize(client_indices: list[np.ndarray], labels: np.ndarray,
   sizes = histograms.sum(axis=1)  # [num_clients]
   width = max(len(str(sizes.max())), 4)
   lines = [
-      f'{len(sizes)} clients; sizes min {sizes.min()} / median '
-      f'{np.median(sizes):g} / mean {sizes.mean():.1f} / max {sizes.max()} '
-      f'/ total {sizes.sum()}',
+      f"{len(sizes)} clients; sizes min {sizes.min()} / median "
+      f"{np.median(sizes):g} / mean {sizes.mean():.1f} / max {sizes.max()} "
+      f"/ total {sizes.sum()}",
       f'{"client":>6} {"size":>{width}} | label counts 0..{num_classes - 1}',
   ]
   for k in range(min(len(sizes), max_rows)):
-    counts = ' '.join(f'{c:>{width}}' for c in histograms[k])
-    lines.append(f'{k:>6} {sizes[k]:>{width}} | {counts}')
+    counts = " ".join(f"{c:>{width}}" for c in histograms[k])
+    lines.append(f"{k:>6} {sizes[k]:>{width}} | {counts}")
   if len(sizes) > max_rows:
-    lines.append(f'... ({len(sizes) - max_rows} more clients)')
-  return '\n'.join(lines)
+    lines.append(f"... ({len(sizes) - max_rows} more clients)")
+  return "\n".join(lines)

@@ -21,8 +21,8 @@ from afl.data import partition as partition_lib
 from afl.data import sources
 from afl.data import synthetic as synthetic_lib
 
-DATASETS = ('mnist', 'cifar10', 'synthetic')
-PARTITIONS = ('default', 'dirichlet', 'iid', 'power_law')
+DATASETS = ("mnist", "cifar10", "synthetic")
+PARTITIONS = ("default", "dirichlet", "iid", "power_law")
 _SYNTHETIC_NUM_CLASSES = 10  # FedProx's synthetic data: 10 classes
 
 # Per-channel (R, G, B) mean and standard deviation of the CIFAR-10 training
@@ -33,6 +33,7 @@ CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
 
 class ClientSplit(NamedTuple):
   """A dataset partitioned over clients, each with a local train/test split."""
+
   x: np.ndarray  # float32 [N, ...] all samples, preprocessed
   y: np.ndarray  # int32 [N]
   train_indices: list[np.ndarray]  # per client, int64 [n_train_k] into x
@@ -53,11 +54,11 @@ def preprocess(name: str, x: np.ndarray) -> np.ndarray:
     float32, same shape: mnist x / 255 in [0, 1]; cifar10 (x / 255 - mean) /
     std per channel; synthetic unchanged.
   """
-  if name == 'mnist':
+  if name == "mnist":
     return x.astype(np.float32) / np.float32(255)
-  if name == 'cifar10':
+  if name == "cifar10":
     return (x.astype(np.float32) / np.float32(255) - CIFAR10_MEAN) / CIFAR10_STD
-  if name == 'synthetic':
+  if name == "synthetic":
     return x.astype(np.float32)
   raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
 
@@ -65,21 +66,20 @@ def preprocess(name: str, x: np.ndarray) -> np.ndarray:
 def _stage_seeds(seed: int) -> tuple[int, int, int]:
   """Independent integer seeds for (data generation, partition, split)."""
   children = np.random.SeedSequence(seed).spawn(3)
-  return tuple(int(child.generate_state(1, np.uint64)[0])
-               for child in children)
+  return tuple(int(child.generate_state(1, np.uint64)[0]) for child in children)
 
 
 def prepare(
     dataset: str,
     *,
     num_clients: int = 100,
-    partition: str = 'default',
+    partition: str = "default",
     dirichlet_beta: float = 0.1,
     min_client_size: int = 10,
     test_fraction: float = 0.25,
     seed: int = 0,
     data_dir: sources.PathLike | None = None,
-    source: str = 'auto',
+    source: str = "auto",
     synthetic_alpha: float = 0.5,
     synthetic_beta: float = 0.5,
 ) -> ClientSplit:
@@ -112,39 +112,58 @@ def prepare(
   """
   if dataset not in DATASETS:
     raise ValueError(
-        f'unknown dataset {dataset!r}; valid: {", ".join(DATASETS)}')
+        f'unknown dataset {dataset!r}; valid: {", ".join(DATASETS)}'
+    )
   if partition not in PARTITIONS:
     raise ValueError(
-        f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}')
+        f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}'
+    )
   data_seed, partition_seed, split_seed = _stage_seeds(seed)
 
-  if dataset == 'synthetic':
-    if partition != 'default':
+  if dataset == "synthetic":
+    if partition != "default":
       raise ValueError(
           "synthetic data comes with its own power-law clients: partition "
-          f"must be 'default', got {partition!r}")
+          f"must be 'default', got {partition!r}"
+      )
     num_classes = _SYNTHETIC_NUM_CLASSES
     x, y, client_indices = synthetic_lib.synthetic(
-        synthetic_alpha, synthetic_beta, num_clients=num_clients,
-        num_classes=num_classes, seed=data_seed)
+        synthetic_alpha,
+        synthetic_beta,
+        num_clients=num_clients,
+        num_classes=num_classes,
+        seed=data_seed,
+    )
   else:
     data = sources.load_dataset(dataset, data_dir, source)
     x = np.concatenate([data.x_train, data.x_test])
     y = np.concatenate([data.y_train, data.y_test])
     num_classes = data.num_classes
-    if partition in ('default', 'dirichlet'):
+    if partition in ("default", "dirichlet"):
       client_indices = partition_lib.dirichlet_partition(
-          y, num_clients, dirichlet_beta, partition_seed,
-          min_size=min_client_size)
-    elif partition == 'iid':
+          y,
+          num_clients,
+          dirichlet_beta,
+          partition_seed,
+          min_size=min_client_size,
+      )
+    elif partition == "iid":
       client_indices = partition_lib.iid_partition(
-          len(y), num_clients, partition_seed)
+          len(y), num_clients, partition_seed
+      )
     else:
       client_indices = partition_lib.power_law_partition(
-          len(y), num_clients, partition_seed, min_size=min_client_size)
+          len(y), num_clients, partition_seed, min_size=min_client_size
+      )
 
   train_indices, test_indices = partition_lib.split_train_test(
-      client_indices, test_fraction, split_seed)
-  return ClientSplit(x=preprocess(dataset, x), y=y.astype(np.int32),
-                     train_indices=train_indices, test_indices=test_indices,
-                     num_classes=num_classes, name=dataset)
+      client_indices, test_fraction, split_seed
+  )
+  return ClientSplit(
+      x=preprocess(dataset, x),
+      y=y.astype(np.int32),
+      train_indices=train_indices,
+      test_indices=test_indices,
+      num_classes=num_classes,
+      name=dataset,
+  )

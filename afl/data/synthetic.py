@@ -69,16 +69,24 @@ def synthetic(
       (floor(LogNormal(4, 2)) + 50) * 5 >= 250 samples.
   """
   if alpha < 0 or beta < 0:
-    raise ValueError(f'alpha and beta are standard deviations and must be '
-                     f'>= 0, got alpha={alpha}, beta={beta}')
-  for name, value, low in (('num_clients', num_clients, 1),
-                           ('num_features', num_features, 1),
-                           ('num_classes', num_classes, 2)):
+    raise ValueError(
+        f"alpha and beta are standard deviations and must be "
+        f">= 0, got alpha={alpha}, beta={beta}"
+    )
+  for name, value, low in (
+      ("num_clients", num_clients, 1),
+      ("num_features", num_features, 1),
+      ("num_classes", num_classes, 2),
+  ):
     if value < low:
-      raise ValueError(f'{name} must be >= {low}, got {value}')
+      raise ValueError(f"{name} must be >= {low}, got {value}")
   rng = np.random.default_rng(seed)
-  sizes = (rng.lognormal(_SIZE_LOG_MEAN, _SIZE_LOG_SIGMA, num_clients)
-           .astype(np.int64) + _SIZE_OFFSET) * _SIZE_SCALE  # [num_clients]
+  sizes = (
+      rng.lognormal(_SIZE_LOG_MEAN, _SIZE_LOG_SIGMA, num_clients).astype(
+          np.int64
+      )
+      + _SIZE_OFFSET
+  ) * _SIZE_SCALE  # [num_clients]
   mean_w = rng.normal(0.0, alpha, num_clients)  # u_k, [num_clients]
   mean_b = mean_w  # the reference uses u_k for b_k too
   feature_shift = rng.normal(0.0, beta, num_clients)  # B_k, [num_clients]
@@ -96,6 +104,7 @@ def synthetic(
     xs.append(x.astype(np.float32))
     ys.append(np.argmax(x @ weights + bias, axis=1).astype(np.int32))
   offsets = np.concatenate([[0], np.cumsum(sizes)])
-  client_indices = [np.arange(start, stop)
-                    for start, stop in zip(offsets[:-1], offsets[1:])]
+  client_indices = [
+      np.arange(start, stop) for start, stop in zip(offsets[:-1], offsets[1:])
+  ]
   return np.concatenate(xs), np.concatenate(ys), client_indices
