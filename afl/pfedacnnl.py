@@ -11,7 +11,7 @@ Three stages (Fig. 3):
   3. Local personalization (IV-D): every client, layer by layer,
      W_l^(i) = (G_i + eps I)^-1 (H_i + eps M_l^[k]) (eq. 12, 13), with G_i,
      H_i computed through its own *personalized* layers 1..l-1. No
-     communication; all clients at once, their solves vmapped.
+     communication; all clients at once, their solves spread over devices.
 
 Ablations (section V-A): pFedACnnL-WC is K = 1 (no clustering);
 pFedACnnL-WP stops after stage 2 (each client uses its group's meta-model).

@@ -9,7 +9,7 @@ num_classes <= d_l. Batching never changes the sums (the weight-invariant
 property, section III-B).
 
 How clients are mapped is `federated.segment_sum`, which `segment_statistics`
-calls: blocks sharded over devices, scanned and vmapped on each, every block
+calls: blocks sharded over devices, scanned on each, every block
 folded into the sum of its segment (its client, its group, or one global
 segment) as soon as it is produced. Memory is O(num_segments d^2) plus one
 chunk of blocks, never O(num_blocks d^2).
