@@ -1,0 +1,1 @@
+"""absl entry points over the `afl` library: run, table2, benchmarks."""
