@@ -7,8 +7,10 @@ use an im2col built from numpy's sliding windows, not from
 the engine shows up as a mismatch.
 """
 
+import jax
 import numpy as np
 
+from afl import layers
 from afl import models
 
 
@@ -102,3 +104,12 @@ def centralized_acnnl(
 def relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def solved_weights(model: models.LayerwiseNet, params, index: int = 0) -> list:
+  """Per-layer W_l [d, d_out] (bias last row) of stacked model `index`."""
+  inner = jax.tree.map(lambda a: np.asarray(a[index]), params)["params"]
+  return [
+      np.asarray(layers.from_params(stage.layer, inner[models.layer_name(l)]))
+      for l, stage in enumerate(model.stages)
+  ]

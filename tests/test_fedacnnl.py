@@ -7,7 +7,6 @@ import pytest
 from afl import data as data_lib
 from afl import fedacnnl
 from afl import federated
-from afl import layers
 from afl import models
 from afl import statistics
 from afl import timing
@@ -77,18 +76,10 @@ def train(
   return algorithm, result
 
 
-def solved_weights(model, params):
-  """W_l [d, d_out] per layer from stacked params (model 0)."""
-  inner = jax.tree.map(lambda a: np.asarray(a[0]), params)["params"]
-  return [
-      np.asarray(layers.from_params(stage.layer, inner[models.layer_name(l)]))
-      for l, stage in enumerate(model.stages)
-  ]
-
-
 def assert_same_weights(model, params_a, params_b, rtol):
   for a, b in zip(
-      solved_weights(model, params_a), solved_weights(model, params_b)
+      reference.solved_weights(model, params_a),
+      reference.solved_weights(model, params_b),
   ):
     assert reference.relative_error(a, b) <= rtol
 
@@ -102,7 +93,9 @@ def test_federated_equals_centralized_float64(mnist, model_name):
   expected = reference.centralized_acnnl(
       model, x[pooled], y[pooled], algorithm.encodings, GAMMA
   )
-  for got, want in zip(solved_weights(model, result.params), expected):
+  for got, want in zip(
+      reference.solved_weights(model, result.params), expected
+  ):
     assert reference.relative_error(got, want) < 1e-5
 
 
@@ -118,7 +111,9 @@ def test_conv_net_federated_equals_centralized_float64(cifar, dtype, rtol):
   expected = reference.centralized_acnnl(
       model, x[pooled], y[pooled], algorithm.encodings, GAMMA
   )
-  for got, want in zip(solved_weights(model, result.params), expected):
+  for got, want in zip(
+      reference.solved_weights(model, result.params), expected
+  ):
     assert reference.relative_error(got, want) < rtol
 
 
@@ -148,8 +143,8 @@ def test_label_encoding_seed_matters(mnist):
   _, a = train(model, x, y, clients)
   _, b = train(model, x, y, clients, encoding_seed=1)
   first_a, first_b = (
-      solved_weights(model, a.params)[0],
-      solved_weights(model, b.params)[0],
+      reference.solved_weights(model, a.params)[0],
+      reference.solved_weights(model, b.params)[0],
   )
   assert reference.relative_error(first_a, first_b) > 0.1
 
@@ -192,7 +187,7 @@ def test_block_statistics_match_numpy_per_client(mnist):
   loop = statistics.client_statistics_loop(
       model, layer, params, [x[c] for c in clients], [y[c] for c in clients], 10
   )
-  w0 = solved_weights(model, result.params)[0]
+  w0 = reference.solved_weights(model, result.params)[0]
   for i, c in enumerate(clients):
     hidden = np.maximum(np.c_[x[c], np.ones(len(c))].astype(np.float64) @ w0, 0)
     rows = np.c_[hidden, np.ones(len(c))]

@@ -7,7 +7,6 @@ import pytest
 from afl import data as data_lib
 from afl import fedacnnl
 from afl import federated
-from afl import layers
 from afl import models
 from afl import pfedacnnl
 from tests import reference
@@ -51,20 +50,6 @@ def blocks(x, y, clients, mesh, order=None):
   )
 
 
-def weights(model, params, index):
-  """Per-layer W_l [d, d_out] of stacked model `index`."""
-  inner = params["params"]
-  return [
-      np.asarray(
-          layers.from_params(
-              stage.layer,
-              jax.tree.map(lambda a: a[index], inner[models.layer_name(l)]),
-          )
-      )
-      for l, stage in enumerate(model.stages)
-  ]
-
-
 def test_personalization_matches_a_per_client_float64_reference(mnist):
   x, y, clients = mnist
   model = models.mlp(10)
@@ -88,7 +73,9 @@ def test_personalization_matches_a_per_client_float64_reference(mnist):
           EPS,
           priors=meta,
       )
-      for got, want in zip(weights(model, result.params, i), expected):
+      for got, want in zip(
+          reference.solved_weights(model, result.params, i), expected
+      ):
         assert reference.relative_error(got, want) < 1e-5
 
 
@@ -111,7 +98,8 @@ def test_group_meta_models_equal_fedacnnl_on_each_group_alone(mnist):
         algorithm, blocks(x, y, alone, mesh), jax.random.key(0)
     )
     for got, want in zip(
-        weights(model, meta.params, k), weights(model, single.params, 0)
+        reference.solved_weights(model, meta.params, k),
+        reference.solved_weights(model, single.params, 0),
     ):
       assert reference.relative_error(got, want) < 1e-6  # float32 params
 
@@ -132,8 +120,8 @@ def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
   for i, c in enumerate(clients):
     assert (
         reference.relative_error(
-            weights(model, near_meta.params, i)[0],
-            weights(model, meta.params, 0)[0],
+            reference.solved_weights(model, near_meta.params, i)[0],
+            reference.solved_weights(model, meta.params, 0)[0],
         )
         < 1e-6
     )
@@ -141,7 +129,7 @@ def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
     least_squares = np.linalg.lstsq(rows, np.eye(10)[y[c]], rcond=None)[0]
     assert (
         reference.relative_error(
-            weights(model, local.params, i)[0], least_squares
+            reference.solved_weights(model, local.params, i)[0], least_squares
         )
         < 1e-4
     )
@@ -161,7 +149,8 @@ def test_one_group_is_the_wc_variant(mnist):
   )
   for i in range(len(clients)):
     for got, want in zip(
-        weights(model, one_group.params, i), weights(model, wc.params, i)
+        reference.solved_weights(model, one_group.params, i),
+        reference.solved_weights(model, wc.params, i),
     ):
       assert reference.relative_error(got, want) <= 1e-12
 
