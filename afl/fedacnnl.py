@@ -262,6 +262,7 @@ def train(
     key: jax.Array,
     client_group: np.ndarray | None = None,
     num_groups: int = 1,
+    on_round: Callable[..., dict] | None = None,
 ) -> TrainResult:
   """Runs the L federated rounds (eq. 5, or eq. 11 per group).
 
@@ -271,6 +272,9 @@ def train(
     key: initializes the (overwritten) weights.
     client_group: [C] group of each client, or None for one global model.
     num_groups: K.
+    on_round: (layer, Statistics, params) -> dict, called after every round
+      with what was uploaded and the updated params; its dict joins the
+      round's record (the simulated time of `clock.analytic_round_hook`).
 
   Returns:
     TrainResult with params stacked [num_groups, ...].
@@ -289,10 +293,12 @@ def train(
     )
     stats_s = time.perf_counter() - start
     weights = algorithm.solve(layer, stats, algorithm.gamma)
-    return algorithm.write_layer(layer, params, weights), {
+    params = algorithm.write_layer(layer, params, weights)
+    return params, {
         "width": int(weights.shape[-2]),
         "outputs": int(weights.shape[-1]),
         "statistics_s": stats_s,
+        **(on_round(layer, stats, params) if on_round else {}),
     }
 
   return layer_by_layer(

@@ -205,6 +205,7 @@ def train(
     personalized: bool = True,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     grouping_s: float = 0.0,
+    on_round=None,
 ) -> PFedACnnLResult:
   """Stages 2 and 3 of pFedACnnL for a given grouping (see `assign_groups`).
 
@@ -218,10 +219,12 @@ def train(
     personalized: False for pFedACnnL-WP.
     memory_budget_bytes: see `personalize`.
     grouping_s: time of the initialization stage, added to the wall time.
+    on_round: per federated round, see `fedacnnl.train` (the simulated
+      clock; personalization has no communication and is not timed).
   """
   groups = np.asarray(groups, np.int32)
   num_groups = int(groups.max()) + 1
-  meta = fedacnnl.train(algorithm, data, key, groups, num_groups)
+  meta = fedacnnl.train(algorithm, data, key, groups, num_groups, on_round)
   if not personalized:
     return PFedACnnLResult(
         meta.params,
