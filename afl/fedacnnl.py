@@ -265,6 +265,7 @@ def train(
     first_layer_statistics: (
         Callable[[Params], statistics.Statistics] | None
     ) = None,
+    on_round: Callable[..., dict] | None = None,
 ) -> TrainResult:
   """Runs the L federated rounds (eq. 5, or eq. 11 per group).
 
@@ -278,6 +279,9 @@ def train(
       place of the client map, for a caller that derives them otherwise
       (pFedACnnL, from per-client statistics it keeps); timed as the
       round's statistics.
+    on_round: (layer, Statistics, params) -> dict, called after every round
+      with what was uploaded and the updated params; its dict joins the
+      round's record (the simulated time of `clock.analytic_round_hook`).
 
   Returns:
     TrainResult with params stacked [num_groups, ...].
@@ -298,10 +302,12 @@ def train(
     jax.block_until_ready(stats)
     stats_s = time.perf_counter() - start
     weights = algorithm.solve(layer, stats, algorithm.gamma)
-    return algorithm.write_layer(layer, params, weights), {
+    params = algorithm.write_layer(layer, params, weights)
+    return params, {
         "width": int(weights.shape[-2]),
         "outputs": int(weights.shape[-1]),
         "statistics_s": stats_s,
+        **(on_round(layer, stats, params) if on_round else {}),
     }
 
   return layer_by_layer(

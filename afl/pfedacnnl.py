@@ -223,6 +223,7 @@ def train(
     personalized: bool = True,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     grouping_s: float = 0.0,
+    on_round=None,
 ) -> PFedACnnLResult:
   """Stages 2 and 3 of pFedACnnL for a given grouping (see `assign_groups`).
 
@@ -236,6 +237,8 @@ def train(
     personalized: False for pFedACnnL-WP.
     memory_budget_bytes: see `personalize`.
     grouping_s: time of the initialization stage, added to the wall time.
+    on_round: per federated round, see `fedacnnl.train` (the simulated
+      clock; personalization has no communication and is not timed).
   """
   groups = np.asarray(groups, np.int32)
   num_groups = int(groups.max()) + 1
@@ -264,6 +267,7 @@ def train(
       groups,
       num_groups,
       first_layer_group_sums if reuse else None,
+      on_round,
   )
   if not personalized:
     return PFedACnnLResult(
