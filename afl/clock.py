@@ -80,7 +80,11 @@ from typing import Callable, NamedTuple, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from afl import models
+from afl import statistics
 
 DEFAULT_BATCH_GRID = tuple(2**k for k in range(13))  # 1 .. 4096
 _CALIBRATION_WIDTH = 256  # columns of the calibration Gram step
@@ -198,8 +202,6 @@ def measure(batch_sizes: Sequence[int] = DEFAULT_BATCH_GRID) -> dict:
   product FedACnnL's clients and dense layers spend their time in; the
   overhead is the time of the same jitted step on a [1, 1] input.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   step = jax.jit(lambda g, x: g + x.T @ x)
   tiny = jnp.zeros((1, 1), jnp.float32)
   overhead = _median_seconds(step, tiny, tiny)
@@ -611,8 +613,6 @@ def statistics_step_flops(
 def _statistics_step_flops(
     model, layer, input_shape, num_classes, dtype
 ) -> StepFlops:
-  from afl import models  # pylint: disable=g-import-not-at-top
-  from afl import statistics  # pylint: disable=g-import-not-at-top
 
   params = jax.eval_shape(
       lambda: models.init_params(model, jax.random.key(0), input_shape)
@@ -658,7 +658,6 @@ def analytic_round_hook(
   implementation sums them) and downloads the layer's weights and its next
   batch size. (The paper uploads H = X^T Z, d x d_l; uploading X^T Y
   instead carries the same information in fewer bytes when d_y <= d_l.)"""
-  from afl import models  # pylint: disable=g-import-not-at-top
 
   sizes = np.asarray(client_sizes, np.int64)
   ones = np.ones_like(sizes)
