@@ -40,7 +40,9 @@ ANALYTIC = {
     "pfedacnnl_wc": (False, True),
     "pfedacnnl_wp": (True, False),
 }
-ALGORITHMS = tuple(ANALYTIC)
+# Gradient and zeroth-order baselines, run by baselines.experiment.
+BASELINES = ("fedavg", "fedzo", "baffle", "pfedme", "pfedzo")
+ALGORITHMS = tuple(ANALYTIC) + BASELINES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -272,6 +274,11 @@ def run_experiment(
     split: the prepared data for `config`, to share it across runs (e.g.
       several algorithms on one seed); None prepares it.
   """
+  if config.algorithm in BASELINES:
+    # Imported here: baselines builds on this module.
+    from baselines import experiment as baselines_experiment  # pylint: disable=g-import-not-at-top
+
+    return baselines_experiment.run_experiment(config, output_dir, split)
   validate(config)
   output_dir = pathlib.Path(output_dir)
   results_path = output_dir / "results.json"

@@ -3,27 +3,26 @@
 What a client computes is a `LocalTraining`: pure functions that start it from
 the server's model, take one local step on a batch, and say what it uploads.
 How clients are mapped is `round_fn`: the round's (client, batch) steps are
-laid out in a `Schedule` of L lanes x S steps; the lane axis is sharded over
-the 'clients' device mesh (`shard_map`), each device vmaps its lanes and scans
-over the steps. A lane runs its clients one after the other: at a client's
-first step its carry is reset to `init(server model)`, and at its last step
-the client's weighted upload is added to the lane's sum (carry switching), so
-uneven clients share a lane with almost no padding and one round compiles
-once. `loop_round` is the sequential per-client loop over the same jitted
-step: the reference the lanes are tested against, and the benchmark's
-baseline.
+packed into a `Schedule` of L lanes x S steps; the lane axis is sharded over
+the 'clients' device mesh (`shard_map`), each device scans over the steps
+with its lanes vmapped inside. A lane runs its clients one after the other:
+at a client's first step its carry is reset to `init(server model)`, at its
+last step the client's weighted upload is added to the lane's sum and its
+personal model written to a per-client table (carry switching), so uneven
+clients share a lane with almost no padding and a round compiles once.
+`loop_round` is the sequential per-client loop over the same jitted step:
+the reference the lanes are tested against, and the benchmark's baseline.
 
-Two schedules:
-* a fixed number of local steps per client (pFedMe's R steps of batch b,
-  FedZO's H steps): equal work, one client per lane, so the lanes' final
-  carries are the clients' (personalized) states; a client with fewer
-  samples than a batch cycles through them.
-* local epochs (FedAvg, BAFFLE): client i takes E ceil(n_i / b) steps, its
-  last batch of an epoch partly masked. Padding every client to the largest
-  would cost C x max_i n_i, far more than a per-client loop under Dirichlet
-  0.1 (sizes 10 .. 3,000); instead whole clients are packed into lanes
-  (longest first, each into the least loaded lane), with the number of lanes
-  chosen to keep S close to the largest client's steps.
+Every client takes either a fixed number of local steps (pFedMe's R steps of
+batch b, FedZO's H steps; a client with fewer samples than that cycles
+through them) or E local epochs of ceil(n_i / b) steps, the last batch of an
+epoch partly masked (FedAvg, BAFFLE). Padding every client to the largest
+would cost C x max_i n_i steps, far more than a per-client loop under
+Dirichlet 0.1 (sizes 10 .. 3,000); instead whole clients are packed into
+the lanes, longest first, each into the least loaded lane, which leaves
+almost no lane idle. How many lanes pays depends on the device: on a CPU a
+lane's model is streamed through memory at every step, so a few lanes per
+device win; on an accelerator, one lane per client.
 
 Batches: every round each client draws a random permutation of its samples
 (one root key; `fold_in` per round, client and step), batch k of epoch e
@@ -109,7 +108,6 @@ class Schedule(NamedTuple):
     batch_size: b.
     cycle: True: fixed steps, a client cycles through its samples; False:
       epochs, positions past a client's samples are masked.
-    one_client_per_lane: lane l holds client l (fixed-steps schedules).
     max_size: the largest client's samples (width of the permutations).
   """
 
@@ -121,7 +119,6 @@ class Schedule(NamedTuple):
   steps: np.ndarray
   batch_size: int
   cycle: bool
-  one_client_per_lane: bool
   max_size: int
 
   @property
@@ -144,6 +141,14 @@ def _pack(steps: np.ndarray, num_lanes: int) -> list[list[int]]:
   return lanes
 
 
+def default_lanes_per_device() -> int:
+  """Lanes per device when not given: few on CPU, where a lane's model is
+  streamed through memory at every step and many lanes are memory-bound
+  (measured: `experiments.benchmark_baselines --lanes`); all clients at once
+  on accelerators."""
+  return 2 if jax.default_backend() == "cpu" else 0
+
+
 def make_schedule(
     sizes: np.ndarray,
     batch_size: int,
@@ -151,55 +156,35 @@ def make_schedule(
     local_epochs: int = 1,
     num_shards: int = 1,
     num_lanes: int = 0,
-    lane_overhead: float = 8.0,
 ) -> Schedule:
-  """Lays the round's client steps out in lanes (see the module docstring).
+  """Packs the round's client steps into lanes (see the module docstring).
 
   Args:
     sizes: [C] training samples per client.
     batch_size: b.
-    local_steps: > 0: every client with data takes this many steps, one
-      client per lane; 0: `local_epochs` epochs each, packed.
+    local_steps: > 0: every client with data takes this many steps (cycling
+      through its samples); 0: `local_epochs` epochs each.
     local_epochs: E, when local_steps is 0.
     num_shards: devices; the number of lanes is a multiple of it.
-    num_lanes: packed lanes; 0 picks the L that minimizes S (L + overhead).
-    lane_overhead: the fixed cost of a scan step in lane-steps (packing).
+    num_lanes: lanes; 0: `default_lanes_per_device()` per device, or one
+      per client where that is 0 (rounded up to a multiple of num_shards).
 
   Returns:
     The schedule.
   """
   sizes = np.asarray(sizes, np.int64)
-  if batch_size < 1 or local_steps < 0 or local_epochs < 1:
+  if batch_size < 1 or local_steps < 0 or local_epochs < 1 or num_lanes < 0:
     raise ValueError(
         f"batch_size ({batch_size}) and local_epochs ({local_epochs}) must be"
-        f" positive and local_steps ({local_steps}) >= 0"
+        f" positive, local_steps ({local_steps}) and num_lanes ({num_lanes})"
+        " >= 0"
     )
-  num_clients = len(sizes)
-  has_data = sizes > 0
   if local_steps:
-    steps = np.where(has_data, local_steps, 0)
-    lanes = [[c] if has_data[c] else [] for c in range(num_clients)]
-    lanes += [[]] * (-num_clients % num_shards)
+    steps = np.where(sizes > 0, local_steps, 0)
   else:
     steps = local_epochs * -(-sizes // batch_size)
-    if num_lanes:
-      count = math.ceil(num_lanes / num_shards) * num_shards
-    else:
-      least = max(1, math.ceil(steps.sum() / max(steps.max(), 1)))
-      candidates = range(
-          math.ceil(least / num_shards) * num_shards,
-          max(num_clients, num_shards) + 1,
-          num_shards,
-      )
-
-      def cost(count):
-        length = max(
-            sum(steps[c] for c in lane) for lane in _pack(steps, count)
-        )
-        return length * (count + lane_overhead)
-
-      count = min(candidates, key=cost, default=num_shards)
-    lanes = _pack(steps, count)
+  num_lanes = num_lanes or num_shards * default_lanes_per_device() or len(sizes)
+  lanes = _pack(steps, math.ceil(num_lanes / num_shards) * num_shards)
   length = max(1, max(sum(steps[c] for c in lane) for lane in lanes))
   shape = (len(lanes), length)
   client, step = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
@@ -223,7 +208,6 @@ def make_schedule(
       steps.astype(np.int64),
       batch_size,
       cycle=bool(local_steps),
-      one_client_per_lane=bool(local_steps),
       max_size=max(1, int(sizes.max())),
   )
 
@@ -268,13 +252,13 @@ class RoundOutput(NamedTuple):
 
   Attributes:
     upload: the clients' uploads averaged with the weights.
-    carries: [L, ...] the lanes' final carries (lane l = client l for
-      fixed-steps schedules; padding lanes past C hold junk).
+    personal: [C, ...] each client's `local.personal` model after its last
+      step (the server model for a client without data), or None.
     loss: the mean local training loss over all real samples of all steps.
   """
 
   upload: Any
-  carries: Any
+  personal: Any
   loss: jax.Array
 
 
@@ -285,6 +269,10 @@ def round_fn(
     mesh: jax.sharding.Mesh,
 ):
   """The round: jitted (server model, data, round key) -> RoundOutput.
+
+  Each device scans over the steps, its lanes vmapped inside the step; a
+  client's personal model is written into a per-client table (one row per
+  lane and step, in place), summed over the devices at the end.
 
   Args:
     local: what a client computes.
@@ -297,9 +285,11 @@ def round_fn(
         f"{schedule.num_lanes} lanes do not split over {mesh.size} devices"
     )
   weights = np.asarray(weights, np.float64)
-  total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
+  trained = schedule.steps > 0
+  total_weight = float(weights[trained].sum()) or 1.0
+  # Steps on the scan axis: [S, L].
   lanes = tuple(
-      jnp.asarray(a)
+      jnp.asarray(a.T)
       for a in (
           schedule.client,
           schedule.step,
@@ -309,66 +299,103 @@ def round_fn(
       )
   )
   weights = jnp.asarray(weights, jnp.float32)
+  num_clients = len(schedule.steps)
 
   def device_lanes(params, data, perm, client_root, *lanes):
-    def lane(client, step, valid, first, last):
-      def key_of(c):
-        return jax.random.fold_in(client_root, c)
+    def key_of(c):
+      return jax.random.fold_in(client_root, c)
 
-      carry = local.init(params, key_of(client[0]))
-      total = jax.tree.map(jnp.zeros_like, local.upload(carry))
-
-      def body(state, inputs):
-        carry, total, loss_sum, count = state
-        c, k, v, f, l = inputs
-        key = key_of(c)
-        carry = _where(f, local.init(params, key), carry)
-        x, y, mask = client_batch(
-            data, perm, c, k, schedule.batch_size, schedule.cycle
-        )
-        mask = mask & v
-        new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
-        carry = _where(v, new, carry)
-        scale = jnp.where(l & v, weights[c], 0.0)
-        total = jax.tree.map(
-            lambda t, u: t + scale * u, total, local.upload(carry)
-        )
-        n = mask.sum()
-        return (carry, total, loss_sum + loss * n, count + n), None
-
-      zero = jnp.zeros((), jnp.float32)
-      state, _ = jax.lax.scan(
-          body, (carry, total, zero, zero), (client, step, valid, first, last)
+    def lane_step(carry, total, c, k, v, f, l):
+      key = key_of(c)
+      carry = _where(f, local.init(params, key), carry)
+      x, y, mask = client_batch(
+          data, perm, c, k, schedule.batch_size, schedule.cycle
       )
-      return state
+      mask = mask & v
+      new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
+      carry = _where(v, new, carry)
+      scale = jnp.where(l & v, weights[c], 0.0)
+      total = jax.tree.map(
+          lambda t, u: t + scale * u, total, local.upload(carry)
+      )
+      n = mask.sum()
+      return carry, total, loss * n, n
 
-    carries, totals, loss_sums, counts = jax.vmap(lane)(*lanes)
-    totals, loss_sum, count = jax.lax.psum(
-        (
-            jax.tree.map(lambda t: t.sum(0), totals),
-            loss_sums.sum(),
-            counts.sum(),
-        ),
+    def body(state, inputs):
+      carries, totals, table, loss_sum, count = state
+      carries, totals, losses, counts = jax.vmap(lane_step)(
+          carries, totals, *inputs
+      )
+      if table is not None:
+        c, _, v, _, l = inputs
+        # Finished clients write their row; the others write row C (junk).
+        rows = jnp.where(l & v, c, num_clients)
+        mine = local.personal(carries)
+        for lane in range(rows.shape[0]):
+          table = jax.tree.map(
+              lambda t, m: jax.lax.dynamic_update_index_in_dim(
+                  t, m[lane], rows[lane], 0
+              ),
+              table,
+              mine,
+          )
+      state = (
+          carries,
+          totals,
+          table,
+          loss_sum + losses.sum(),
+          count + counts.sum(),
+      )
+      return state, None
+
+    client = lanes[0][0]
+    carries = jax.vmap(local.init, in_axes=(None, 0))(
+        params, jax.vmap(key_of)(client)
+    )
+    totals = jax.tree.map(jnp.zeros_like, jax.vmap(local.upload)(carries))
+    table = None
+    if local.personal is not None:
+      table = jax.tree.map(
+          lambda a: jnp.zeros((num_clients + 1,) + a.shape, a.dtype),
+          local.personal(local.init(params, key_of(0))),
+      )
+    zero = jnp.zeros((), jnp.float32)
+    (_, totals, table, loss_sum, count), _ = jax.lax.scan(
+        body, (carries, totals, table, zero, zero), lanes
+    )
+    totals, table, loss_sum, count = jax.lax.psum(
+        (jax.tree.map(lambda t: t.sum(0), totals), table, loss_sum, count),
         federated.CLIENTS,
     )
-    return carries, totals, loss_sum / jnp.maximum(count, 1)
+    return totals, table, loss_sum / jnp.maximum(count, 1)
 
-  lane_spec = PartitionSpec(federated.CLIENTS)
+  lane_spec = PartitionSpec(None, federated.CLIENTS)
   mapped = jax.shard_map(
       device_lanes,
       mesh=mesh,
       in_specs=(PartitionSpec(),) * 4 + (lane_spec,) * 5,
-      out_specs=(lane_spec, PartitionSpec(), PartitionSpec()),
+      out_specs=PartitionSpec(),
       check_vma=False,
   )
+  trained = jnp.asarray(trained)
 
   @jax.jit
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
     perm = permutations(perm_root, data.size, schedule.max_size)
-    carries, totals, loss = mapped(params, data, perm, client_root, *lanes)
+    totals, table, loss = mapped(params, data, perm, client_root, *lanes)
     upload = jax.tree.map(lambda t: t / total_weight, totals)
-    return RoundOutput(upload, carries, loss)
+    personal = None
+    if table is not None:  # clients without data keep the server model
+      server = local.personal(local.init(params, client_root))
+      personal = jax.tree.map(
+          lambda t, g: jnp.where(
+              trained.reshape((-1,) + (1,) * g.ndim), t[:num_clients], g
+          ),
+          table,
+          server,
+      )
+    return RoundOutput(upload, personal, loss)
 
   return run
 
@@ -382,8 +409,7 @@ def loop_round(
   step call per local step (how most simulators run clients).
 
   Returns:
-    (server model, data, round key) -> RoundOutput with `carries` stacked
-    over the clients that trained (C of them for fixed-steps schedules).
+    (server model, data, round key) -> RoundOutput.
   """
   weights = np.asarray(weights, np.float64)
   total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
@@ -403,20 +429,21 @@ def loop_round(
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
     perm = perms(perm_root, data.size, schedule.max_size)
-    total, carries, loss_sum, count = None, [], 0.0, 0.0
+    total, personal, loss_sum, count = None, [], 0.0, 0.0
     for c in range(data.num_clients):
-      if not schedule.steps[c]:
-        continue
       key = jax.random.fold_in(client_root, c)
       carry = init(params, key)
       for k in range(schedule.steps[c]):
         carry, loss, n = step(carry, data, perm, c, k, key)
         loss_sum, count = loss_sum + loss, count + n
-      sent = jax.tree.map(lambda u: weights[c] * u, upload(carry))
-      total = sent if total is None else jax.tree.map(jnp.add, total, sent)
-      carries.append(carry)
+      if local.personal is not None:
+        personal.append(local.personal(carry))
+      if schedule.steps[c]:
+        sent = jax.tree.map(lambda u: weights[c] * u, upload(carry))
+        total = sent if total is None else jax.tree.map(jnp.add, total, sent)
     upload_mean = jax.tree.map(lambda t: t / total_weight, total)
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *carries)
-    return RoundOutput(upload_mean, stacked, loss_sum / max(count, 1))
+    if personal:
+      personal = jax.tree.map(lambda *a: jnp.stack(a), *personal)
+    return RoundOutput(upload_mean, personal or None, loss_sum / max(count, 1))
 
   return run
