@@ -1,11 +1,14 @@
 """Baselines: estimators, the lanes against a per-client loop, the algorithms."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from afl import experiment
 from afl import federated
 from afl import models
 from baselines import algorithms
@@ -64,11 +67,11 @@ def tiny_federation(num_clients=5, seed=0, dim=6, classes=3):
 def build(name, apply_fn):
   return dict(
       fedavg=lambda: algorithms.fedavg(apply_fn, 0.1),
-      fedzo=lambda: algorithms.fedzo(apply_fn, 0.01, 0.1, 8),
+      fedzo=lambda: algorithms.fedzo(apply_fn, 0.1, 0.1, 8),
       baffle=lambda: algorithms.baffle(apply_fn, 0.5, 0.1, 16, central=True),
       pfedme=lambda: algorithms.pfedme(apply_fn, 0.05, 0.05, 15.0, 5, 1.0),
       pfedzo=lambda: algorithms.pfedzo(
-          apply_fn, 0.05, 0.01, 15.0, 3, 1.0, 0.1, 8
+          apply_fn, 0.05, 0.05, 15.0, 3, 1.0, 0.1, 8
       ),
   )[name]()
 
@@ -194,3 +197,60 @@ def test_pfedme_solves_its_inner_problem():
       jax.flatten_util.ravel_pytree(jax.grad(objective)(theta))[0]
   )
   assert start > 0.1 and end < 1e-4 * start, (start, end)
+
+
+@pytest.mark.parametrize("name", list(LOCAL_STEPS))
+def test_each_algorithm_learns_in_a_few_rounds(name):
+  x, y, indices = tiny_federation(num_clients=7, seed=1)
+  model = models.get_model("lr", 3)
+  params = models.init_params(model, jax.random.key(0), (6,))
+  baseline = build(name, model.apply)
+  data = local_lib.client_data(x, y, indices)
+  sizes = np.asarray(data.size)
+  schedule = local_lib.make_schedule(sizes, 4, LOCAL_STEPS[name], num_lanes=2)
+  round_fn = local_lib.round_fn(
+      baseline.local, schedule, sizes, federated.client_mesh(jax.devices()[:1])
+  )
+
+  def accuracy(out, params):
+    hits = []
+    for c, idx in enumerate(indices):
+      if not len(idx):
+        continue
+      tested = (
+          params
+          if out is None or out.personal is None
+          else jax.tree.map(lambda a: a[c], out.personal)
+      )
+      hits.append(model.apply(tested, x[idx]).argmax(-1) == y[idx])
+    return float(np.concatenate(hits).mean())
+
+  before = accuracy(None, params)
+  for index in range(5):
+    out = round_fn(params, data, jax.random.key(index))
+    params = baseline.server(params, out.upload)
+  after = accuracy(out, params)
+  assert after > max(0.8, before + 0.2), (before, after)
+
+
+def test_run_experiment_writes_the_baseline_results(tmp_path):
+  config = experiment.default_config()
+  config.update(
+      algorithm="pfedme",
+      dataset="synthetic",
+      model="lr",
+      num_clients=10,
+      rounds=3,
+  )
+  results = experiment.run_experiment(config, tmp_path)
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk["algorithm"] == "pfedme"
+  assert len(on_disk["accuracy_per_round"]) == 3
+  assert len(on_disk["train_loss_per_round"]) == 3
+  assert on_disk["best_accuracy"] == max(on_disk["accuracy_per_round"])
+  assert on_disk["last_accuracy"] == on_disk["accuracy_per_round"][-1]
+  assert on_disk["config"]["personal_lr"] == 0.01  # synthetic default
+  work = on_disk["client_work"]
+  assert work["flops_per_step"] > 0 and len(work["steps"]) == 10
+  assert set(work["steps"]) <= {0, 20}
+  assert results["accuracy"] == on_disk["best_accuracy"] > 0.3
