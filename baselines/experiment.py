@@ -47,7 +47,10 @@ PERSONALIZED = ("pfedme", "pfedzo")
 PAPER_DEFAULTS = {
     "fedavg": dict(lr=0.05, local_steps=0),
     "fedzo": dict(lr=0.001, local_steps=0),
-    "baffle": dict(lr=0.05, local_steps=0),
+    # BAFFLE's model is fixed during a round, so its batch is only how many
+    # samples one step evaluates: larger batches amortize drawing the K
+    # perturbations (K x d normals per step) without changing the estimate.
+    "baffle": dict(lr=0.05, local_steps=0, batch_size=200),
     "pfedme": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
     "pfedzo": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
 }
@@ -66,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.update(
       dict(
           rounds=0,  # 0: DEFAULT_ROUNDS[dataset]
-          batch_size=20,
+          batch_size=ml_collections.config_dict.placeholder(int),
           local_steps=ml_collections.config_dict.placeholder(int),
           local_epochs=1,
           lr=ml_collections.config_dict.placeholder(float),
@@ -100,6 +103,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in ("personal_lr", "lam"):
     if full[name] is None:
       full[name] = PAPER_DEFAULTS["pfedme"][name]
+  if full.batch_size is None:
+    full.batch_size = 20
   if not full.rounds:
     full.rounds = DEFAULT_ROUNDS[full.dataset]
   return full
