@@ -46,7 +46,7 @@ PERSONALIZED = ("pfedme", "pfedzo")
 # dataset where they differ. None in `default_config` means "from here".
 PAPER_DEFAULTS = {
     "fedavg": dict(lr=0.05, local_steps=0),
-    "fedzo": dict(lr=0.001, local_steps=0),
+    "fedzo": dict(lr=0.01, local_steps=0),
     # BAFFLE's model is fixed during a round, so its batch is only how many
     # samples one step evaluates: larger batches amortize drawing the K
     # perturbations (K x d normals per step) without changing the estimate.
