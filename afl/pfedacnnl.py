@@ -39,7 +39,7 @@ from sklearn import cluster
 from afl import fedacnnl
 from afl import federated
 from afl import layers
-from afl import models
+from afl import statistics
 
 DEFAULT_MEMORY_BUDGET = 2**30  # bytes of per-client float64 Grams at once
 
@@ -104,25 +104,43 @@ def grouping_report(groups: np.ndarray, counts: np.ndarray) -> str:
   return "\n".join(lines)
 
 
+def clients_per_pass(width: int, num_clients: int, budget_bytes: int) -> int:
+  """How many clients' float64 d x d Grams fit `budget_bytes` (at least 1)."""
+  return int(max(1, min(num_clients, budget_bytes // (8 * width * width))))
+
+
+def group_sums(
+    stats: statistics.Statistics, client_group: np.ndarray, num_groups: int
+) -> statistics.Statistics:
+  """eq. 10: A^[k] = sum of the statistics of group k's clients, [K, ...]."""
+  membership = jax.nn.one_hot(client_group, num_groups, dtype=jnp.float64).T
+  return jax.tree.map(lambda a: jnp.tensordot(membership, a, 1), stats)
+
+
 def personalize(
     algorithm: fedacnnl.FedACnnL,
     data: federated.FederatedData,
-    meta_params,
+    meta: fedacnnl.TrainResult,
     client_group: np.ndarray,
     eps: float,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     first_round: int = 1,
+    first_layer: statistics.Statistics | None = None,
 ) -> fedacnnl.TrainResult:
   """Local personalization (eq. 13) of every client, layer by layer.
 
   Args:
     algorithm: the FedACnnL functions (statistics, solve, write).
     data: training blocks, sharded over the algorithm's mesh.
-    meta_params: meta-model params stacked [K, ...].
+    meta: the meta-models (`fedacnnl.train` over K groups): their params
+      [K, ...] start every client, their label-space solutions are the
+      priors (M^[k] = P^[k] Q_l, see `solve`).
     client_group: [C] group of each client.
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
     memory_budget_bytes: bound on the float64 per-client Grams held at once.
     first_round: numbering of the first personalization round.
+    first_layer: every client's statistics of the first layer, [C, ...], if
+      the caller has them (they do not depend on the params).
 
   Returns:
     TrainResult with params stacked [C, ...], one personalized model per
@@ -132,37 +150,38 @@ def personalize(
     raise ValueError(f"eps must be > 0, got {eps}")
   client_group = np.asarray(client_group, np.int32)
   num_clients = data.num_clients
-  params = jax.tree.map(lambda a: a[client_group], meta_params)
+  params = jax.tree.map(lambda a: a[client_group], meta.params)
   client = np.asarray(data.client)
 
   def layer_step(layer, params):
-    stage = algorithm.model.stages[layer]
-    meta = layers.from_params(
-        stage.layer, meta_params["params"][models.layer_name(layer)]
-    )
-    width = meta.shape[-2]
-    chunk = int(
-        max(1, min(num_clients, memory_budget_bytes // (8 * width * width)))
-    )
-    weights, stats_s = [], 0.0
+    width = meta.solutions[layer].shape[-2]
+    chunk = clients_per_pass(width, num_clients, memory_budget_bytes)
+    solutions, stats_s = [], 0.0
     for start in range(0, num_clients, chunk):
       members = np.arange(start, min(start + chunk, num_clients))
       segment = np.where(
           (client >= start) & (client < start + chunk), client - start, -1
       ).astype(np.int32)
       began = time.perf_counter()
-      stats = jax.block_until_ready(
-          algorithm.client_statistics(
-              layer, params, data, data.client, segment, chunk
-          )
-      )
+      if layer == 0 and first_layer is not None:
+        stats = first_layer
+      else:
+        stats = jax.block_until_ready(
+            algorithm.client_statistics(
+                layer, params, data, data.client, segment, chunk
+            )
+        )
       stats_s += time.perf_counter() - began
-      prior = meta[client_group[np.resize(members, chunk)]].astype(jnp.float64)
-      weights.append(algorithm.solve(layer, stats, eps, prior)[: len(members)])
-    weights = jnp.concatenate(weights) if len(weights) > 1 else weights[0]
-    return algorithm.write_layer(layer, params, weights), {
+      prior = meta.solutions[layer][client_group[np.resize(members, chunk)]]
+      solutions.append(
+          algorithm.solve(layer, stats, eps, prior)[: len(members)]
+      )
+    solution = (
+        jnp.concatenate(solutions) if len(solutions) > 1 else solutions[0]
+    )
+    return algorithm.write_layer(layer, params, solution), {
         "width": int(width),
-        "outputs": int(weights.shape[-1]),
+        "outputs": int(algorithm.encodings[layer].shape[-1]),
         "statistics_s": stats_s,
         "clients_per_pass": chunk,
     }
@@ -205,6 +224,7 @@ def train(
     personalized: bool = True,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     grouping_s: float = 0.0,
+    on_round=None,
 ) -> PFedACnnLResult:
   """Stages 2 and 3 of pFedACnnL for a given grouping (see `assign_groups`).
 
@@ -218,10 +238,38 @@ def train(
     personalized: False for pFedACnnL-WP.
     memory_budget_bytes: see `personalize`.
     grouping_s: time of the initialization stage, added to the wall time.
+    on_round: per federated round, see `fedacnnl.train` (the simulated
+      clock; personalization has no communication and is not timed).
   """
   groups = np.asarray(groups, np.int32)
   num_groups = int(groups.max()) + 1
-  meta = fedacnnl.train(algorithm, data, key, groups, num_groups)
+  num_clients = data.num_clients
+  # The first layer sees the raw data, so its per-client statistics are the
+  # same in both stages: when they fit the memory budget, they are computed
+  # once, summed per group for the meta-models and kept for personalization.
+  first_layer = {}
+  width = layers.input_width(algorithm.model.stages[0].layer, data.x.shape[2:])
+  reuse = (
+      personalized
+      and clients_per_pass(width, num_clients, memory_budget_bytes)
+      == num_clients
+  )
+
+  def first_layer_group_sums(params):
+    first_layer["clients"] = algorithm.client_statistics(
+        0, params, data, jnp.zeros_like(data.client), data.client, num_clients
+    )
+    return group_sums(first_layer["clients"], groups, num_groups)
+
+  meta = fedacnnl.train(
+      algorithm,
+      data,
+      key,
+      groups,
+      num_groups,
+      first_layer_group_sums if reuse else None,
+      on_round,
+  )
   if not personalized:
     return PFedACnnLResult(
         meta.params,
@@ -235,11 +283,12 @@ def train(
   local = personalize(
       algorithm,
       data,
-      meta.params,
+      meta,
       groups,
       eps,
       memory_budget_bytes,
       algorithm.num_layers + 1,
+      first_layer.pop("clients", None),
   )
   return PFedACnnLResult(
       local.params,

@@ -229,6 +229,13 @@ def test_run_experiment_writes_the_baseline_results(tmp_path):
   assert on_disk["last_accuracy"] == on_disk["accuracy_per_round"][-1]
   assert on_disk["config"]["personal_lr"] == 0.01  # synthetic default
   work = on_disk["client_work"]
-  assert work["flops_per_step"] > 0 and len(work["steps"]) == 10
+  assert work["flops_per_sample"] > 0 and len(work["steps"]) == 10
   assert set(work["steps"]) <= {0, 20}
+  # The shared clock: every round timed, the totals split per client.
+  assert all("timing" in r for r in on_disk["rounds"])
+  split = on_disk["timing"]["mean_per_client"]
+  assert split["computation_s"] > 0 and split["communication_s"] > 0
+  assert split["total_s"] == pytest.approx(
+      split["computation_s"] + split["communication_s"] + split["idle_s"]
+  )
   assert results["accuracy"] == on_disk["best_accuracy"] > 0.3
