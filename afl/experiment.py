@@ -42,7 +42,9 @@ ANALYTIC = {
     "pfedacnnl_wc": (False, True),
     "pfedacnnl_wp": (True, False),
 }
-ALGORITHMS = tuple(ANALYTIC)
+# Gradient and zeroth-order baselines, run by baselines.experiment.
+BASELINES = ("fedavg", "fedzo", "baffle", "pfedme", "pfedzo")
+ALGORITHMS = tuple(ANALYTIC) + BASELINES
 FIXED_BATCH_SIZE = ("fedacnnl_wa",)
 
 
@@ -264,10 +266,11 @@ def setup(
 
 
 def make_clock(
-    config: ml_collections.ConfigDict, run: Setup
+    config: ml_collections.ConfigDict, client_sizes: np.ndarray
 ) -> clock_lib.Clock:
-  """The simulated clock of `config`: profiles from the root seed, the cost
-  model from this host's calibration, eq. 7 unless FedACnnL-WA."""
+  """The simulated clock of `config` for clients of `client_sizes` training
+  samples: profiles from the root seed, the cost model from this host's
+  calibration, eq. 7 unless FedACnnL-WA or a baseline (fixed batches)."""
   profiles = clock_lib.draw_profiles(
       jax.random.fold_in(jax.random.key(config.seed), 1),
       config.num_clients,
@@ -279,8 +282,8 @@ def make_clock(
       profiles,
       clock_lib.CostModel(clock_lib.calibrate()),
       config.initial_batch_size,
-      run.train_data.client_sizes(),
-      adaptive=config.algorithm not in FIXED_BATCH_SIZE,
+      client_sizes,
+      adaptive=config.algorithm not in FIXED_BATCH_SIZE + BASELINES,
   )
 
 
@@ -325,6 +328,11 @@ def run_experiment(
     split: the prepared data for `config`, to share it across runs (e.g.
       several algorithms on one seed); None prepares it.
   """
+  if config.algorithm in BASELINES:
+    # Imported here: baselines builds on this module.
+    from baselines import experiment as baselines_experiment  # pylint: disable=g-import-not-at-top
+
+    return baselines_experiment.run_experiment(config, output_dir, split)
   validate(config)
   output_dir = pathlib.Path(output_dir)
   results_path = output_dir / "results.json"
@@ -352,7 +360,7 @@ def run_experiment(
       run.train_data.block_size,
       run.mesh.size,
   )
-  clock = make_clock(config, run)
+  clock = make_clock(config, run.train_data.client_sizes())
   trained = train(config, run, clock)
   model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
   train_data, test_data = run.train_data, run.test_data

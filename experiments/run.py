@@ -4,8 +4,12 @@ r"""Runs one federated experiment and writes DIR/results.json.
       --num_clients=100 --dirichlet_beta=0.1 --gamma=100 --seed=0 \
       --data_dir=../shared/data --output_dir=runs/mnist_mlp
 
-Flags map one to one onto `afl.experiment.default_config()`; the work is done
-by `afl.experiment.run_experiment`.
+  python -m experiments.run --algorithm=pfedme --dataset=mnist --model=mlp \
+      --rounds=100 --data_dir=../shared/data --output_dir=runs/pfedme
+
+Flags map one to one onto `baselines.experiment.default_config()` (the
+analytic settings of `afl.experiment.default_config()` plus the baselines');
+the work is done by `afl.experiment.run_experiment`.
 """
 
 from absl import app
@@ -15,8 +19,9 @@ from absl import logging
 from afl import data
 from afl import experiment
 from afl import models
+from baselines import experiment as baselines_experiment
 
-_DEFAULTS = experiment.default_config()
+_DEFAULTS = baselines_experiment.default_config()
 
 flags.DEFINE_enum(
     "algorithm",
@@ -24,7 +29,8 @@ flags.DEFINE_enum(
     experiment.ALGORITHMS,
     "fedacnnl; fedacnnl_wa (without the adaptive batch size, eq. 7); "
     "pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
-    "pfedacnnl_wp (no personalization).",
+    "pfedacnnl_wp (no personalization); baselines: fedavg, fedzo, baffle, "
+    "pfedme, pfedzo.",
 )
 flags.DEFINE_enum("dataset", _DEFAULTS.dataset, data.DATASETS, "Dataset.")
 flags.DEFINE_enum(
@@ -114,6 +120,49 @@ flags.DEFINE_integer(
     _DEFAULTS.num_devices,
     "Local devices to shard clients over; 0: all.",
 )
+# Baselines (README "Baselines"); unset ones take the papers' defaults.
+flags.DEFINE_integer(
+    "rounds",
+    _DEFAULTS.rounds,
+    "Baselines: rounds; 0: 20 (mnist), 600 (synthetic).",
+)
+flags.DEFINE_integer(
+    "batch_size", None, "Local batch size; default 20 (BAFFLE: 200)."
+)
+flags.DEFINE_integer(
+    "local_steps",
+    None,
+    "Local steps per client and round (pFedMe's R); 0: local epochs.",
+)
+flags.DEFINE_integer(
+    "local_epochs", _DEFAULTS.local_epochs, "Local epochs when local_steps=0."
+)
+flags.DEFINE_float(
+    "lr",
+    None,
+    "Local (FedAvg, FedZO, pFedMe) or server (BAFFLE) learning rate.",
+)
+flags.DEFINE_float("personal_lr", None, "pFedMe/pFedZO personal learning rate.")
+flags.DEFINE_float("lam", None, "pFedMe/pFedZO Moreau-envelope lambda.")
+flags.DEFINE_integer("inner_steps", _DEFAULTS.inner_steps, "pFedMe/pFedZO K.")
+flags.DEFINE_float(
+    "pfedme_beta", _DEFAULTS.pfedme_beta, "pFedMe/pFedZO server mixing beta."
+)
+flags.DEFINE_float("mu", _DEFAULTS.mu, "FedZO/pFedZO smoothing radius.")
+flags.DEFINE_integer(
+    "directions", _DEFAULTS.directions, "FedZO/pFedZO directions b2."
+)
+flags.DEFINE_float("sigma", _DEFAULTS.sigma, "BAFFLE perturbation scale.")
+flags.DEFINE_integer(
+    "perturbations", _DEFAULTS.perturbations, "BAFFLE perturbations K."
+)
+flags.DEFINE_bool("central", _DEFAULTS.central, "BAFFLE: central differences.")
+flags.DEFINE_integer(
+    "eval_every", _DEFAULTS.eval_every, "Rounds between tests."
+)
+flags.DEFINE_integer(
+    "num_lanes", _DEFAULTS.num_lanes, "Packed lanes (epoch schedules); 0: auto."
+)
 flags.DEFINE_integer(
     "initial_batch_size",
     _DEFAULTS.initial_batch_size,
@@ -158,7 +207,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  config = experiment.default_config()
+  config = baselines_experiment.default_config()
   for name in config:
     config[name] = FLAGS[name].value
   experiment.run_experiment(config, FLAGS.output_dir)

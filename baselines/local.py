@@ -1,0 +1,490 @@
+"""Local training written once, mapped over the clients of a round in lanes.
+
+What a client computes is a `LocalTraining`: pure functions that start it from
+the server's model, take one local step on a batch, and say what it uploads.
+How clients are mapped is `round_fn`: the round's (client, batch) steps are
+packed into a `Schedule` of L lanes x S steps; the lane axis is sharded over
+the 'clients' device mesh (`shard_map`), each device scans over the steps
+with its lanes vmapped inside. A lane runs its clients one after the other:
+at a client's first step its carry is reset to `init(server model)`, at its
+last step the client's weighted upload is added to the lane's sum and its
+personal model written to a per-client table (carry switching), so uneven
+clients share a lane with almost no padding and a round compiles once.
+`loop_round` is the sequential per-client loop over the same jitted step:
+the reference the lanes are tested against, and the benchmark's baseline.
+
+Every client takes either a fixed number of local steps (pFedMe's R steps of
+batch b, FedZO's H steps; a client with fewer samples than that cycles
+through them) or E local epochs of ceil(n_i / b) steps, the last batch of an
+epoch partly masked (FedAvg, BAFFLE). Padding every client to the largest
+would cost C x max_i n_i steps, far more than a per-client loop under
+Dirichlet 0.1 (sizes 10 .. 3,000); instead whole clients are packed into
+the lanes, longest first, each into the least loaded lane, which leaves
+almost no lane idle. How many lanes pays depends on the device: on a CPU a
+lane's model is streamed through memory at every step, so a few lanes per
+device win; on an accelerator, one lane per client.
+
+Batches: every round each client draws a random permutation of its samples
+(one root key, `fold_in` per round; all clients' permutations from one sort),
+its batch k holds positions k b .. (k + 1) b - 1 of it (modulo its size when
+cycling).
+"""
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from afl import federated
+
+Params = Any
+Carry = Any
+
+
+class LocalTraining(NamedTuple):
+  """What one client computes in a round.
+
+  Attributes:
+    init: (server model, client key) -> carry, the client's state at its
+      first local step.
+    step: (carry, x [b, ...], y [b], mask [b], key) -> (carry, loss), one
+      local step on a batch (mask: which rows are real samples).
+    upload: carry -> pytree the client sends to the server.
+    personal: carry -> the client's own model to test, or None for
+      algorithms that test the server model.
+  """
+
+  init: Callable[[Params, jax.Array], Carry]
+  step: Callable[..., tuple[Carry, jax.Array]]
+  upload: Callable[[Carry], Any]
+  personal: Callable[[Carry], Params] | None = None
+
+
+class ClientData(NamedTuple):
+  """The clients' training samples, contiguous per client (device arrays).
+
+  Attributes:
+    x: [N, ...] float32 samples sorted by client.
+    y: [N] int32 labels.
+    offset: [C] int32 index in x of each client's first sample.
+    size: [C] int32 samples per client.
+  """
+
+  x: jax.Array
+  y: jax.Array
+  offset: jax.Array
+  size: jax.Array
+
+  @property
+  def num_clients(self) -> int:
+    return self.size.shape[0]
+
+
+def client_data(x: np.ndarray, y: np.ndarray, indices) -> ClientData:
+  """Sorts the samples of `indices` (one array per client) by client."""
+  sizes = np.array([len(i) for i in indices], np.int32)
+  order = np.concatenate([np.asarray(i, np.int64) for i in indices])
+  offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+  return ClientData(
+      jnp.asarray(x[order], jnp.float32),
+      jnp.asarray(y[order], jnp.int32),
+      jnp.asarray(offset),
+      jnp.asarray(sizes),
+  )
+
+
+class Schedule(NamedTuple):
+  """Which client step every lane takes at every scan step (host numpy).
+
+  Attributes:
+    client: [L, S] int32 client of the step.
+    step: [L, S] int32 index of the step in that client's local training.
+    valid: [L, S] bool, False for padding after a lane's last client.
+    first: [L, S] bool, the client's first step (reset the carry).
+    last: [L, S] bool, the client's last step (add its upload).
+    steps: [C] local steps of each client.
+    batch_size: b.
+    cycle: True: fixed steps, a client cycles through its samples; False:
+      epochs, positions past a client's samples are masked.
+  """
+
+  client: np.ndarray
+  step: np.ndarray
+  valid: np.ndarray
+  first: np.ndarray
+  last: np.ndarray
+  steps: np.ndarray
+  batch_size: int
+  cycle: bool
+
+  @property
+  def num_lanes(self) -> int:
+    return self.client.shape[0]
+
+  @property
+  def length(self) -> int:
+    return self.client.shape[1]
+
+
+def _pack(steps: np.ndarray, num_lanes: int) -> list[list[int]]:
+  """Longest clients first, each into the least loaded lane."""
+  lanes, loads = [[] for _ in range(num_lanes)], np.zeros(num_lanes, np.int64)
+  for client in np.argsort(-steps, kind="stable"):
+    if steps[client]:
+      lane = int(np.argmin(loads))
+      lanes[lane].append(int(client))
+      loads[lane] += steps[client]
+  return lanes
+
+
+# On a CPU the lanes of a device together keep about this many bytes of
+# client state: every step streams each lane's model through memory, so
+# beyond the cache many lanes are memory-bound (MNIST-MLP, 436 KB a model:
+# 2-4 lanes per device beat 8 and 100; `experiments.benchmark_baselines
+# --lanes`), while small models (LR) gain from many lanes, which cut the
+# number of scan steps and their fixed cost.
+CPU_LANE_BYTES = 2**21
+
+
+def default_num_lanes(
+    carry_bytes: int, num_clients: int, num_shards: int = 1
+) -> int:
+  """Lanes for a client state of `carry_bytes`: one per client on
+  accelerators; on CPU as many per device as fit CPU_LANE_BYTES (>= 2)."""
+  if jax.default_backend() != "cpu":
+    return num_clients
+  per_device = max(2, CPU_LANE_BYTES // max(carry_bytes, 1))
+  return min(num_clients, per_device * num_shards)
+
+
+def tree_bytes(tree) -> int:
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def make_schedule(
+    sizes: np.ndarray,
+    batch_size: int,
+    local_steps: int = 0,
+    local_epochs: int = 1,
+    num_shards: int = 1,
+    num_lanes: int = 0,
+) -> Schedule:
+  """Packs the round's client steps into lanes (see the module docstring).
+
+  Args:
+    sizes: [C] training samples per client.
+    batch_size: b.
+    local_steps: > 0: every client with data takes this many steps (cycling
+      through its samples); 0: `local_epochs` epochs each.
+    local_epochs: E, when local_steps is 0.
+    num_shards: devices; the number of lanes is a multiple of it.
+    num_lanes: lanes (rounded up to a multiple of num_shards); 0: one per
+      client.
+
+  Returns:
+    The schedule.
+  """
+  sizes = np.asarray(sizes, np.int64)
+  if batch_size < 1 or local_steps < 0 or local_epochs < 1 or num_lanes < 0:
+    raise ValueError(
+        f"batch_size ({batch_size}) and local_epochs ({local_epochs}) must be"
+        f" positive, local_steps ({local_steps}) and num_lanes ({num_lanes})"
+        " >= 0"
+    )
+  if local_steps:
+    steps = np.where(sizes > 0, local_steps, 0)
+  else:
+    steps = local_epochs * -(-sizes // batch_size)
+  num_lanes = num_lanes or len(sizes)
+  lanes = _pack(steps, math.ceil(num_lanes / num_shards) * num_shards)
+  length = max(1, max(sum(steps[c] for c in lane) for lane in lanes))
+  shape = (len(lanes), length)
+  client, step = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  valid, first, last = (np.zeros(shape, bool) for _ in range(3))
+  for row, lane in enumerate(lanes):
+    position = 0
+    for c in lane:
+      span = slice(position, position + steps[c])
+      client[row, span] = c
+      step[row, span] = np.arange(steps[c])
+      valid[row, span] = True
+      first[row, position] = True
+      last[row, position + steps[c] - 1] = True
+      position += steps[c]
+  return Schedule(
+      client,
+      step,
+      valid,
+      first,
+      last,
+      steps.astype(np.int64),
+      batch_size,
+      cycle=bool(local_steps),
+  )
+
+
+def _keys(round_key: jax.Array):
+  """(permutation key root, client key root) of a round."""
+  return jax.random.fold_in(round_key, 0), jax.random.fold_in(round_key, 1)
+
+
+def permutations(key: jax.Array, size: jax.Array, total: int) -> jax.Array:
+  """[N] int32: within each client's rows (contiguous, `client_data`), a
+  random permutation of them; one sort of the N samples by (client, u)."""
+  client = jnp.repeat(
+      jnp.arange(size.shape[0]), size, total_repeat_length=total
+  )
+  u = jax.random.uniform(key, (total,))
+  rows = jnp.arange(total, dtype=jnp.int32)
+  return jax.lax.sort((client, u, rows), num_keys=2)[2]
+
+
+def client_batch(
+    data: ClientData,
+    perm: jax.Array,
+    client: jax.Array,
+    step: jax.Array,
+    batch_size: int,
+    cycle: bool,
+):
+  """Batch `step` of `client`: (x [b, ...], y [b], mask [b])."""
+  n = data.size[client]
+  position = step * batch_size + jnp.arange(batch_size)
+  mask = jnp.broadcast_to(n > 0, position.shape) if cycle else position < n
+  rows = perm[data.offset[client] + position % jnp.maximum(n, 1)]
+  return data.x[rows], data.y[rows], mask
+
+
+def _where(condition, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+class RoundOutput(NamedTuple):
+  """What a round of local training gives the server.
+
+  Attributes:
+    upload: the clients' uploads averaged with the weights.
+    personal: [C, ...] each client's `local.personal` model after its last
+      step (the server model for a client without data), or None.
+    loss: the mean local training loss over all real samples of all steps.
+  """
+
+  upload: Any
+  personal: Any
+  loss: jax.Array
+
+
+def round_fn(
+    local: LocalTraining,
+    schedule: Schedule,
+    weights: np.ndarray,
+    mesh: jax.sharding.Mesh,
+):
+  """The round: jitted (server model, data, round key) -> RoundOutput.
+
+  Each device scans over the steps, its lanes vmapped inside the step. The
+  clients' personal models (if `local.personal`): with fixed steps all lanes
+  switch clients together, every R steps, so an outer scan over these slots
+  stacks the lanes' models ([slots, L, ...]) and one gather picks each
+  client's; with epochs a finished client's model is scattered into a
+  per-client table at its last step.
+
+  Args:
+    local: what a client computes.
+    schedule: from `make_schedule`, with a multiple of mesh.size lanes.
+    weights: [C] weight of each client's upload (e.g. its sample count).
+    mesh: mesh with axis 'clients'.
+  """
+  if schedule.num_lanes % mesh.size:
+    raise ValueError(
+        f"{schedule.num_lanes} lanes do not split over {mesh.size} devices"
+    )
+  weights = np.asarray(weights, np.float64)
+  trained = schedule.steps > 0
+  total_weight = float(weights[trained].sum()) or 1.0
+  num_clients = len(schedule.steps)
+  personal = local.personal is not None
+  # Fixed steps: every lane's clients start at multiples of R.
+  slot_length = int(schedule.steps.max()) if schedule.cycle else 0
+  slotted = personal and slot_length > 0
+  if slotted:
+    lane, start = np.nonzero(schedule.first)
+    position = np.zeros(num_clients, np.int64)  # client -> slot * L + lane
+    position[schedule.client[lane, start]] = (
+        start // slot_length * schedule.num_lanes + lane
+    )
+    position = jnp.asarray(position)
+  # Steps on the scan axis: [S, L].
+  lanes = tuple(
+      jnp.asarray(a.T)
+      for a in (
+          schedule.client,
+          schedule.step,
+          schedule.valid,
+          schedule.first,
+          schedule.last,
+      )
+  )
+  weights = jnp.asarray(weights, jnp.float32)
+
+  def device_lanes(params, data, perm, client_root, *lanes):
+    def key_of(c):
+      return jax.random.fold_in(client_root, c)
+
+    def lane_step(carry, total, c, k, v, f, l):
+      key = key_of(c)
+      carry = _where(f, local.init(params, key), carry)
+      x, y, mask = client_batch(
+          data, perm, c, k, schedule.batch_size, schedule.cycle
+      )
+      mask = mask & v
+      new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
+      carry = _where(v, new, carry)
+      scale = jnp.where(l & v, weights[c], 0.0)
+      total = jax.tree.map(
+          lambda t, u: t + scale * u, total, local.upload(carry)
+      )
+      n = mask.sum()
+      return carry, total, loss * n, n
+
+    def body(state, inputs):
+      carries, totals, table, loss_sum, count = state
+      carries, totals, losses, counts = jax.vmap(lane_step)(
+          carries, totals, *inputs
+      )
+      if table is not None:
+        c, _, v, _, l = inputs
+        rows = jnp.where(l & v, c, num_clients)  # out of range: dropped
+        table = jax.tree.map(
+            lambda t, m: t.at[rows].set(m, mode="drop"),
+            table,
+            local.personal(carries),
+        )
+      state = (
+          carries,
+          totals,
+          table,
+          loss_sum + losses.sum(),
+          count + counts.sum(),
+      )
+      return state, None
+
+    carries = jax.vmap(local.init, in_axes=(None, 0))(
+        params, jax.vmap(key_of)(lanes[0][0])
+    )
+    totals = jax.tree.map(jnp.zeros_like, jax.vmap(local.upload)(carries))
+    table = None
+    if personal and not slotted:
+      table = jax.tree.map(
+          lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype),
+          local.personal(local.init(params, key_of(0))),
+      )
+    zero = jnp.zeros((), jnp.float32)
+    state = (carries, totals, table, zero, zero)
+    if slotted:
+
+      def slot(state, inputs):
+        state, _ = jax.lax.scan(body, state, inputs)
+        return state, local.personal(state[0])
+
+      slots = jax.tree.map(
+          lambda a: a.reshape((-1, slot_length) + a.shape[1:]), lanes
+      )
+      state, table = jax.lax.scan(slot, state, slots)  # [slots, L, ...]
+    else:
+      state, _ = jax.lax.scan(body, state, lanes)
+      table = jax.lax.psum(table, federated.CLIENTS)
+    _, totals, _, loss_sum, count = state
+    totals, loss_sum, count = jax.lax.psum(
+        (jax.tree.map(lambda t: t.sum(0), totals), loss_sum, count),
+        federated.CLIENTS,
+    )
+    return totals, table, loss_sum / jnp.maximum(count, 1)
+
+  lane_spec = PartitionSpec(None, federated.CLIENTS)
+  mapped = jax.shard_map(
+      device_lanes,
+      mesh=mesh,
+      in_specs=(PartitionSpec(),) * 4 + (lane_spec,) * 5,
+      out_specs=(
+          PartitionSpec(),
+          lane_spec if slotted else PartitionSpec(),
+          PartitionSpec(),
+      ),
+      check_vma=False,
+  )
+  trained = jnp.asarray(trained)
+
+  @jax.jit
+  def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
+    perm_root, client_root = _keys(round_key)
+    perm = permutations(perm_root, data.size, data.x.shape[0])
+    totals, table, loss = mapped(params, data, perm, client_root, *lanes)
+    upload = jax.tree.map(lambda t: t / total_weight, totals)
+    models = None
+    if personal:  # clients without data keep the server model
+      if slotted:
+        table = jax.tree.map(
+            lambda t: t.reshape((-1,) + t.shape[2:])[position], table
+        )
+      server = local.personal(local.init(params, client_root))
+      models = jax.tree.map(
+          lambda t, g: jnp.where(trained.reshape((-1,) + (1,) * g.ndim), t, g),
+          table,
+          server,
+      )
+    return RoundOutput(upload, models, loss)
+
+  return run
+
+
+def loop_round(
+    local: LocalTraining,
+    schedule: Schedule,
+    weights: np.ndarray,
+):
+  """The same round as `round_fn`, one client after the other, one jitted
+  step call per local step (how most simulators run clients).
+
+  Returns:
+    (server model, data, round key) -> RoundOutput.
+  """
+  weights = np.asarray(weights, np.float64)
+  total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
+
+  @jax.jit
+  def step(carry, data, perm, c, k, key):
+    x, y, mask = client_batch(
+        data, perm, c, k, schedule.batch_size, schedule.cycle
+    )
+    new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
+    return new, loss * mask.sum(), mask.sum()
+
+  init = jax.jit(local.init)
+  upload = jax.jit(local.upload)
+  perms = jax.jit(permutations, static_argnums=2)
+
+  def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
+    perm_root, client_root = _keys(round_key)
+    perm = perms(perm_root, data.size, data.x.shape[0])
+    total, personal, loss_sum, count = None, [], 0.0, 0.0
+    for c in range(data.num_clients):
+      key = jax.random.fold_in(client_root, c)
+      carry = init(params, key)
+      for k in range(schedule.steps[c]):
+        carry, loss, n = step(carry, data, perm, c, k, key)
+        loss_sum, count = loss_sum + loss, count + n
+      if local.personal is not None:
+        personal.append(local.personal(carry))
+      if schedule.steps[c]:
+        sent = jax.tree.map(lambda u: weights[c] * u, upload(carry))
+        total = sent if total is None else jax.tree.map(jnp.add, total, sent)
+    upload_mean = jax.tree.map(lambda t: t / total_weight, total)
+    if personal:
+      personal = jax.tree.map(lambda *a: jnp.stack(a), *personal)
+    return RoundOutput(upload_mean, personal or None, loss_sum / max(count, 1))
+
+  return run

@@ -1,0 +1,113 @@
+"""Zeroth-order gradient estimates: FedZO's sphere and BAFFLE's Gaussian.
+
+Both replace back-propagation by forward passes at perturbed parameters; the
+perturbations are drawn at once and the perturbed losses evaluated with one
+`vmap`, never a Python loop over directions.
+
+* FedZO (Fang et al., 2022; DESIGN.md section 4), b2 directions u_j uniform on
+  the unit sphere of R^d, smoothing mu:
+      g = d / (mu b2) sum_j (f(x + mu u_j) - f(x)) u_j.
+* BAFFLE (Feng et al., 2023), K Gaussian perturbations delta_k ~ N(0, sigma^2
+  I) and Stein's identity, E[f(x + delta) delta] = sigma^2 grad f(x) + O(sigma^3):
+      forward:  g = 1 / (K sigma^2) sum_k (f(x + delta_k) - f(x)) delta_k,
+      central:  g = 1 / (2 K sigma^2) sum_k (f(x + delta_k) - f(x - delta_k))
+                delta_k.
+  BAFFLE's difference sums are additive over samples, so a client can
+  accumulate them batch by batch (`gaussian_differences`) and combine them
+  once (`stein_gradient`); `gaussian_gradient` does both on one batch.
+
+pFedZO uses the sphere estimate inside pFedMe's inner problem.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+LossFn = Callable[..., jax.Array]  # params pytree -> scalar
+
+
+def sphere_directions(key: jax.Array, num: int, dim: int) -> jax.Array:
+  """[num, dim] directions uniform on the unit sphere (normalized Gaussians)."""
+  u = jax.random.normal(key, (num, dim), jnp.float32)
+  return u / jnp.linalg.norm(u, axis=1, keepdims=True)
+
+
+def sphere_gradient(
+    loss_fn: LossFn, params, key: jax.Array, mu: float, num_directions: int
+):
+  """FedZO's estimate of grad loss_fn(params).
+
+  Args:
+    loss_fn: params -> scalar loss (e.g. the mean loss of a batch).
+    params: pytree of float32 arrays, d numbers in all.
+    key: PRNG key of the directions.
+    mu: smoothing radius.
+    num_directions: b2.
+
+  Returns:
+    (loss_fn(params), estimate with the structure of params).
+  """
+  flat, unravel = ravel_pytree(params)
+  directions = sphere_directions(key, num_directions, flat.size)  # [b2, d]
+  loss = loss_fn(params)
+  perturbed = jax.vmap(lambda u: loss_fn(unravel(flat + mu * u)))(directions)
+  scale = flat.size / (mu * num_directions)
+  return loss, unravel(scale * (perturbed - loss) @ directions)
+
+
+def gaussian_perturbations(
+    key: jax.Array, num: int, dim: int, sigma: float
+) -> jax.Array:
+  """[num, dim] BAFFLE perturbations delta_k ~ N(0, sigma^2 I)."""
+  return sigma * jax.random.normal(key, (num, dim), jnp.float32)
+
+
+def gaussian_differences(
+    loss_fn: LossFn, params, perturbations: jax.Array, central: bool
+) -> jax.Array:
+  """[K] loss differences f(x + delta_k) - f(x) (forward) or
+  f(x + delta_k) - f(x - delta_k) (central); additive over samples when
+  loss_fn is a sum."""
+  flat, unravel = ravel_pytree(params)
+  plus = jax.vmap(lambda p: loss_fn(unravel(flat + p)))(perturbations)
+  if central:
+    return plus - jax.vmap(lambda p: loss_fn(unravel(flat - p)))(perturbations)
+  return plus - loss_fn(params)
+
+
+def stein_gradient(
+    differences: jax.Array,
+    perturbations: jax.Array,
+    sigma: float,
+    central: bool,
+    like,
+):
+  """Stein's-identity estimate from `gaussian_differences`, shaped like
+  the pytree `like`."""
+  scale = 1.0 / (perturbations.shape[0] * sigma**2 * (2.0 if central else 1.0))
+  _, unravel = ravel_pytree(like)
+  return unravel(scale * differences @ perturbations)
+
+
+def gaussian_gradient(
+    loss_fn: LossFn,
+    params,
+    key: jax.Array,
+    sigma: float,
+    num_perturbations: int,
+    central: bool = False,
+):
+  """BAFFLE's estimate of grad loss_fn(params) on one batch.
+
+  Returns:
+    (loss_fn(params), estimate with the structure of params).
+  """
+  flat, _ = ravel_pytree(params)
+  perturbations = gaussian_perturbations(
+      key, num_perturbations, flat.size, sigma
+  )
+  differences = gaussian_differences(loss_fn, params, perturbations, central)
+  estimate = stein_gradient(differences, perturbations, sigma, central, params)
+  return loss_fn(params), estimate
