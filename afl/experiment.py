@@ -29,6 +29,7 @@ from afl import data as data_lib
 from afl import distributed
 from afl import evaluation
 from afl import fedacnnl
+from afl import memory
 from afl import federated
 from afl import models
 from afl import pfedacnnl
@@ -308,6 +309,20 @@ def run_experiment(
       run.train_data.block_size,
       run.mesh.size,
   )
+  clustered, personalized = ANALYTIC[config.algorithm]
+  expected = memory.estimate(
+      run.model,
+      run.train_data.x.shape[2:],
+      num_blocks=run.train_data.num_blocks,
+      block_size=run.train_data.block_size,
+      num_devices=len(run.mesh.local_devices),
+      num_groups=config.num_groups if clustered else 1,
+      num_clients=config.num_clients,
+      personalization_budget=(
+          pfedacnnl.DEFAULT_MEMORY_BUDGET if personalized else 0
+      ),
+  )
+  logging.info("%s (see afl/memory.py)", expected.describe())
   trained = train(config, run)
   model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
   train_data, test_data = run.train_data, run.test_data
@@ -352,6 +367,7 @@ def run_experiment(
       "data_time_s": data_time,
       "eval_time_s": eval_time,
       "peak_memory_gb": peak_memory_gb(),
+      "expected_peak_memory_gb": expected.peak / memory.GIB,
       "num_devices": mesh.size,
       "num_processes": jax.process_count(),
       "block_size": train_data.block_size,

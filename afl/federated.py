@@ -417,17 +417,19 @@ def segment_sum(
     if merge:
       acc, _ = jax.lax.scan(merged_step, varying_zeros((1,)), chunks)
     else:
-      # Only up to the last block with samples: the rest of a device's
-      # blocks are padding (`federate` puts them last), so a loop with a
-      # run-time bound skips them without a conditional per block.
-      has_samples = mask.any(axis=1)
-      end = jnp.max(jnp.where(has_samples, jnp.arange(steps) + 1, 0))
+      # Only from the first to the last block that counts: the rest of a
+      # device's blocks are padding (`federate` puts them last) or left out
+      # (a pass over some clients, which lie next to each other), so a loop
+      # with run-time bounds skips them without a conditional per block.
+      counts = mask.any(axis=1) & (segment_index >= 0)
+      end = jnp.max(jnp.where(counts, jnp.arange(steps) + 1, 0))
+      begin = jnp.min(jnp.where(counts, jnp.arange(steps), end))
       start = (
           varying_zeros((num_segments,)),
           varying_zeros(),
           jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
       )
-      acc, running, current = jax.lax.fori_loop(0, end, block_step, start)
+      acc, running, current = jax.lax.fori_loop(begin, end, block_step, start)
       acc = jax.lax.cond(
           current >= 0,
           lambda acc: write(acc, running, current),

@@ -104,6 +104,11 @@ def grouping_report(groups: np.ndarray, counts: np.ndarray) -> str:
   return "\n".join(lines)
 
 
+def clients_per_pass(width: int, num_clients: int, budget_bytes: int) -> int:
+  """Clients whose float64 d x d statistics fit the budget (at least 1)."""
+  return int(max(1, min(num_clients, budget_bytes // (8 * width * width))))
+
+
 def personalize(
     algorithm: fedacnnl.FedACnnL,
     data: federated.FederatedData,
@@ -133,7 +138,14 @@ def personalize(
   client_group = np.asarray(client_group, np.int32)
   num_clients = data.num_clients
   params = jax.tree.map(lambda a: a[client_group], meta_params)
-  client = np.asarray(data.client)
+  # Passes take clients in layout order (`train`'s group-by-group layout),
+  # so a pass's blocks lie next to each other and each device scans only
+  # them (`federated.segment_sum`): every layer reads the data about once,
+  # however few clients fit in a pass.
+  layout = np.argsort(client_group, kind="stable")
+  position = np.empty(num_clients, np.int64)
+  position[layout] = np.arange(num_clients)
+  block_position = position[np.asarray(data.client)]
 
   def layer_step(layer, params):
     stage = algorithm.model.stages[layer]
@@ -141,14 +153,14 @@ def personalize(
         stage.layer, meta_params["params"][models.layer_name(layer)]
     )
     width = meta.shape[-2]
-    chunk = int(
-        max(1, min(num_clients, memory_budget_bytes // (8 * width * width)))
-    )
+    chunk = clients_per_pass(width, num_clients, memory_budget_bytes)
     weights, stats_s = [], 0.0
     for start in range(0, num_clients, chunk):
-      members = np.arange(start, min(start + chunk, num_clients))
+      members = layout[start : start + chunk]
       segment = np.where(
-          (client >= start) & (client < start + chunk), client - start, -1
+          (block_position >= start) & (block_position < start + chunk),
+          block_position - start,
+          -1,
       ).astype(np.int32)
       began = time.perf_counter()
       stats = jax.block_until_ready(
@@ -160,6 +172,7 @@ def personalize(
       prior = meta[client_group[np.resize(members, chunk)]].astype(jnp.float64)
       weights.append(algorithm.solve(layer, stats, eps, prior)[: len(members)])
     weights = jnp.concatenate(weights) if len(weights) > 1 else weights[0]
+    weights = weights[position]  # layout order -> client order
     return algorithm.write_layer(layer, params, weights), {
         "width": int(width),
         "outputs": int(weights.shape[-1]),
