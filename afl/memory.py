@@ -14,8 +14,9 @@ S = the clients of one pass for personalization (eq. 12, 13;
 `pfedacnnl.clients_per_pass`, from a byte budget). The solve assembles one
 d x d system at a time. On top come one step's design rows (samples per step
 x positions x d, float32, twice for the patches and their cast) and the
-client blocks themselves (train and test, float32, on the host and on the
-devices). So memory is O(devices (K + chunk) d^2 + data), never O(C d^2).
+client blocks themselves (train and test on the devices, float32, and one
+host copy while they are placed). So memory is
+O(devices (K + chunk) d^2 + data), never O(C d^2).
 Virtual CPU devices share the host's memory, so there the device terms add
 up; on GPUs each device holds its own.
 
@@ -42,7 +43,9 @@ class Estimate(NamedTuple):
   """Expected bytes (see the module docstring).
 
   Attributes:
-    data: client blocks, train and test, host and device copies.
+    data: client blocks: train and test on the devices (the test blocks
+      taken as no more than the train blocks) and one host copy of the
+      blocks being placed.
     statistics: the peak over layers and stages of the statistics' term,
       summed over devices.
     widest: the largest design width d.
@@ -101,8 +104,7 @@ def estimate(
   Args:
     model: the network.
     input_shape: per-sample input shape.
-    num_blocks: client blocks of the training data (the test data is
-      assumed no larger).
+    num_blocks: client blocks of the training data.
     block_size: samples per block.
     num_devices: devices of the client mesh on this host.
     num_groups: K (1 for FedACnnL).
@@ -112,7 +114,8 @@ def estimate(
     rows_per_step: design rows per merged step (`fedacnnl.fedacnnl`).
   """
   features = math.prod(input_shape)
-  data = 2 * 2 * num_blocks * block_size * (features * 4 + 4 + 1)
+  # Train and test blocks on the devices, one host copy while placing.
+  data = 3 * num_blocks * block_size * (features * 4 + 4 + 1)
   statistics = 0
   widest, segments = 0, 1
   for positions, width in design_shapes(model, input_shape):

@@ -6,21 +6,23 @@ Trains FedACnnL on MNIST-MLP over the same 70,000 samples split among
 10, 100, 1,000 and 10,000 clients (`--client_counts`; iid by default, since
 a Dirichlet split cannot give 10,000 clients 10 samples each), on one CPU
 device, and with `--device_clients` clients on 1, 2, 4 and 8 CPU devices
-(`--device_counts`). Every cell runs in its own process: the CPU device count
-must be set (XLA_FLAGS) before JAX is imported, and each process's peak
-resident memory is then that cell's. A cell is `--repeats` timed trainings
-after one compiling run; the table shows their median, its ratio to the
-reference cell (`--reference_clients` on 1 device), the compile time, the
-number of client blocks and the peak memory. Timings on a shared machine are
-noisy: compare ratios from one invocation. `--output` writes all numbers as
-JSON.
+(`--device_counts`). The client counts are timed in one process, their
+repetitions interleaved so that all see the same machine load; each device
+count needs its own process (the CPU device count must be set in XLA_FLAGS
+before JAX is imported); each client count's peak resident memory is
+measured in a process of its own. A cell is `--repeats` timed trainings
+after one compiling run; the tables show their median, its ratio to the
+reference cell (`--reference_clients` on 1 device; 1 device for the device
+sweep), the compile time, the number of client blocks, the peak memory and
+the memory model's expectation (`afl/memory.py`). Timings on a shared
+machine are noisy: compare ratios from one invocation. `--output` writes all
+numbers as JSON.
 
-Memory model (FedACnnL): the client blocks, ceil(N / B) + C rounded up, of
-B x 784 float32 each, twice (host copy and device copy), plus per device one
-float64 d x d accumulator of the widest layer (785 x 785) and the float32
-products of one step: a few hundred MB whatever C, so the 10,000-client run
-needs about the memory of the 100-client run plus C x B x 784 x 4 bytes of
-padding blocks.
+Memory (FedACnnL, `afl/memory.py`): the client blocks, ceil(N / B) + C
+rounded up, of B x 784 float32 each, plus per device (2 + 3) float64 d x d
+sums of the widest layer (785 x 785): the statistics take the same few tens
+of MB whatever C; 10,000 clients cost more only through their blocks'
+padding (B = 8 for about 5 samples per client).
 """
 
 import json
@@ -37,6 +39,7 @@ import jax
 import numpy as np
 
 from afl import experiment
+from afl import memory
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_list(
@@ -98,6 +101,15 @@ def run_cells(client_counts: list[int]) -> list[dict]:
           "compile_s": first.compile_time_s,
           "setup_s": setup_s,
           "peak_memory_gb": experiment.peak_memory_gb(),
+          "expected_peak_memory_gb": memory.estimate(
+              run.model,
+              run.train_data.x.shape[2:],
+              num_blocks=run.train_data.num_blocks,
+              block_size=run.train_data.block_size,
+              num_devices=run.mesh.size,
+              num_groups=1,
+          ).peak
+          / memory.GIB,
       }
       for num_clients, (_, run, setup_s, first, times) in runs.items()
   ]
@@ -142,14 +154,16 @@ def spawn(client_counts: list[int], num_devices: int, repeats: int) -> list:
 def table(cells: list[dict], reference: dict) -> str:
   lines = [
       f"{'clients':>8} {'devices':>7} {'blocks':>7} {'B':>4} "
-      f"{'train s':>8} {'ratio':>6} {'compile s':>9} {'peak GB':>7}"
+      f"{'train s':>8} {'ratio':>6} {'compile s':>9} {'peak GB':>7} "
+      f"{'model GB':>8}"
   ]
   for cell in cells:
     lines.append(
         f"{cell['clients']:8d} {cell['devices']:7d} {cell['blocks']:7d} "
         f"{cell['block_size']:4d} {cell['train_median_s']:8.3f} "
         f"{cell['train_median_s'] / reference['train_median_s']:6.2f} "
-        f"{cell['compile_s']:9.2f} {cell['peak_memory_gb']:7.2f}"
+        f"{cell['compile_s']:9.2f} {cell['peak_memory_gb']:7.2f} "
+        f"{cell['expected_peak_memory_gb']:8.2f}"
     )
   return "\n".join(lines)
 

@@ -84,15 +84,11 @@ flags.DEFINE_enum(
 FLAGS = flags.FLAGS
 
 
-def run_algorithm(name: str, split, output_dir: pathlib.Path) -> dict:
-  """One algorithm's run, or its saved results."""
-  out = output_dir / name
-  saved = out / "results.json"
-  if saved.exists():
-    return json.loads(saved.read_text())
-  config = experiment.default_config()
-  config.update(
-      algorithm=name,
+def config(algorithm: str):
+  """The run's configuration from the flags."""
+  cfg = experiment.default_config()
+  cfg.update(
+      algorithm=algorithm,
       dataset="cifar10",
       model="dcnn",
       width=FLAGS.width,
@@ -103,7 +99,16 @@ def run_algorithm(name: str, split, output_dir: pathlib.Path) -> dict:
       seed=FLAGS.seed,
       statistics_dtype=FLAGS.statistics_dtype,
   )
-  return RUNNERS[name](config, out, split)
+  return cfg
+
+
+def run_algorithm(name: str, split, output_dir: pathlib.Path) -> dict:
+  """One algorithm's run, or its saved results."""
+  out = output_dir / name
+  saved = out / "results.json"
+  if saved.exists():
+    return json.loads(saved.read_text())
+  return RUNNERS[name](config(name), out, split)
 
 
 def curve(results: dict) -> tuple[list[float], list[float]]:
@@ -185,17 +190,7 @@ def main(argv):
   distributed.initialize()
   logging.set_verbosity(logging.INFO)
   output_dir = pathlib.Path(FLAGS.output_dir)
-  config = experiment.default_config()
-  config.update(
-      dataset="cifar10",
-      model="dcnn",
-      num_clients=FLAGS.num_clients,
-      dirichlet_beta=FLAGS.dirichlet_beta,
-      min_client_size=FLAGS.min_client_size,
-      data_dir=FLAGS.data_dir,
-      seed=FLAGS.seed,
-  )
-  split = experiment.prepare_split(config)  # one split for all
+  split = experiment.prepare_split(config("fedacnnl"))  # one split for all
   figure = {}
   start = time.perf_counter()
   for name in FLAGS.algorithms:

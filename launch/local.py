@@ -10,10 +10,10 @@ coordinator address (a free localhost port), the process count and its id
 (`afl.distributed.initialize` reads them) and `XLA_FLAGS` with
 `--xla_force_host_platform_device_count=--devices_per_process` (CPU devices
 must be set before JAX is imported, hence one process per setting). Each
-process's output goes to PROCESS_LOG_DIR/process_<i>.log. When a process fails, the
-others are stopped (SIGTERM, then SIGKILL after --grace_s) and the launcher
-exits with the failed process's status, naming it and printing the end of its
-log; it exits 0 when all succeed.
+process's output goes to PROCESS_LOG_DIR/process_<i>.log. When a process
+fails, the others are stopped (SIGTERM, then SIGKILL after --grace_s) and
+the launcher exits with the failed process's status, naming it and printing
+the end of its log; it exits 0 when all succeed.
 """
 
 import os

@@ -96,7 +96,8 @@ def test_launcher_reports_a_crashed_child_and_stops_the_others(tmp_path):
   script = (
       "import os, sys, time\n"
       "i = os.environ['AFL_PROCESS_ID']\n"
-      "open(os.path.join(sys.argv[1], 'pid' + i), 'w').write(str(os.getpid()))\n"
+      "path = os.path.join(sys.argv[1], 'pid' + i)\n"
+      "open(path, 'w').write(str(os.getpid()))\n"
       "print('child', i, 'up', flush=True)\n"
       "sys.exit(3) if i == '1' else time.sleep(60)\n"
   )

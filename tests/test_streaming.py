@@ -18,18 +18,7 @@ from afl import models
 from afl import pfedacnnl
 from afl import statistics
 from tests import reference
-
-
-def small_convnet():
-  return models.LayerwiseNet(
-      (
-          models.Stage(models.Conv(6, 5), "leaky_relu", pool=2),
-          models.Stage(
-              models.Conv(8, 3), "leaky_relu", pool=models.GLOBAL_POOL
-          ),
-          models.Stage(models.Dense(10)),
-      )
-  )
+from tests.test_fedacnnl import small_convnet
 
 
 @pytest.fixture(scope="module")
