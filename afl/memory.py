@@ -21,8 +21,11 @@ Virtual CPU devices share the host's memory, so there the device terms add
 up; on GPUs each device holds its own.
 
 The rest, `RUNTIME`, is a measured constant: the JAX runtime, compiled
-code and the dataset as loaded before federation take about 0.5 GB on CPU
-(MNIST-MLP at 10 to 10,000 clients, the small DCNN on the CIFAR-10 subset).
+code and the dataset as loaded before federation took 0.4-0.5 GB on CPU
+for MNIST-MLP (10 to 10,000 clients) and about 0.7 GB for the 1/16-width
+DCNN on the CIFAR-10 subset; we count 0.75 GB. The estimate is for one run
+in a fresh process: the peak resident memory of a process that ran other
+experiments before includes what they left behind.
 """
 
 import math
@@ -36,7 +39,7 @@ from afl import models
 from afl import pfedacnnl
 
 GIB = 2**30
-RUNTIME = GIB // 2  # bytes; measured on CPU, see the module docstring
+RUNTIME = 3 * GIB // 4  # bytes; measured on CPU, see the module docstring
 
 
 class Estimate(NamedTuple):
