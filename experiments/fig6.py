@@ -150,12 +150,19 @@ def plot(figure: dict, path: pathlib.Path, title: str) -> None:
         label=f"{TITLES.get(name, name)} ({100 * entry['accuracy']:.1f}%)",
     )
     rounds = entry["round_times_s"]
-    right.plot(range(1, len(rounds) + 1), rounds, marker=".", label=name)
+    right.plot(
+        range(1, len(rounds) + 1),
+        rounds,
+        marker=".",
+        label=TITLES.get(name, name),
+    )
   left.set(xlabel="training time (s)", ylabel="test accuracy (%)")
-  left.set_xscale("log")
+  left.set_xlim(left=0)
   left.legend(fontsize=8)
-  right.set(xlabel="round", ylabel="time of the round (s)")
+  right.set(xlabel="round (layer; personalization follows)")
+  right.set(ylabel="time of the round (s)")
   right.set_yscale("log")
+  right.legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
