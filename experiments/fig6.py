@@ -28,9 +28,11 @@ samples; 5,000 images cannot give 100 clients 10 each under Dirichlet(0.1)
 (at least one test sample per client). The full 60,000 images work with 10.
 
 Algorithms are looked up in `RUNNERS` (name -> function(config, output_dir,
-split) -> results dict with "accuracy", "wall_time_s" and "rounds"): the
-analytic ones of `afl.experiment` now; FedACnnL-WA and FedAvg register when
-their code lands.
+split) -> results dict with "accuracy", "wall_time_s", "compile_time_s",
+"peak_memory_gb" and "rounds", each round with "time_s" or "statistics_s" +
+"solve_s" and, for a curve, "accuracy"): the analytic ones of
+`afl.experiment` (FedACnnL-WA included); FedAvg registers its runner when
+the baselines land.
 """
 
 import json
@@ -111,11 +113,19 @@ def run_algorithm(name: str, split, output_dir: pathlib.Path) -> dict:
   return RUNNERS[name](config(name), out, split)
 
 
+def round_seconds(record: dict) -> float:
+  """A round's training time: "time_s" if the runner records it (iterative
+  baselines), else statistics + solve (the analytic rounds)."""
+  if "time_s" in record:
+    return record["time_s"]
+  return record.get("statistics_s", 0.0) + record.get("solve_s", 0.0)
+
+
 def curve(results: dict) -> tuple[list[float], list[float]]:
   """(cumulative training seconds, accuracy) points of one run."""
   times, accuracies, elapsed = [], [], 0.0
   for record in results["rounds"]:
-    elapsed += record.get("statistics_s", 0.0) + record.get("solve_s", 0.0)
+    elapsed += round_seconds(record)
     if "accuracy" in record:
       times.append(elapsed)
       accuracies.append(record["accuracy"])
@@ -129,10 +139,7 @@ def summary(results: dict) -> dict:
       "accuracy": results["accuracy"],
       "wall_time_s": results["wall_time_s"],
       "compile_time_s": results["compile_time_s"],
-      "round_times_s": [
-          r.get("statistics_s", 0.0) + r.get("solve_s", 0.0)
-          for r in results["rounds"]
-      ],
+      "round_times_s": [round_seconds(r) for r in results["rounds"]],
       "peak_memory_gb": results["peak_memory_gb"],
       "expected_peak_memory_gb": results.get("expected_peak_memory_gb"),
       "curve": curve(results),
