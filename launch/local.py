@@ -69,14 +69,21 @@ def _stop(processes: Sequence[subprocess.Popen], grace_s: float) -> None:
   """SIGTERM to every running child's process group, SIGKILL if it stays."""
   running = [p for p in processes if p.poll() is None]
   for process in running:
-    os.killpg(process.pid, signal.SIGTERM)
+    _signal_group(process, signal.SIGTERM)
   deadline = time.monotonic() + grace_s
   for process in running:
     try:
       process.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-      os.killpg(process.pid, signal.SIGKILL)
+      _signal_group(process, signal.SIGKILL)
       process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+  try:
+    os.killpg(process.pid, sig)
+  except ProcessLookupError:  # it has just exited
+    pass
 
 
 def _tail(path: pathlib.Path, lines: int = 20) -> str:
