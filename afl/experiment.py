@@ -27,8 +27,10 @@ import numpy as np
 
 from afl import clock as clock_lib
 from afl import data as data_lib
+from afl import distributed
 from afl import evaluation
 from afl import fedacnnl
+from afl import memory
 from afl import federated
 from afl import models
 from afl import pfedacnnl
@@ -130,6 +132,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"--num_groups={config.num_groups} exceeds "
         f"--num_clients={config.num_clients}"
     )
+  if config.num_devices and jax.process_count() > 1:
+    raise ValueError(
+        "--num_devices must be 0 (all devices) with several processes, got "
+        f"{config.num_devices}"
+    )
   if config.num_devices > jax.local_device_count():
     raise ValueError(
         f"--num_devices={config.num_devices} but only "
@@ -218,11 +225,16 @@ def setup(
 ) -> Setup:
   """Model, mesh, algorithm, grouping (pFedACnnL stage 1) and client blocks.
 
-  Clients are laid out by group, so that group sums merge neighbours.
+  Clients are laid out by group, so that group sums merge neighbours. With
+  several processes the mesh spans all their devices and each process holds
+  only its own devices' client blocks (`federated.distribute`).
   """
   model = models.get_model(config.model, split.num_classes, config.width)
   x = model_inputs(model, split.x)
-  devices = jax.local_devices()[: config.num_devices or None]
+  if jax.process_count() > 1:
+    devices = jax.devices()
+  else:
+    devices = jax.local_devices()[: config.num_devices or None]
   mesh = federated.client_mesh(devices)
   algorithm = fedacnnl.fedacnnl(
       model,
@@ -240,6 +252,7 @@ def setup(
   groups, grouping_s = pfedacnnl.assign_groups(
       counts, algorithm, config.num_groups if clustered else 1, config.seed
   )
+  groups = distributed.same_on_all_processes(groups)
   if clustered:
     logging.info(
         "K-means grouping (eq. 8, 9) in %.3fs:\n%s",
@@ -247,16 +260,13 @@ def setup(
         pfedacnnl.grouping_report(groups, counts),
     )
   train_data, test_data = (
-      federated.shard(
-          federated.federate(
-              x,
-              split.y,
-              indices,
-              config.block_size or None,
-              num_shards=mesh.size,
-              order=np.argsort(groups, kind="stable"),
-          ),
+      federated.distribute(
+          x,
+          split.y,
+          indices,
           mesh,
+          config.block_size or None,
+          order=np.argsort(groups, kind="stable"),
       )
       for indices in (split.train_indices, split.test_indices)
   )
@@ -341,7 +351,7 @@ def run_experiment(
         f"{results_path} exists; choose another --output_dir or pass "
         "--overwrite"
     )
-  output_dir.mkdir(parents=True, exist_ok=True)
+  output_dir.mkdir(parents=True, exist_ok=True)  # on every process: no race
 
   start = time.perf_counter()
   split = split or prepare_split(config)
@@ -360,6 +370,20 @@ def run_experiment(
       run.train_data.block_size,
       run.mesh.size,
   )
+  clustered, personalized = ANALYTIC[config.algorithm]
+  expected = memory.estimate(
+      run.model,
+      run.train_data.x.shape[2:],
+      num_blocks=run.train_data.num_blocks,
+      block_size=run.train_data.block_size,
+      num_devices=len(run.mesh.local_devices),
+      num_groups=config.num_groups if clustered else 1,
+      num_clients=config.num_clients,
+      personalization_budget=(
+          pfedacnnl.DEFAULT_MEMORY_BUDGET if personalized else 0
+      ),
+  )
+  logging.info("%s (see afl/memory.py)", expected.describe())
   clock = make_clock(config, run.train_data.client_sizes())
   trained = train(config, run, clock)
   model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
@@ -381,9 +405,6 @@ def run_experiment(
       trained.compile_time_s,
   )
 
-  save_params(
-      output_dir / "params.msgpack", trained.params, trained.client_model
-  )
   results = {
       "algorithm": config.algorithm,
       "dataset": config.dataset,
@@ -395,7 +416,7 @@ def run_experiment(
           None if np.isnan(a) else float(a) for a in accuracy.per_client
       ],
       "per_client_test_samples": accuracy.count.tolist(),
-      "per_client_train_samples": train_data.client_sizes().tolist(),
+      "per_client_train_samples": [len(i) for i in split.train_indices],
       "client_group": groups.tolist(),
       "group_sizes": np.bincount(groups).tolist(),
       "group_label_histograms": [
@@ -409,12 +430,20 @@ def run_experiment(
       "data_time_s": data_time,
       "eval_time_s": eval_time,
       "peak_memory_gb": peak_memory_gb(),
+      "expected_peak_memory_gb": expected.peak / memory.GIB,
       "num_devices": mesh.size,
+      "num_processes": jax.process_count(),
       "block_size": train_data.block_size,
       "params_file": "params.msgpack",
       "jax_version": jax.__version__,
       "config": config.to_dict(),
   }
-  _write_atomically(results_path, json.dumps(results, indent=2).encode("utf-8"))
-  logging.info("wrote %s", results_path)
+  if distributed.is_main_process():  # the params are on every process
+    save_params(
+        output_dir / "params.msgpack", trained.params, trained.client_model
+    )
+    _write_atomically(
+        results_path, json.dumps(results, indent=2).encode("utf-8")
+    )
+    logging.info("wrote %s", results_path)
   return results

@@ -115,12 +115,15 @@ def fedacnnl(
   input_shapes = layer_input_shapes(model, input_shape)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
+  @functools.partial(
+      jax.jit, static_argnames="num_models", out_shardings=replicated
+  )
   def init(key: jax.Array, num_models: int = 1) -> Params:
+    # Computed on every device of the mesh (which may span processes).
     params = models.init_params(model, key, input_shape)
-    params = jax.tree.map(
+    return jax.tree.map(
         lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), params
     )
-    return jax.device_put(params, replicated)
 
   @functools.partial(jax.jit, static_argnames=("layer", "num_segments"))
   def client_statistics(
@@ -161,7 +164,8 @@ def fedacnnl(
         in_specs=(by_device, by_device),
         out_specs=by_device,
     )(stats, prior)
-    return solved[:count]
+    # Every process gets every solution (the server's result reaches all).
+    return jax.lax.with_sharding_constraint(solved[:count], replicated)
 
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
   def write_layer(layer, params, solution):

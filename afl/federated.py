@@ -19,7 +19,7 @@ of a group together) without changing their ids.
 """
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -61,7 +61,18 @@ class FederatedData:
     return self.x.shape[1]
 
   def client_sizes(self) -> np.ndarray:
-    """[C] number of samples of each client."""
+    """[C] number of samples of each client (on every process)."""
+    if isinstance(self.mask, jax.Array) and not self.mask.is_fully_addressable:
+      # Blocks spread over processes (`distribute`): count where they are,
+      # then every process gets the [C] counts.
+      everywhere = NamedSharding(self.mask.sharding.mesh, PartitionSpec())
+      sizes = jax.jit(
+          lambda mask, client: jax.ops.segment_sum(
+              mask.sum(1), client, self.num_clients
+          ),
+          out_shardings=everywhere,
+      )(self.mask, self.client)
+      return np.asarray(sizes).astype(np.int64)
     return np.bincount(
         np.asarray(self.client),
         weights=np.asarray(self.mask).sum(1),
@@ -81,28 +92,23 @@ def default_block_size(num_samples: int, num_clients: int) -> int:
   return int(min(512, max(8, 2 ** math.floor(math.log2(target)))))
 
 
-def federate(
-    x: np.ndarray,
-    y: np.ndarray,
+class _Layout(NamedTuple):
+  """Where every sample goes (host-side, from the client sizes alone)."""
+
+  capacity: int  # blocks in all, a multiple of BLOCK_ALIGNMENT * num_shards
+  block_size: int
+  rows: np.ndarray  # [N'] destination row of each laid-out sample
+  sources: np.ndarray  # [N'] its index in x
+  client: np.ndarray  # [capacity] int32 owner of each block
+
+
+def _layout(
     client_indices: Sequence[np.ndarray],
-    block_size: int | None = None,
-    num_shards: int = 1,
-    order: Sequence[int] | None = None,
-) -> FederatedData:
-  """Lays out the clients' samples in blocks (host-side, numpy).
-
-  Args:
-    x: [N, *feature_shape] all samples.
-    y: [N] integer labels.
-    client_indices: for each client, the indices of its samples in x.
-    block_size: rows per block; None for `default_block_size`.
-    num_shards: number of devices the block axis will be sharded over.
-    order: the clients in layout order (a permutation of range(C)); None for
-      0..C-1. Client ids (`client`) are unchanged; only placement moves.
-
-  Returns:
-    FederatedData with numpy arrays (use `shard` to place them on devices).
-  """
+    block_size: int | None,
+    num_shards: int,
+    order: Sequence[int] | None,
+) -> _Layout:
+  """The block layout of `federate` (see there); needs no features."""
   num_clients = len(client_indices)
   if num_clients < 1:
     raise ValueError("need at least one client")
@@ -128,12 +134,10 @@ def federate(
   # Sample j of the k-th client laid out goes to real block
   # first_block[k] + j // B, row j % B.
   first_block = np.concatenate([[0], np.cumsum(blocks_per_client)[:-1]])
-  positions = np.concatenate(
-      [
-          first_block[k] * block_size + np.arange(sizes[client])
-          for k, client in enumerate(order)
-      ]
-  ).astype(np.int64)
+  within = np.arange(total) - np.repeat(
+      np.cumsum(sizes[order]) - sizes[order], sizes[order]
+  )
+  positions = np.repeat(first_block, sizes[order]) * block_size + within
   sources = np.concatenate(
       [np.asarray(client_indices[client], np.int64) for client in order]
   )
@@ -145,23 +149,112 @@ def federate(
   shard_of = np.searchsorted(run_starts, np.arange(num_real), side="right") - 1
   slot = shard_of * per_shard + np.arange(num_real) - run_starts[shard_of]
   rows = slot[positions // block_size] * block_size + positions % block_size
+  client = np.zeros(capacity, np.int32)
+  client[slot] = owner
+  return _Layout(capacity, block_size, rows, sources, client)
 
+
+def _fill(
+    layout: _Layout, x: np.ndarray, y: np.ndarray, first: int, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """x, y, mask of blocks [first, first + count); reads only their samples."""
+  size = layout.block_size
+  keep = (layout.rows >= first * size) & (layout.rows < (first + count) * size)
+  rows, sources = layout.rows[keep] - first * size, layout.sources[keep]
   feature_shape = x.shape[1:]
-  out_x = np.zeros((capacity * block_size,) + feature_shape, np.float32)
-  out_y = np.zeros(capacity * block_size, np.int32)
-  out_mask = np.zeros(capacity * block_size, bool)
+  out_x = np.zeros((count * size,) + feature_shape, np.float32)
+  out_y = np.zeros(count * size, np.int32)
+  out_mask = np.zeros(count * size, bool)
   out_x[rows] = x[sources]
   out_y[rows] = y[sources]
   out_mask[rows] = True
-  out_client = np.zeros(capacity, np.int32)
-  out_client[slot] = owner
-  return FederatedData(
-      x=out_x.reshape((capacity, block_size) + feature_shape),
-      y=out_y.reshape(capacity, block_size),
-      mask=out_mask.reshape(capacity, block_size),
-      client=out_client,
-      num_clients=num_clients,
+  return (
+      out_x.reshape((count, size) + feature_shape),
+      out_y.reshape(count, size),
+      out_mask.reshape(count, size),
   )
+
+
+def federate(
+    x: np.ndarray,
+    y: np.ndarray,
+    client_indices: Sequence[np.ndarray],
+    block_size: int | None = None,
+    num_shards: int = 1,
+    order: Sequence[int] | None = None,
+) -> FederatedData:
+  """Lays out the clients' samples in blocks (host-side, numpy).
+
+  Args:
+    x: [N, *feature_shape] all samples.
+    y: [N] integer labels.
+    client_indices: for each client, the indices of its samples in x.
+    block_size: rows per block; None for `default_block_size`.
+    num_shards: number of devices the block axis will be sharded over.
+    order: the clients in layout order (a permutation of range(C)); None for
+      0..C-1. Client ids (`client`) are unchanged; only placement moves.
+
+  Returns:
+    FederatedData with numpy arrays (use `shard` to place them on devices).
+  """
+  layout = _layout(client_indices, block_size, num_shards, order)
+  x, y, mask = _fill(layout, x, y, 0, layout.capacity)
+  return FederatedData(x, y, mask, layout.client, len(client_indices))
+
+
+def distribute(
+    x: np.ndarray,
+    y: np.ndarray,
+    client_indices: Sequence[np.ndarray],
+    mesh: Mesh,
+    block_size: int | None = None,
+    order: Sequence[int] | None = None,
+) -> FederatedData:
+  """`shard(federate(...), mesh)` for a mesh that may span processes.
+
+  Every process computes the same layout from the client sizes (known to
+  all), then gathers only the samples of the blocks on its own devices: a
+  process owns the clients (or the part of a client) dealt to its devices,
+  and `x` is read only at their indices (x may be a memory map). The block
+  axis is sharded over the mesh (`jax.make_array_from_process_local_data`);
+  the block -> client map, which every process needs to index its clients'
+  models, is replicated. Shapes are those of `federate`, so they depend on
+  N, C and the device count only, not on the split or the process count.
+
+  Args:
+    x, y, client_indices, block_size, order: as for `federate`.
+    mesh: 1-D mesh with axis 'clients' over any devices (e.g. jax.devices()
+      across processes); each process's devices must be contiguous in it.
+
+  Returns:
+    FederatedData of global jax Arrays.
+  """
+  layout = _layout(client_indices, block_size, mesh.size, order)
+  mine = [
+      i
+      for i, device in enumerate(mesh.devices.flat)
+      if device.process_index == jax.process_index()
+  ]
+  if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+    raise ValueError(
+        f"process {jax.process_index()} must hold a contiguous, non-empty "
+        f"run of the mesh's devices, holds positions {mine}"
+    )
+  per_shard = layout.capacity // mesh.size
+  local = _fill(layout, x, y, mine[0] * per_shard, len(mine) * per_shard)
+  sharded = block_sharding(mesh)
+  x, y, mask = (
+      jax.make_array_from_process_local_data(
+          sharded, part, (layout.capacity,) + part.shape[1:]
+      )
+      for part in local
+  )
+  client = jax.make_array_from_callback(
+      layout.client.shape,
+      NamedSharding(mesh, PartitionSpec()),
+      lambda index: layout.client[index],
+  )
+  return FederatedData(x, y, mask, client, len(client_indices))
 
 
 def client_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -343,18 +436,22 @@ def segment_sum(
     if merge:
       acc, _ = jax.lax.scan(merged_step, varying_zeros((1,)), chunks)
     else:
-      # Only up to the last block with samples: the rest of a device's
-      # blocks are padding (`federate` puts them last), so a loop with a
-      # run-time bound skips them without a conditional per block.
-      has_samples = mask.any(axis=1)
-      end = jnp.max(jnp.where(has_samples, jnp.arange(steps) + 1, 0))
+      # Only from the first to the last block that counts: the rest of a
+      # device's blocks are padding (`federate` puts them last) or left out
+      # (a pass over some clients, which lie next to each other), so a loop
+      # with run-time bounds skips them without a conditional per block.
+      counts = mask.any(axis=1) & (segment_index >= 0)
+      end = jnp.max(jnp.where(counts, jnp.arange(steps) + 1, 0))
+      begin = jnp.min(jnp.where(counts, jnp.arange(steps), end))
       start = (
           varying_zeros((num_segments,)),
           varying_zeros(dtype=None),
           jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
           jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying"),
       )
-      acc, running, current, _ = jax.lax.fori_loop(0, end, block_step, start)
+      acc, running, current, _ = jax.lax.fori_loop(
+          begin, end, block_step, start
+      )
       acc = jax.lax.cond(
           current >= 0,
           lambda acc: write(acc, running, current),

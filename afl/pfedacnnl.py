@@ -152,15 +152,26 @@ def personalize(
   num_clients = data.num_clients
   params = jax.tree.map(lambda a: a[client_group], meta.params)
   client = np.asarray(data.client)
+  # Passes over fewer than all clients take them in layout order (`train`'s
+  # group-by-group layout), so a pass's blocks lie next to each other and
+  # each device scans only them (`federated.segment_sum`): a layer reads the
+  # data about once, however few clients fit in a pass.
+  by_layout = np.argsort(client_group, kind="stable")
 
   def layer_step(layer, params):
     width = meta.solutions[layer].shape[-2]
     chunk = clients_per_pass(width, num_clients, memory_budget_bytes)
+    order = by_layout if chunk < num_clients else np.arange(num_clients)
+    position = np.empty(num_clients, np.int64)
+    position[order] = np.arange(num_clients)
+    block_position = position[client]
     solutions, stats_s = [], 0.0
     for start in range(0, num_clients, chunk):
-      members = np.arange(start, min(start + chunk, num_clients))
+      members = order[start : start + chunk]
       segment = np.where(
-          (client >= start) & (client < start + chunk), client - start, -1
+          (block_position >= start) & (block_position < start + chunk),
+          block_position - start,
+          -1,
       ).astype(np.int32)
       began = time.perf_counter()
       if layer == 0 and first_layer is not None:
@@ -179,6 +190,7 @@ def personalize(
     solution = (
         jnp.concatenate(solutions) if len(solutions) > 1 else solutions[0]
     )
+    solution = solution[position]  # pass order -> client order
     return algorithm.write_layer(layer, params, solution), {
         "width": int(width),
         "outputs": int(algorithm.encodings[layer].shape[-1]),

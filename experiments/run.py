@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from afl import data
+from afl import distributed
 from afl import experiment
 from afl import models
 from baselines import experiment as baselines_experiment
@@ -207,6 +208,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  distributed.initialize()  # several processes when launched so (launch/)
   config = baselines_experiment.default_config()
   for name in config:
     config[name] = FLAGS[name].value

@@ -1,2 +1,3 @@
 """Launchers for multi-process and multi-host runs (JAX distributed runtime):
-not written yet; every entry point runs single-process on all local devices."""
+`local.py` starts N processes on one machine, `slurm.sbatch` is a SLURM
+template. See README, "Running on several hosts"."""

@@ -1,0 +1,71 @@
+"""Several processes (hosts) as one federation: JAX's distributed runtime.
+
+One code path serves one process with one device, one process with several
+devices and several processes: the client mesh spans `jax.devices()` (all
+processes' devices), each process fills only its own devices' client blocks
+(`federated.distribute`), the `psum` inside the client map's `shard_map`
+adds the statistics of all processes (gloo collectives on CPU, NCCL on GPU),
+the server solve's result is replicated on every process, and only process 0
+writes files.
+
+`initialize()` joins the runtime when the environment asks for it:
+  * `AFL_COORDINATOR_ADDRESS`, `AFL_NUM_PROCESSES`, `AFL_PROCESS_ID` (set by
+    `launch/local.py`, or by hand on any cluster);
+  * otherwise under SLURM with more than one task (`SLURM_NTASKS > 1`), JAX's
+    own SLURM detection (see `launch/slurm.sbatch`);
+  * otherwise nothing: a single process.
+It must run before the first JAX computation (entry points call it first).
+"""
+
+import os
+
+from absl import logging
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+COORDINATOR = "AFL_COORDINATOR_ADDRESS"
+NUM_PROCESSES = "AFL_NUM_PROCESSES"
+PROCESS_ID = "AFL_PROCESS_ID"
+
+
+def initialize() -> None:
+  """Joins the distributed runtime if the environment describes one."""
+  if COORDINATOR in os.environ:
+    kwargs = dict(
+        coordinator_address=os.environ[COORDINATOR],
+        num_processes=int(os.environ[NUM_PROCESSES]),
+        process_id=int(os.environ[PROCESS_ID]),
+    )
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    kwargs = {}  # jax.distributed reads the SLURM variables itself
+  else:
+    return
+  # CPU collectives across processes need gloo (the default has none); GPUs
+  # use NCCL whatever this says.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  logging.info(
+      "process %d of %d: %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
+
+
+def is_main_process() -> bool:
+  """True on the process that writes results (process 0)."""
+  return jax.process_index() == 0
+
+
+def same_on_all_processes(value: np.ndarray) -> np.ndarray:
+  """Process 0's `value` on every process (a no-op for one process).
+
+  For host-side decisions that must agree everywhere although each process
+  computes them (K-means grouping: floating point or library versions could
+  differ between hosts).
+  """
+  if jax.process_count() == 1:
+    return np.asarray(value)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
