@@ -88,41 +88,54 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the setting for anything out of range."""
-  choices = {
-      "algorithm": ALGORITHMS,
-      "dataset": data_lib.DATASETS,
-      "model": models.MODELS,
-      "partition": data_lib.PARTITIONS,
-      "statistics_dtype": ("float32", "float64"),
-  }
-  for name, valid in choices.items():
+def check_settings(
+    config: ml_collections.ConfigDict,
+    choices: dict[str, tuple] | None = None,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+) -> None:
+  """Raises ValueError naming the first setting out of its range."""
+  for name, valid in (choices or {}).items():
     if config[name] not in valid:
       raise ValueError(f"--{name}={config[name]!r} is not one of {valid}")
-  positive = (
-      "num_clients",
-      "gamma",
-      "eps",
-      "num_groups",
-      "width",
-      "dirichlet_beta",
-  )
   for name in positive:
     if not config[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {config[name]}")
-  for name in ("initial_batch_size", "cores_min", "bandwidth_gbps_min"):
-    if not config[name] > 0:
-      raise ValueError(f"--{name} must be > 0, got {config[name]}")
+  for name in non_negative:
+    if config[name] < 0:
+      raise ValueError(f"--{name} must be >= 0, got {config[name]}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the setting for anything out of range."""
+  check_settings(
+      config,
+      choices={
+          "algorithm": ALGORITHMS,
+          "dataset": data_lib.DATASETS,
+          "model": models.MODELS,
+          "partition": data_lib.PARTITIONS,
+          "statistics_dtype": ("float32", "float64"),
+      },
+      positive=(
+          "num_clients",
+          "gamma",
+          "eps",
+          "num_groups",
+          "width",
+          "dirichlet_beta",
+          "initial_batch_size",
+          "cores_min",
+          "bandwidth_gbps_min",
+      ),
+      non_negative=("block_size", "num_devices", "min_client_size"),
+  )
   for low in ("cores", "bandwidth_gbps", "latency_ms"):
     if not 0 <= config[low + "_min"] <= config[low + "_max"]:
       raise ValueError(
           f"--{low}_min={config[low + '_min']} must be in "
           f"[0, --{low}_max={config[low + '_max']}]"
       )
-  for name in ("block_size", "num_devices", "min_client_size"):
-    if config[name] < 0:
-      raise ValueError(f"--{name} must be >= 0, got {config[name]}")
   if not 0 < config.test_fraction < 1:
     raise ValueError(
         f"--test_fraction must be in (0, 1), got {config.test_fraction}"

@@ -116,28 +116,23 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the setting for anything out of range."""
   afl_experiment.validate(config)
-  if config.algorithm not in ALGORITHMS:
-    raise ValueError(
-        f"--algorithm={config.algorithm!r} is not one of {ALGORITHMS}"
-    )
-  positive = (
-      "rounds",
-      "batch_size",
-      "local_epochs",
-      "lr",
-      "inner_steps",
-      "mu",
-      "directions",
-      "sigma",
-      "perturbations",
-      "eval_every",
+  afl_experiment.check_settings(
+      config,
+      choices={"algorithm": ALGORITHMS},
+      positive=(
+          "rounds",
+          "batch_size",
+          "local_epochs",
+          "lr",
+          "inner_steps",
+          "mu",
+          "directions",
+          "sigma",
+          "perturbations",
+          "eval_every",
+      ),
+      non_negative=("local_steps", "num_lanes", "personal_lr", "lam"),
   )
-  for name in positive:
-    if not config[name] > 0:
-      raise ValueError(f"--{name} must be > 0, got {config[name]}")
-  for name in ("local_steps", "num_lanes", "personal_lr", "lam"):
-    if config[name] < 0:
-      raise ValueError(f"--{name} must be >= 0, got {config[name]}")
   if not 0 < config.pfedme_beta <= 1:
     raise ValueError(
         f"--pfedme_beta must be in (0, 1], got {config.pfedme_beta}"
