@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from afl import clock as clock_lib
 from afl import data as data_lib
 from afl import evaluation
 from afl import fedacnnl
@@ -36,6 +37,7 @@ from afl import pfedacnnl
 # and the pFedACnnL family of section V-A share one code path.
 ANALYTIC = {
     "fedacnnl": (False, False),
+    "fedacnnl_wa": (False, False),  # without the adaptive batch size (eq. 7)
     "pfedacnnl": (True, True),
     "pfedacnnl_wc": (False, True),
     "pfedacnnl_wp": (True, False),
@@ -43,6 +45,7 @@ ANALYTIC = {
 # Gradient and zeroth-order baselines, run by baselines.experiment.
 BASELINES = ("fedavg", "fedzo", "baffle", "pfedme", "pfedzo")
 ALGORITHMS = tuple(ANALYTIC) + BASELINES
+FIXED_BATCH_SIZE = ("fedacnnl_wa",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -71,6 +74,14 @@ def default_config() -> ml_collections.ConfigDict:
           block_size=0,  # 0: `federated.default_block_size`
           num_devices=0,  # 0: all local devices
           overwrite=False,
+          # Simulated training time (afl.clock; README "Training time model")
+          initial_batch_size=32,  # B_1 of Algorithm 1
+          cores_min=1,
+          cores_max=4,
+          bandwidth_gbps_min=100.0,
+          bandwidth_gbps_max=100.0,
+          latency_ms_min=0.002,
+          latency_ms_max=0.002,
       )
   )
 
@@ -98,6 +109,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in positive:
     if not config[name] > 0:
       raise ValueError(f"--{name} must be > 0, got {config[name]}")
+  for name in ("initial_batch_size", "cores_min", "bandwidth_gbps_min"):
+    if not config[name] > 0:
+      raise ValueError(f"--{name} must be > 0, got {config[name]}")
+  for low in ("cores", "bandwidth_gbps", "latency_ms"):
+    if not 0 <= config[low + "_min"] <= config[low + "_max"]:
+      raise ValueError(
+          f"--{low}_min={config[low + '_min']} must be in "
+          f"[0, --{low}_max={config[low + '_max']}]"
+      )
   for name in ("block_size", "num_devices", "min_client_size"):
     if config[name] < 0:
       raise ValueError(f"--{name} must be >= 0, got {config[name]}")
@@ -245,11 +265,43 @@ def setup(
   )
 
 
-def train(
+def make_clock(
     config: ml_collections.ConfigDict, run: Setup
+) -> clock_lib.Clock:
+  """The simulated clock of `config`: profiles from the root seed, the cost
+  model from this host's calibration, eq. 7 unless FedACnnL-WA."""
+  profiles = clock_lib.draw_profiles(
+      jax.random.fold_in(jax.random.key(config.seed), 1),
+      config.num_clients,
+      (config.cores_min, config.cores_max),
+      (config.bandwidth_gbps_min, config.bandwidth_gbps_max),
+      (config.latency_ms_min, config.latency_ms_max),
+  )
+  return clock_lib.Clock(
+      profiles,
+      clock_lib.CostModel(clock_lib.calibrate()),
+      config.initial_batch_size,
+      run.train_data.client_sizes(),
+      adaptive=config.algorithm not in FIXED_BATCH_SIZE,
+  )
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    run: Setup,
+    clock: clock_lib.Clock | None = None,
 ) -> pfedacnnl.PFedACnnLResult:
-  """Trains `config.algorithm` (FedACnnL or a pFedACnnL variant)."""
+  """Trains `config.algorithm` (FedACnnL or a pFedACnnL variant), timing
+  its federated rounds on `clock` if given."""
   _, personalized = ANALYTIC[config.algorithm]
+  on_round = clock and clock_lib.analytic_round_hook(
+      clock,
+      run.model,
+      run.train_data.x.shape[2:],
+      int(run.counts.shape[1]),
+      config.statistics_dtype,
+      run.train_data.client_sizes(),
+  )
   return pfedacnnl.train(
       run.algorithm,
       run.train_data,
@@ -258,6 +310,7 @@ def train(
       eps=config.eps,
       personalized=personalized,
       grouping_s=run.grouping_s,
+      on_round=on_round,
   )
 
 
@@ -306,7 +359,8 @@ def run_experiment(
       run.train_data.block_size,
       run.mesh.size,
   )
-  trained = train(config, run)
+  clock = make_clock(config, run)
+  trained = train(config, run, clock)
   model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
   train_data, test_data = run.train_data, run.test_data
 
@@ -347,6 +401,7 @@ def run_experiment(
           counts[groups == k].sum(0).tolist() for k in range(groups.max() + 1)
       ],
       "rounds": trained.rounds,
+      "timing": clock.summary(),
       "wall_time_s": trained.wall_time_s,
       "compile_time_s": trained.compile_time_s,
       "grouping_time_s": run.grouping_s,

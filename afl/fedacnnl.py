@@ -262,6 +262,10 @@ def train(
     key: jax.Array,
     client_group: np.ndarray | None = None,
     num_groups: int = 1,
+    first_layer_statistics: (
+        Callable[[Params], statistics.Statistics] | None
+    ) = None,
+    on_round: Callable[..., dict] | None = None,
 ) -> TrainResult:
   """Runs the L federated rounds (eq. 5, or eq. 11 per group).
 
@@ -271,6 +275,13 @@ def train(
     key: initializes the (overwritten) weights.
     client_group: [C] group of each client, or None for one global model.
     num_groups: K.
+    first_layer_statistics: params -> the first layer's sums per group, in
+      place of the client map, for a caller that derives them otherwise
+      (pFedACnnL, from per-client statistics it keeps); timed as the
+      round's statistics.
+    on_round: (layer, Statistics, params) -> dict, called after every round
+      with what was uploaded and the updated params; its dict joins the
+      round's record (the simulated time of `clock.analytic_round_hook`).
 
   Returns:
     TrainResult with params stacked [num_groups, ...].
@@ -282,17 +293,21 @@ def train(
 
   def layer_step(layer, params):
     start = time.perf_counter()
-    stats = jax.block_until_ready(
-        algorithm.client_statistics(
-            layer, params, data, block_group, block_group, num_groups
-        )
-    )
+    if layer == 0 and first_layer_statistics is not None:
+      stats = first_layer_statistics(params)
+    else:
+      stats = algorithm.client_statistics(
+          layer, params, data, block_group, block_group, num_groups
+      )
+    jax.block_until_ready(stats)
     stats_s = time.perf_counter() - start
     weights = algorithm.solve(layer, stats, algorithm.gamma)
-    return algorithm.write_layer(layer, params, weights), {
+    params = algorithm.write_layer(layer, params, weights)
+    return params, {
         "width": int(weights.shape[-2]),
         "outputs": int(weights.shape[-1]),
         "statistics_s": stats_s,
+        **(on_round(layer, stats, params) if on_round else {}),
     }
 
   return layer_by_layer(

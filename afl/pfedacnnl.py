@@ -40,6 +40,7 @@ from afl import fedacnnl
 from afl import federated
 from afl import layers
 from afl import models
+from afl import statistics
 
 DEFAULT_MEMORY_BUDGET = 2**30  # bytes of per-client float64 Grams at once
 
@@ -104,6 +105,19 @@ def grouping_report(groups: np.ndarray, counts: np.ndarray) -> str:
   return "\n".join(lines)
 
 
+def clients_per_pass(width: int, num_clients: int, budget_bytes: int) -> int:
+  """How many clients' float64 d x d Grams fit `budget_bytes` (at least 1)."""
+  return int(max(1, min(num_clients, budget_bytes // (8 * width * width))))
+
+
+def group_sums(
+    stats: statistics.Statistics, client_group: np.ndarray, num_groups: int
+) -> statistics.Statistics:
+  """eq. 10: A^[k] = sum of the statistics of group k's clients, [K, ...]."""
+  membership = jax.nn.one_hot(client_group, num_groups, dtype=jnp.float64).T
+  return jax.tree.map(lambda a: jnp.tensordot(membership, a, 1), stats)
+
+
 def personalize(
     algorithm: fedacnnl.FedACnnL,
     data: federated.FederatedData,
@@ -112,6 +126,7 @@ def personalize(
     eps: float,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     first_round: int = 1,
+    first_layer: statistics.Statistics | None = None,
 ) -> fedacnnl.TrainResult:
   """Local personalization (eq. 13) of every client, layer by layer.
 
@@ -123,6 +138,8 @@ def personalize(
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
     memory_budget_bytes: bound on the float64 per-client Grams held at once.
     first_round: numbering of the first personalization round.
+    first_layer: every client's statistics of the first layer, [C, ...], if
+      the caller has them (they do not depend on the params).
 
   Returns:
     TrainResult with params stacked [C, ...], one personalized model per
@@ -141,9 +158,7 @@ def personalize(
         stage.layer, meta_params["params"][models.layer_name(layer)]
     )
     width = meta.shape[-2]
-    chunk = int(
-        max(1, min(num_clients, memory_budget_bytes // (8 * width * width)))
-    )
+    chunk = clients_per_pass(width, num_clients, memory_budget_bytes)
     weights, stats_s = [], 0.0
     for start in range(0, num_clients, chunk):
       members = np.arange(start, min(start + chunk, num_clients))
@@ -151,11 +166,14 @@ def personalize(
           (client >= start) & (client < start + chunk), client - start, -1
       ).astype(np.int32)
       began = time.perf_counter()
-      stats = jax.block_until_ready(
-          algorithm.client_statistics(
-              layer, params, data, data.client, segment, chunk
-          )
-      )
+      if layer == 0 and first_layer is not None:
+        stats = first_layer
+      else:
+        stats = jax.block_until_ready(
+            algorithm.client_statistics(
+                layer, params, data, data.client, segment, chunk
+            )
+        )
       stats_s += time.perf_counter() - began
       prior = meta[client_group[np.resize(members, chunk)]].astype(jnp.float64)
       weights.append(algorithm.solve(layer, stats, eps, prior)[: len(members)])
@@ -205,6 +223,7 @@ def train(
     personalized: bool = True,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     grouping_s: float = 0.0,
+    on_round=None,
 ) -> PFedACnnLResult:
   """Stages 2 and 3 of pFedACnnL for a given grouping (see `assign_groups`).
 
@@ -218,10 +237,38 @@ def train(
     personalized: False for pFedACnnL-WP.
     memory_budget_bytes: see `personalize`.
     grouping_s: time of the initialization stage, added to the wall time.
+    on_round: per federated round, see `fedacnnl.train` (the simulated
+      clock; personalization has no communication and is not timed).
   """
   groups = np.asarray(groups, np.int32)
   num_groups = int(groups.max()) + 1
-  meta = fedacnnl.train(algorithm, data, key, groups, num_groups)
+  num_clients = data.num_clients
+  # The first layer sees the raw data, so its per-client statistics are the
+  # same in both stages: when they fit the memory budget, they are computed
+  # once, summed per group for the meta-models and kept for personalization.
+  first_layer = {}
+  width = layers.input_width(algorithm.model.stages[0].layer, data.x.shape[2:])
+  reuse = (
+      personalized
+      and clients_per_pass(width, num_clients, memory_budget_bytes)
+      == num_clients
+  )
+
+  def first_layer_group_sums(params):
+    first_layer["clients"] = algorithm.client_statistics(
+        0, params, data, jnp.zeros_like(data.client), data.client, num_clients
+    )
+    return group_sums(first_layer["clients"], groups, num_groups)
+
+  meta = fedacnnl.train(
+      algorithm,
+      data,
+      key,
+      groups,
+      num_groups,
+      first_layer_group_sums if reuse else None,
+      on_round,
+  )
   if not personalized:
     return PFedACnnLResult(
         meta.params,
@@ -240,6 +287,7 @@ def train(
       eps,
       memory_budget_bytes,
       algorithm.num_layers + 1,
+      first_layer.pop("clients", None),
   )
   return PFedACnnLResult(
       local.params,

@@ -27,7 +27,8 @@ flags.DEFINE_enum(
     "algorithm",
     _DEFAULTS.algorithm,
     experiment.ALGORITHMS,
-    "fedacnnl; pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
+    "fedacnnl; fedacnnl_wa (without the adaptive batch size, eq. 7); "
+    "pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
     "pfedacnnl_wp (no personalization); baselines: fedavg, fedzo, baffle, "
     "pfedme, pfedzo.",
 )
@@ -159,6 +160,36 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "num_lanes", _DEFAULTS.num_lanes, "Packed lanes (epoch schedules); 0: auto."
+)
+flags.DEFINE_integer(
+    "initial_batch_size",
+    _DEFAULTS.initial_batch_size,
+    "Simulated clock: every client's local batch size B_1 in round 1 "
+    "(eq. 7 adapts it afterwards; capped at |D_i|).",
+)
+flags.DEFINE_integer(
+    "cores_min", _DEFAULTS.cores_min, "Simulated clock: fewest client cores."
+)
+flags.DEFINE_integer(
+    "cores_max", _DEFAULTS.cores_max, "Simulated clock: most client cores."
+)
+flags.DEFINE_float(
+    "bandwidth_gbps_min",
+    _DEFAULTS.bandwidth_gbps_min,
+    "Simulated clock: client bandwidth range, log-uniform (Gbit/s).",
+)
+flags.DEFINE_float(
+    "bandwidth_gbps_max",
+    _DEFAULTS.bandwidth_gbps_max,
+    "See --bandwidth_gbps_min.",
+)
+flags.DEFINE_float(
+    "latency_ms_min",
+    _DEFAULTS.latency_ms_min,
+    "Simulated clock: client latency range, uniform (ms per message).",
+)
+flags.DEFINE_float(
+    "latency_ms_max", _DEFAULTS.latency_ms_max, "See --latency_ms_min."
 )
 flags.DEFINE_string(
     "output_dir", None, "Where results.json goes.", required=True

@@ -199,3 +199,41 @@ def test_bad_settings_are_rejected(synthetic):
         np.zeros(len(clients), np.int32),
         eps=0.0,
     )
+
+
+def test_first_layer_statistics_reused_or_recomputed_agree(mnist):
+  # Within the memory budget the first layer's per-client statistics are
+  # computed once for both stages; below it, per chunk of clients.
+  x, y, clients = mnist
+  model = models.mlp(10)
+  counts = data_lib.client_label_histograms(clients, y, 10)
+  algorithm, mesh, _ = build(model, x, clients)
+  groups, _ = pfedacnnl.assign_groups(counts, algorithm, 3, seed=0)
+  data = blocks(x, y, clients, mesh, np.argsort(groups, kind="stable"))
+  width = x.shape[1] + 1
+  budgets = {"reused": 2**30, "chunked": 5 * 8 * width * width}
+  results = {
+      name: pfedacnnl.train(
+          algorithm,
+          data,
+          jax.random.key(0),
+          groups,
+          memory_budget_bytes=budget,
+      )
+      for name, budget in budgets.items()
+  }
+  passes = {
+      name: [
+          r["clients_per_pass"]
+          for r in result.rounds
+          if "clients_per_pass" in r
+      ]
+      for name, result in results.items()
+  }
+  assert passes["reused"][0] == len(clients) and passes["chunked"][0] == 5
+  for i in range(len(clients)):
+    for got, want in zip(
+        reference.solved_weights(model, results["reused"].params, i),
+        reference.solved_weights(model, results["chunked"].params, i),
+    ):
+      assert reference.relative_error(got, want) <= 1e-10
