@@ -43,7 +43,15 @@ ANALYTIC = {
     "pfedacnnl_wp": (True, False),
 }
 # Gradient and zeroth-order baselines, run by baselines.experiment.
-BASELINES = ("fedavg", "fedzo", "baffle", "pfedme", "pfedzo")
+BASELINES = (
+    "fedavg",
+    "fedzo",
+    "baffle",
+    "pfedme",
+    "pfedzo",
+    "meta_fedavg",
+    "persafl",
+)
 ALGORITHMS = tuple(ANALYTIC) + BASELINES
 FIXED_BATCH_SIZE = ("fedacnnl_wa",)
 

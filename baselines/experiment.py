@@ -38,9 +38,12 @@ from afl import models
 from afl import timing
 from baselines import algorithms
 from baselines import local as local_lib
+from baselines import meta_fl
 
 ALGORITHMS = afl_experiment.BASELINES
 PERSONALIZED = ("pfedme", "pfedzo")
+# Tested after fine-tuning the server model (baselines.meta_fl).
+FINE_TUNED = ("meta_fedavg",)
 
 # Defaults from the papers (DESIGN.md section 4), by algorithm, then by
 # dataset where they differ. None in `default_config` means "from here".
@@ -50,6 +53,8 @@ PAPER_DEFAULTS = {
     "baffle": dict(lr=0.05, local_steps=0),
     "pfedme": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
     "pfedzo": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
+    # personal_lr: the inner (fine-tuning) step size alpha.
+    "meta_fedavg": dict(lr=0.05, local_steps=20, personal_lr=0.05),
 }
 SYNTHETIC_DEFAULTS = {
     "pfedme": dict(personal_lr=0.01, lam=20.0),
@@ -81,6 +86,13 @@ def default_config() -> ml_collections.ConfigDict:
           central=False,  # BAFFLE: central instead of forward differences
           eval_every=1,
           num_lanes=0,  # packed lanes for epoch schedules; 0: automatic
+          # Generalized meta-FL (baselines.meta_fl) and PersA-FL
+          # (baselines.persafl).
+          nu=1,  # fine-tuning steps of the meta-objective
+          meta_grad="exact",  # or "first_order"
+          personalization="maml",  # PersA-FL: "maml" or "me"
+          max_staleness=2,  # PersA-FL: server versions (rounds), see persafl
+          delay_spread=0.5,  # PersA-FL: sigma of the log-normal delay noise
       )
   )
   return config
@@ -130,6 +142,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("local_steps", "num_lanes", "personal_lr", "lam"):
     if config[name] < 0:
       raise ValueError(f"--{name} must be >= 0, got {config[name]}")
+  for name in ("nu", "max_staleness", "delay_spread"):
+    if config[name] < 0:
+      raise ValueError(f"--{name} must be >= 0, got {config[name]}")
+  if config.meta_grad not in meta_fl.META_GRADIENTS:
+    raise ValueError(
+        f"--meta_grad={config.meta_grad!r} is not one of "
+        f"{meta_fl.META_GRADIENTS}"
+    )
+  if config.personalization not in ("maml", "me"):
+    raise ValueError(
+        f"--personalization={config.personalization!r} is not maml or me"
+    )
   if not 0 < config.pfedme_beta <= 1:
     raise ValueError(
         f"--pfedme_beta must be in (0, 1], got {config.pfedme_beta}"
@@ -155,7 +179,19 @@ def build(config: ml_collections.ConfigDict, apply_fn) -> algorithms.Baseline:
     )
   if config.algorithm == "pfedme":
     return algorithms.pfedme(apply_fn, *moreau)
+  if config.algorithm == "meta_fedavg":
+    return meta_fl.meta_fedavg(
+        apply_fn, config.lr, config.personal_lr, config.nu, config.meta_grad
+    )
   return algorithms.pfedzo(apply_fn, *moreau, config.mu, config.directions)
+
+
+def step_rows(config: ml_collections.ConfigDict) -> int:
+  """Rows of a local step's batch: meta_fedavg's step takes nu + 1 batches
+  of b (`baselines.meta_fl`), the others one."""
+  if config.algorithm in FINE_TUNED:
+    return config.batch_size * (config.nu + 1)
+  return config.batch_size
 
 
 def step_flops(local: local_lib.LocalTraining, params, x, batch_size) -> float:
@@ -203,6 +239,11 @@ def run_experiment(
     output_dir: where results.json and params.msgpack go.
     split: the prepared data, to share it across runs; None prepares it.
   """
+  if config.algorithm == "persafl":
+    # Imported here: baselines.persafl builds on this module.
+    from baselines import persafl  # pylint: disable=g-import-not-at-top
+
+    return persafl.run_experiment(config, output_dir, split)
   config = resolve(config)
   validate(config)
   output_dir = pathlib.Path(output_dir)
@@ -234,7 +275,7 @@ def run_experiment(
   sizes = np.asarray(data.size)
   schedule = local_lib.make_schedule(
       sizes,
-      config.batch_size,
+      step_rows(config),
       config.local_steps,
       config.local_epochs,
       num_shards=mesh.size,
@@ -247,6 +288,17 @@ def run_experiment(
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
   round_fn = local_lib.round_fn(baseline.local, schedule, sizes, mesh)
+  fine_tune, tune_key = None, jax.random.fold_in(key, 2**31 - 1)
+  if config.algorithm in FINE_TUNED:
+    fine_tune = meta_fl.fine_tuner(
+        model.apply,
+        config.personal_lr,
+        config.nu,
+        config.batch_size,
+        sizes,
+        mesh,
+        config.num_lanes,
+    )
   personalized = config.algorithm in PERSONALIZED
   count_loss = _loss_counter(model.apply, mesh)
   data_time = time.perf_counter() - start
@@ -267,14 +319,14 @@ def run_experiment(
   model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
   client_work = {
       "flops_per_step": step_flops(
-          baseline.local, params, x, config.batch_size
+          baseline.local, params, x, step_rows(config)
       ),
       "steps": schedule.steps.tolist(),
-      "batch_size": config.batch_size,
+      "batch_size": step_rows(config),
       "download_bytes": int(model_bytes),
       "upload_bytes": int(model_bytes),
   }
-  if not personalized:
+  if not personalized and fine_tune is None:
     client_model = np.zeros(config.num_clients, np.int32)
   else:
     client_model = np.arange(config.num_clients, dtype=np.int32)
@@ -309,7 +361,9 @@ def run_experiment(
       last = index == config.rounds or diverged
       if index % config.eval_every == 0 or last:
         eval_start = time.perf_counter()
-        if personalized:
+        if fine_tune is not None:
+          tested = fine_tune(params, data, jax.random.fold_in(tune_key, index))
+        elif personalized:
           tested = out.personal
         else:
           tested = jax.tree.map(lambda a: a[None], params)
