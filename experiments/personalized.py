@@ -1,0 +1,230 @@
+r"""Personalized-FL comparison: meta-FL and PersA-FL next to pFedMe, pFedACnnL
+and FedAvg's global model, against simulated training time.
+
+  python -m experiments.personalized --data_dir=../shared/data \
+      --output_dir=runs/personalized --datasets=mnist,synthetic --seeds=5
+
+Runs every method of `METHODS` on each dataset with the [128, 64] MLP, 100
+clients, seeds 0..S-1 (fixed data: --data_seed), each through
+`afl.experiment.run_experiment` into OUTPUT_DIR/DATASET/METHOD/seed_S/
+(a run whose results.json exists is read back: the study resumes), and
+writes
+
+  OUTPUT_DIR/personalized.md    best and last test accuracy, mean +- std over
+                                seeds, and the simulated time of the run;
+  OUTPUT_DIR/personalized.json  every seed's numbers and curves;
+  OUTPUT_DIR/DATASET.png        seed-mean accuracy against simulated time.
+
+Accuracy is each client's personalized model on its own test split (FedAvg:
+the global model). Simulated time is the shared clock's (`afl.clock`, same
+device profiles for a seed): PersA-FL reports it per round itself; for the
+synchronous gradient methods every round costs the clock's synchronous
+round (`clock.simulate_round`) of the work in results.json's `client_work`
+(the same for every round), accumulated; pFedACnnL is one point at its
+makespan.
+"""
+
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from afl import clock as clock_lib
+from afl import experiment
+from baselines import experiment as baselines_experiment
+
+# name -> (label, settings over baselines.experiment.default_config()).
+METHODS = {
+    "fedavg": ("FedAvg (global)", dict(algorithm="fedavg")),
+    "pfedme": ("pFedMe", dict(algorithm="pfedme")),
+    "pfedacnnl": ("pFedACnnL", dict(algorithm="pfedacnnl")),
+    "meta_nu1": (
+        "meta-FedAvg nu=1 (Per-FedAvg)",
+        dict(algorithm="meta_fedavg", nu=1),
+    ),
+    "meta_nu2": ("meta-FedAvg nu=2", dict(algorithm="meta_fedavg", nu=2)),
+    "meta_nu5": ("meta-FedAvg nu=5", dict(algorithm="meta_fedavg", nu=5)),
+    "persafl_maml": (
+        "PersA-FL MAML",
+        dict(algorithm="persafl", personalization="maml"),
+    ),
+    "persafl_me": (
+        "PersA-FL ME",
+        dict(algorithm="persafl", personalization="me"),
+    ),
+    "persafl_maml_sync": (
+        "PersA-FL MAML, staleness 0 (synchronous)",
+        dict(algorithm="persafl", personalization="maml", max_staleness=0),
+    ),
+    "persafl_me_sync": (
+        "PersA-FL ME, staleness 0 (synchronous)",
+        dict(algorithm="persafl", personalization="me", max_staleness=0),
+    ),
+}
+
+flags.DEFINE_string("output_dir", None, "Where the runs go.", required=True)
+flags.DEFINE_string("data_dir", None, "Folder with mnist/.")
+flags.DEFINE_list("datasets", ["mnist", "synthetic"], "Datasets (MLP model).")
+flags.DEFINE_list("methods", list(METHODS), "Methods of METHODS.")
+flags.DEFINE_integer("seeds", 5, "Seeds 0..S-1.")
+flags.DEFINE_integer("data_seed", 0, "Seed of the data; -1: each seed's.")
+flags.DEFINE_integer("num_clients", 100, "Clients.")
+flags.DEFINE_integer(
+    "rounds", 0, "Rounds of the iterative methods; 0: 20 (mnist), 100 (synthetic)."
+)
+flags.DEFINE_integer("eval_every", 1, "Rounds between tests.")
+FLAGS = flags.FLAGS
+
+DEFAULT_ROUNDS = {"mnist": 20, "cifar10": 20, "synthetic": 100}
+
+
+def simulated_times(results: dict) -> list[float]:
+  """Simulated seconds at the end of each recorded round (module docstring)."""
+  if "time_per_round_s" in results:
+    return results["time_per_round_s"]
+  config = results["config"]
+  timing = results.get("timing")
+  if "client_work" not in results:  # analytic: one shot
+    return [timing["makespan_s"]]
+  work = results["client_work"]
+  steps = np.asarray(work["steps"])
+  profiles = clock_lib.draw_profiles(
+      jax.random.fold_in(jax.random.key(config["seed"]), 1),
+      len(steps),
+      (config["cores_min"], config["cores_max"]),
+      (config["bandwidth_gbps_min"], config["bandwidth_gbps_max"]),
+      (config["latency_ms_min"], config["latency_ms_max"]),
+  )
+  ones = np.ones_like(steps)
+  _, round_timing = clock_lib.simulate_round(
+      clock_lib.initial_state(len(steps)),
+      profiles,
+      clock_lib.CostModel(clock_lib.calibrate()),
+      clock_lib.ClientWork(
+          steps * work["batch_size"],
+          ones * work["batch_size"],
+          work["flops_per_step"],
+          0.0,
+          ones * work["upload_bytes"],
+          ones * work["download_bytes"],
+      ),
+  )
+  per_round = float(
+      round_timing.arrival_s.max() + round_timing.download_s.max()
+  )
+  return [per_round * r["round"] for r in results["rounds"]]
+
+
+def run(dataset: str, method: str, seed: int, output_dir: pathlib.Path):
+  """One run's results (read back when they exist)."""
+  path = output_dir / dataset / method / f"seed_{seed}"
+  if (path / "results.json").exists():
+    return json.loads((path / "results.json").read_text())
+  config = baselines_experiment.default_config()
+  config.update(
+      dataset=dataset,
+      model="mlp",
+      num_clients=FLAGS.num_clients,
+      seed=seed,
+      data_seed=FLAGS.data_seed,
+      data_dir=FLAGS.data_dir,
+      rounds=FLAGS.rounds or DEFAULT_ROUNDS[dataset],
+      eval_every=FLAGS.eval_every,
+  )
+  config.update(METHODS[method][1])
+  logging.info("running %s on %s, seed %d", method, dataset, seed)
+  return experiment.run_experiment(config, path)
+
+
+def summarize(runs: list[dict]) -> dict:
+  best = [100 * r["accuracy"] for r in runs]
+  last = [100 * r.get("last_accuracy", r["accuracy"]) for r in runs]
+  curves = [
+      (simulated_times(r), r.get("accuracy_per_round", [r["accuracy"]]))
+      for r in runs
+  ]
+  return {
+      "seeds": len(runs),
+      "best_mean": float(np.mean(best)),
+      "best_std": float(np.std(best)),
+      "last_mean": float(np.mean(last)),
+      "last_std": float(np.std(last)),
+      "simulated_s_mean": float(np.mean([t[-1] for t, _ in curves])),
+      "best": best,
+      "last": last,
+      "curves": [
+          {"time_s": t, "accuracy": a} for t, a in curves
+      ],
+  }
+
+
+def plot(dataset: str, table: dict, path: pathlib.Path) -> None:
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for method, row in table.items():
+    curves = row["curves"]
+    length = min(len(c["time_s"]) for c in curves)
+    times = np.mean([c["time_s"][:length] for c in curves], 0)
+    accuracy = np.array(
+        [
+            [np.nan if a is None else a for a in c["accuracy"][:length]]
+            for c in curves
+        ],
+        np.float64,
+    )
+    style = "o" if length == 1 else "-"
+    ax.plot(times, 100 * np.nanmean(accuracy, 0), style, label=row["label"])
+  ax.set_xscale("log")
+  ax.set_xlabel("simulated training time (s, shared clock)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"{dataset}-MLP, {FLAGS.num_clients} clients")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  output_dir = pathlib.Path(FLAGS.output_dir)
+  unknown = set(FLAGS.methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown --methods {sorted(unknown)}; see METHODS")
+  tables, lines = {}, []
+  for dataset in FLAGS.datasets:
+    table = {}
+    for method in FLAGS.methods:
+      runs = [run(dataset, method, s, output_dir) for s in range(FLAGS.seeds)]
+      table[method] = dict(label=METHODS[method][0], **summarize(runs))
+    tables[dataset] = table
+    plot(dataset, table, output_dir / f"{dataset}.png")
+    lines += [
+        f"### {dataset}-MLP, {FLAGS.num_clients} clients, "
+        f"{FLAGS.seeds} seed(s)",
+        "",
+        "| method | best accuracy (%) | last accuracy (%) | simulated time (s) |",
+        "|---|---|---|---|",
+    ]
+    for row in table.values():
+      lines.append(
+          f"| {row['label']} | {row['best_mean']:.2f} +- {row['best_std']:.2f}"
+          f" | {row['last_mean']:.2f} +- {row['last_std']:.2f} |"
+          f" {row['simulated_s_mean']:.4g} |"
+      )
+    lines.append("")
+  (output_dir / "personalized.md").write_text("\n".join(lines))
+  (output_dir / "personalized.json").write_text(json.dumps(tables, indent=1))
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
