@@ -273,19 +273,24 @@ def run_experiment(
   )
   data = local_lib.client_data(x, split.y, split.train_indices)
   sizes = np.asarray(data.size)
+  baseline = build(config, model.apply)
+  key = jax.random.key(config.seed)
+  params = jax.device_put(  # placed as the rounds return it: one compile
+      models.init_params(model, jax.random.fold_in(key, 0), x.shape[1:]),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
   schedule = local_lib.make_schedule(
       sizes,
       step_rows(config),
       config.local_steps,
       config.local_epochs,
       num_shards=mesh.size,
-      num_lanes=config.num_lanes,
-  )
-  baseline = build(config, model.apply)
-  key = jax.random.key(config.seed)
-  params = jax.device_put(  # placed as the rounds return it: one compile
-      models.init_params(model, jax.random.fold_in(key, 0), x.shape[1:]),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      num_lanes=config.num_lanes
+      or local_lib.default_num_lanes(
+          local_lib.tree_bytes(baseline.local.init(params, key)),
+          config.num_clients,
+          mesh.size,
+      ),
   )
   round_fn = local_lib.round_fn(baseline.local, schedule, sizes, mesh)
   fine_tune, tune_key = None, jax.random.fold_in(key, 2**31 - 1)
@@ -316,7 +321,7 @@ def run_experiment(
       data_time,
   )
 
-  model_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+  model_bytes = local_lib.tree_bytes(params)
   client_work = {
       "flops_per_step": step_flops(
           baseline.local, params, x, step_rows(config)

@@ -25,8 +25,9 @@ lane's model is streamed through memory at every step, so a few lanes per
 device win; on an accelerator, one lane per client.
 
 Batches: every round each client draws a random permutation of its samples
-(one root key; `fold_in` per round, client and step), batch k of epoch e
-holds positions k b .. (k + 1) b - 1 of it.
+(one root key, `fold_in` per round; all clients' permutations from one sort),
+its batch k holds positions k b .. (k + 1) b - 1 of it (modulo its size when
+cycling).
 """
 
 import math
@@ -108,7 +109,6 @@ class Schedule(NamedTuple):
     batch_size: b.
     cycle: True: fixed steps, a client cycles through its samples; False:
       epochs, positions past a client's samples are masked.
-    max_size: the largest client's samples (width of the permutations).
   """
 
   client: np.ndarray
@@ -119,7 +119,6 @@ class Schedule(NamedTuple):
   steps: np.ndarray
   batch_size: int
   cycle: bool
-  max_size: int
 
   @property
   def num_lanes(self) -> int:
@@ -141,12 +140,28 @@ def _pack(steps: np.ndarray, num_lanes: int) -> list[list[int]]:
   return lanes
 
 
-def default_lanes_per_device() -> int:
-  """Lanes per device when not given: few on CPU, where a lane's model is
-  streamed through memory at every step and many lanes are memory-bound
-  (measured: `experiments.benchmark_baselines --lanes`); all clients at once
-  on accelerators."""
-  return 2 if jax.default_backend() == "cpu" else 0
+# On a CPU the lanes of a device together keep about this many bytes of
+# client state: every step streams each lane's model through memory, so
+# beyond the cache many lanes are memory-bound (MNIST-MLP, 436 KB a model:
+# 2-4 lanes per device beat 8 and 100; `experiments.benchmark_baselines
+# --lanes`), while small models (LR) gain from many lanes, which cut the
+# number of scan steps and their fixed cost.
+CPU_LANE_BYTES = 2**21
+
+
+def default_num_lanes(
+    carry_bytes: int, num_clients: int, num_shards: int = 1
+) -> int:
+  """Lanes for a client state of `carry_bytes`: one per client on
+  accelerators; on CPU as many per device as fit CPU_LANE_BYTES (>= 2)."""
+  if jax.default_backend() != "cpu":
+    return num_clients
+  per_device = max(2, CPU_LANE_BYTES // max(carry_bytes, 1))
+  return min(num_clients, per_device * num_shards)
+
+
+def tree_bytes(tree) -> int:
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def make_schedule(
@@ -166,8 +181,8 @@ def make_schedule(
       through its samples); 0: `local_epochs` epochs each.
     local_epochs: E, when local_steps is 0.
     num_shards: devices; the number of lanes is a multiple of it.
-    num_lanes: lanes; 0: `default_lanes_per_device()` per device, or one
-      per client where that is 0 (rounded up to a multiple of num_shards).
+    num_lanes: lanes (rounded up to a multiple of num_shards); 0: one per
+      client.
 
   Returns:
     The schedule.
@@ -183,7 +198,7 @@ def make_schedule(
     steps = np.where(sizes > 0, local_steps, 0)
   else:
     steps = local_epochs * -(-sizes // batch_size)
-  num_lanes = num_lanes or num_shards * default_lanes_per_device() or len(sizes)
+  num_lanes = num_lanes or len(sizes)
   lanes = _pack(steps, math.ceil(num_lanes / num_shards) * num_shards)
   length = max(1, max(sum(steps[c] for c in lane) for lane in lanes))
   shape = (len(lanes), length)
@@ -208,7 +223,6 @@ def make_schedule(
       steps.astype(np.int64),
       batch_size,
       cycle=bool(local_steps),
-      max_size=max(1, int(sizes.max())),
   )
 
 
@@ -217,14 +231,15 @@ def _keys(round_key: jax.Array):
   return jax.random.fold_in(round_key, 0), jax.random.fold_in(round_key, 1)
 
 
-def permutations(key: jax.Array, size: jax.Array, width: int) -> jax.Array:
-  """[C, width] int32: row c starts with a random permutation of 0..size[c]-1."""
-
-  def one(client, n):
-    u = jax.random.uniform(jax.random.fold_in(key, client), (width,))
-    return jnp.argsort(jnp.where(jnp.arange(width) < n, u, 2.0))
-
-  return jax.vmap(one)(jnp.arange(size.shape[0]), size).astype(jnp.int32)
+def permutations(key: jax.Array, size: jax.Array, total: int) -> jax.Array:
+  """[N] int32: within each client's rows (contiguous, `client_data`), a
+  random permutation of them; one sort of the N samples by (client, u)."""
+  client = jnp.repeat(
+      jnp.arange(size.shape[0]), size, total_repeat_length=total
+  )
+  u = jax.random.uniform(key, (total,))
+  rows = jnp.arange(total, dtype=jnp.int32)
+  return jax.lax.sort((client, u, rows), num_keys=2)[2]
 
 
 def client_batch(
@@ -239,7 +254,7 @@ def client_batch(
   n = data.size[client]
   position = step * batch_size + jnp.arange(batch_size)
   mask = jnp.broadcast_to(n > 0, position.shape) if cycle else position < n
-  rows = data.offset[client] + perm[client, position % jnp.maximum(n, 1)]
+  rows = perm[data.offset[client] + position % jnp.maximum(n, 1)]
   return data.x[rows], data.y[rows], mask
 
 
@@ -270,9 +285,12 @@ def round_fn(
 ):
   """The round: jitted (server model, data, round key) -> RoundOutput.
 
-  Each device scans over the steps, its lanes vmapped inside the step; a
-  client's personal model is written into a per-client table (one row per
-  lane and step, in place), summed over the devices at the end.
+  Each device scans over the steps, its lanes vmapped inside the step. The
+  clients' personal models (if `local.personal`): with fixed steps all lanes
+  switch clients together, every R steps, so an outer scan over these slots
+  stacks the lanes' models ([slots, L, ...]) and one gather picks each
+  client's; with epochs a finished client's model is scattered into a
+  per-client table at its last step.
 
   Args:
     local: what a client computes.
@@ -287,6 +305,18 @@ def round_fn(
   weights = np.asarray(weights, np.float64)
   trained = schedule.steps > 0
   total_weight = float(weights[trained].sum()) or 1.0
+  num_clients = len(schedule.steps)
+  personal = local.personal is not None
+  # Fixed steps: every lane's clients start at multiples of R.
+  slot_length = int(schedule.steps.max()) if schedule.cycle else 0
+  slotted = personal and slot_length > 0
+  if slotted:
+    lane, start = np.nonzero(schedule.first)
+    position = np.zeros(num_clients, np.int64)  # client -> slot * L + lane
+    position[schedule.client[lane, start]] = (
+        start // slot_length * schedule.num_lanes + lane
+    )
+    position = jnp.asarray(position)
   # Steps on the scan axis: [S, L].
   lanes = tuple(
       jnp.asarray(a.T)
@@ -299,7 +329,6 @@ def round_fn(
       )
   )
   weights = jnp.asarray(weights, jnp.float32)
-  num_clients = len(schedule.steps)
 
   def device_lanes(params, data, perm, client_root, *lanes):
     def key_of(c):
@@ -328,17 +357,12 @@ def round_fn(
       )
       if table is not None:
         c, _, v, _, l = inputs
-        # Finished clients write their row; the others write row C (junk).
-        rows = jnp.where(l & v, c, num_clients)
-        mine = local.personal(carries)
-        for lane in range(rows.shape[0]):
-          table = jax.tree.map(
-              lambda t, m: jax.lax.dynamic_update_index_in_dim(
-                  t, m[lane], rows[lane], 0
-              ),
-              table,
-              mine,
-          )
+        rows = jnp.where(l & v, c, num_clients)  # out of range: dropped
+        table = jax.tree.map(
+            lambda t, m: t.at[rows].set(m, mode="drop"),
+            table,
+            local.personal(carries),
+        )
       state = (
           carries,
           totals,
@@ -348,23 +372,34 @@ def round_fn(
       )
       return state, None
 
-    client = lanes[0][0]
     carries = jax.vmap(local.init, in_axes=(None, 0))(
-        params, jax.vmap(key_of)(client)
+        params, jax.vmap(key_of)(lanes[0][0])
     )
     totals = jax.tree.map(jnp.zeros_like, jax.vmap(local.upload)(carries))
     table = None
-    if local.personal is not None:
+    if personal and not slotted:
       table = jax.tree.map(
-          lambda a: jnp.zeros((num_clients + 1,) + a.shape, a.dtype),
+          lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype),
           local.personal(local.init(params, key_of(0))),
       )
     zero = jnp.zeros((), jnp.float32)
-    (_, totals, table, loss_sum, count), _ = jax.lax.scan(
-        body, (carries, totals, table, zero, zero), lanes
-    )
-    totals, table, loss_sum, count = jax.lax.psum(
-        (jax.tree.map(lambda t: t.sum(0), totals), table, loss_sum, count),
+    state = (carries, totals, table, zero, zero)
+    if slotted:
+
+      def slot(state, inputs):
+        state, _ = jax.lax.scan(body, state, inputs)
+        return state, local.personal(state[0])
+
+      slots = jax.tree.map(
+          lambda a: a.reshape((-1, slot_length) + a.shape[1:]), lanes
+      )
+      state, table = jax.lax.scan(slot, state, slots)  # [slots, L, ...]
+    else:
+      state, _ = jax.lax.scan(body, state, lanes)
+      table = jax.lax.psum(table, federated.CLIENTS)
+    _, totals, _, loss_sum, count = state
+    totals, loss_sum, count = jax.lax.psum(
+        (jax.tree.map(lambda t: t.sum(0), totals), loss_sum, count),
         federated.CLIENTS,
     )
     return totals, table, loss_sum / jnp.maximum(count, 1)
@@ -374,7 +409,11 @@ def round_fn(
       device_lanes,
       mesh=mesh,
       in_specs=(PartitionSpec(),) * 4 + (lane_spec,) * 5,
-      out_specs=PartitionSpec(),
+      out_specs=(
+          PartitionSpec(),
+          lane_spec if slotted else PartitionSpec(),
+          PartitionSpec(),
+      ),
       check_vma=False,
   )
   trained = jnp.asarray(trained)
@@ -382,20 +421,22 @@ def round_fn(
   @jax.jit
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
-    perm = permutations(perm_root, data.size, schedule.max_size)
+    perm = permutations(perm_root, data.size, data.x.shape[0])
     totals, table, loss = mapped(params, data, perm, client_root, *lanes)
     upload = jax.tree.map(lambda t: t / total_weight, totals)
-    personal = None
-    if table is not None:  # clients without data keep the server model
+    models = None
+    if personal:  # clients without data keep the server model
+      if slotted:
+        table = jax.tree.map(
+            lambda t: t.reshape((-1,) + t.shape[2:])[position], table
+        )
       server = local.personal(local.init(params, client_root))
-      personal = jax.tree.map(
-          lambda t, g: jnp.where(
-              trained.reshape((-1,) + (1,) * g.ndim), t[:num_clients], g
-          ),
+      models = jax.tree.map(
+          lambda t, g: jnp.where(trained.reshape((-1,) + (1,) * g.ndim), t, g),
           table,
           server,
       )
-    return RoundOutput(upload, personal, loss)
+    return RoundOutput(upload, models, loss)
 
   return run
 
@@ -428,7 +469,7 @@ def loop_round(
 
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
-    perm = perms(perm_root, data.size, schedule.max_size)
+    perm = perms(perm_root, data.size, data.x.shape[0])
     total, personal, loss_sum, count = None, [], 0.0, 0.0
     for c in range(data.num_clients):
       key = jax.random.fold_in(client_root, c)

@@ -69,6 +69,16 @@ def main(argv):
   mesh = federated.client_mesh()
   data = local_lib.client_data(x, split.y, split.train_indices)
   sizes = np.asarray(data.size)
+  baseline = baselines_experiment.build(config, model.apply)
+  params = jax.device_put(
+      models.init_params(model, jax.random.key(0), x.shape[1:]),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  default = local_lib.default_num_lanes(
+      local_lib.tree_bytes(baseline.local.init(params, jax.random.key(0))),
+      len(sizes),
+      mesh.size,
+  )
   schedules = {
       int(lanes): local_lib.make_schedule(
           sizes,
@@ -76,15 +86,10 @@ def main(argv):
           config.local_steps,
           config.local_epochs,
           num_shards=mesh.size,
-          num_lanes=int(lanes),
+          num_lanes=int(lanes) or default,
       )
       for lanes in FLAGS.lanes
   }
-  baseline = baselines_experiment.build(config, model.apply)
-  params = jax.device_put(
-      models.init_params(model, jax.random.key(0), x.shape[1:]),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-  )
   rounds = {
       f"{s.num_lanes} lanes x {s.length}": local_lib.round_fn(
           baseline.local, s, sizes, mesh
