@@ -302,7 +302,7 @@ def run_experiment(
         config.batch_size,
         sizes,
         mesh,
-        config.num_lanes,
+        schedule.num_lanes,
     )
   personalized = config.algorithm in PERSONALIZED
   count_loss = _loss_counter(model.apply, mesh)

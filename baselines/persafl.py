@@ -205,7 +205,7 @@ def client_updates(
   """Jitted (copies [G, ...], clients [G], counters [G], root key) ->
   (delta [G, ...], personal [G, ...] or None, loss [G]): every client's R
   local steps from its copy, `lanes` clients at a time vmapped (0: all G;
-  on a CPU a few lanes win, see `default_lanes`)."""
+  on a CPU a few lanes win, see `local.default_num_lanes`)."""
   width = max(1, int(np.max(np.asarray(data.size))))
 
   def one(copy, client, counter, root):
@@ -243,13 +243,6 @@ def client_updates(
     )
 
   return run
-
-
-def default_lanes() -> int:
-  """Clients vmapped together: all on accelerators; 4 on a CPU, where each
-  lane streams its model through memory at every step (as the lane driver
-  found, `experiments.benchmark_baselines --lanes`)."""
-  return 4 if jax.default_backend() == "cpu" else 0
 
 
 def build_local(config, apply_fn) -> tuple[local_lib.LocalTraining, int]:
@@ -438,12 +431,16 @@ def run_experiment(
   key = jax.random.key(config.seed)
   params = models.init_params(model, jax.random.fold_in(key, 0), x.shape[1:])
   local, batch_rows = build_local(config, model.apply)
+  carry = jax.eval_shape(local.init, params, key)
   updates = client_updates(
       local,
       data,
       batch_rows,
       config.local_steps,
-      config.num_lanes or default_lanes(),
+      config.num_lanes
+      or local_lib.default_num_lanes(
+          local_lib.tree_bytes(carry), config.num_clients
+      ),
   )
 
   profiles = clock_lib.draw_profiles(
@@ -454,7 +451,6 @@ def run_experiment(
       (config.latency_ms_min, config.latency_ms_max),
   )
   cost_model = clock_lib.CostModel(clock_lib.calibrate())
-  carry = jax.eval_shape(local.init, params, key)
   flops = clock_lib.step_flops(
       local.step,
       lambda b: (
@@ -465,7 +461,7 @@ def run_experiment(
           key,
       ),
   )
-  model_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+  model_bytes = local_lib.tree_bytes(params)
   compute_s, download_s, upload_s = delays(
       config,
       profiles,
