@@ -20,9 +20,8 @@ the same for every round.
 
 import json
 import math
-import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -226,6 +225,43 @@ def _loss_counter(apply_fn, mesh):
   return count
 
 
+class Prepared(NamedTuple):
+  """A gradient run's data, model and mesh (see `prepare`)."""
+
+  split: data_lib.ClientSplit
+  model: models.LayerwiseNet
+  x: np.ndarray  # [N, ...] the model's inputs
+  mesh: jax.sharding.Mesh
+  train_blocks: federated.FederatedData  # for the training loss
+  test_blocks: federated.FederatedData
+  data: local_lib.ClientData  # the clients' samples for local training
+
+
+def prepare(
+    config: ml_collections.ConfigDict,
+    split: data_lib.ClientSplit | None = None,
+) -> Prepared:
+  """The data of `config` (or `split`) as test and train blocks over the
+  mesh and as contiguous client samples, and the model."""
+  split = split or afl_experiment.prepare_split(config)
+  model = models.get_model(config.model, split.num_classes, config.width)
+  x = afl_experiment.model_inputs(model, split.x)
+  mesh = federated.client_mesh(
+      jax.local_devices()[: config.num_devices or None]
+  )
+  train_blocks, test_blocks = (
+      federated.shard(
+          federated.federate(
+              x, split.y, indices, config.block_size or None, mesh.size
+          ),
+          mesh,
+      )
+      for indices in (split.train_indices, split.test_indices)
+  )
+  data = local_lib.client_data(x, split.y, split.train_indices)
+  return Prepared(split, model, x, mesh, train_blocks, test_blocks, data)
+
+
 def run_experiment(
     config: ml_collections.ConfigDict,
     output_dir,
@@ -246,32 +282,11 @@ def run_experiment(
     return persafl.run_experiment(config, output_dir, split)
   config = resolve(config)
   validate(config)
-  output_dir = pathlib.Path(output_dir)
-  results_path = output_dir / "results.json"
-  if results_path.exists() and not config.overwrite:
-    raise FileExistsError(
-        f"{results_path} exists; choose another --output_dir or pass "
-        "--overwrite"
-    )
-  output_dir.mkdir(parents=True, exist_ok=True)
-
   start = time.perf_counter()
-  split = split or afl_experiment.prepare_split(config)
-  model = models.get_model(config.model, split.num_classes, config.width)
-  x = afl_experiment.model_inputs(model, split.x)
-  mesh = federated.client_mesh(
-      jax.local_devices()[: config.num_devices or None]
+  output_dir, results_path = afl_experiment.prepare_output(config, output_dir)
+  split, model, x, mesh, train_blocks, test_blocks, data = prepare(
+      config, split
   )
-  train_blocks, test_blocks = (
-      federated.shard(
-          federated.federate(
-              x, split.y, indices, config.block_size or None, mesh.size
-          ),
-          mesh,
-      )
-      for indices in (split.train_indices, split.test_indices)
-  )
-  data = local_lib.client_data(x, split.y, split.train_indices)
   sizes = np.asarray(data.size)
   baseline = build(config, model.apply)
   key = jax.random.key(config.seed)

@@ -59,7 +59,7 @@ def inner_steps(loss_fn, params, xs, ys, masks, alpha: float, exact: bool):
       g = jax.lax.stop_gradient(g)
     return jax.tree.map(lambda p, d: p - alpha * d, phi, g), None
 
-  phi, _ = jax.lax.scan(one, params, (xs, ys, masks))
+  phi, _ = jax.lax.scan(one, params, (xs, ys, masks), unroll=True)
   return phi
 
 

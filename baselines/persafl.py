@@ -65,7 +65,6 @@ k B .. (k + 1) B - 1 (modulo its size).
 import heapq
 import json
 import math
-import pathlib
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -78,7 +77,6 @@ import numpy as np
 from afl import clock as clock_lib
 from afl import evaluation
 from afl import experiment as afl_experiment
-from afl import federated
 from afl import models
 from afl import timing
 from baselines import algorithms
@@ -401,32 +399,11 @@ def run_experiment(
   baselines_experiment.validate(config)
   if not config.local_steps:
     raise ValueError("persafl needs --local_steps > 0 (R steps per update)")
-  output_dir = pathlib.Path(output_dir)
-  results_path = output_dir / "results.json"
-  if results_path.exists() and not config.overwrite:
-    raise FileExistsError(
-        f"{results_path} exists; choose another --output_dir or pass "
-        "--overwrite"
-    )
-  output_dir.mkdir(parents=True, exist_ok=True)
-
   start = time.perf_counter()
-  split = split or afl_experiment.prepare_split(config)
-  model = models.get_model(config.model, split.num_classes, config.width)
-  x = afl_experiment.model_inputs(model, split.x)
-  mesh = federated.client_mesh(
-      jax.local_devices()[: config.num_devices or None]
+  output_dir, results_path = afl_experiment.prepare_output(config, output_dir)
+  split, model, x, mesh, train_blocks, test_blocks, data = (
+      baselines_experiment.prepare(config, split)
   )
-  train_blocks, test_blocks = (
-      federated.shard(
-          federated.federate(
-              x, split.y, indices, config.block_size or None, mesh.size
-          ),
-          mesh,
-      )
-      for indices in (split.train_indices, split.test_indices)
-  )
-  data = local_lib.client_data(x, split.y, split.train_indices)
   sizes = np.asarray(data.size)
   key = jax.random.key(config.seed)
   params = models.init_params(model, jax.random.fold_in(key, 0), x.shape[1:])

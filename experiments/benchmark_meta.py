@@ -10,7 +10,8 @@ samples). A FedAvg step is one gradient on b rows; a meta_fedavg step
 or first order. All rounds run on the same lane driver
 (`baselines.local.round_fn`), are compiled once, then timed `--repeats`
 times interleaved (the same machine load) on one round key; prints each
-median, its ratio to FedAvg's and the target (nu + 2) x.
+median, its ratio to FedAvg's, the target (nu + 2) x, and the ratio of the
+steps' FLOPs (XLA cost analysis), which does not depend on the machine.
 """
 
 import json
@@ -70,7 +71,7 @@ def main(argv):
       variants[f"nu={nu} {meta_grad}"] = dict(
           algorithm="meta_fedavg", nu=nu, meta_grad=meta_grad
       )
-  rounds, targets = {}, {}
+  rounds, targets, flops = {}, {}, {}
   for name, settings in variants.items():
     variant = config.copy_and_resolve_references()
     variant.update(settings)
@@ -83,6 +84,9 @@ def main(argv):
         num_lanes=FLAGS.num_lanes,
     )
     local = baselines_experiment.build(variant, model.apply).local
+    flops[name] = baselines_experiment.step_flops(
+        local, params, x, baselines_experiment.step_rows(variant)
+    )
     rounds[name] = local_lib.round_fn(local, schedule, sizes, mesh)
     targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1
   key = jax.random.key(1)
@@ -96,6 +100,7 @@ def main(argv):
       times[name].append(_timed(lambda fn=fn: fn(params, data, key).upload))
   medians = {name: float(np.median(t)) for name, t in times.items()}
   ratios = {name: m / medians["fedavg"] for name, m in medians.items()}
+  flop_ratios = {name: f / flops["fedavg"] for name, f in flops.items()}
   print(
       f"MNIST-MLP, {FLAGS.num_clients} clients, {FLAGS.local_steps} local "
       f"steps of batch 20 per client, {mesh.size} device(s), median of "
@@ -105,7 +110,8 @@ def main(argv):
     verdict = "ok" if ratios[name] <= targets[name] else "OVER"
     print(
         f"  {name:20s} {median:8.4f} s   {ratios[name]:5.2f} x FedAvg"
-        f"   (target <= {targets[name]} x: {verdict})"
+        f"   (target <= {targets[name]} x: {verdict}); FLOPs per step "
+        f"{flop_ratios[name]:5.2f} x"
     )
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
@@ -114,6 +120,7 @@ def main(argv):
               medians_s=medians,
               times_s=times,
               ratios=ratios,
+              flop_ratios=flop_ratios,
               targets=targets,
               local_steps=FLAGS.local_steps,
               devices=mesh.size,

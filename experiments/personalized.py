@@ -78,7 +78,9 @@ flags.DEFINE_integer("seeds", 5, "Seeds 0..S-1.")
 flags.DEFINE_integer("data_seed", 0, "Seed of the data; -1: each seed's.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer(
-    "rounds", 0, "Rounds of the iterative methods; 0: 20 (mnist), 100 (synthetic)."
+    "rounds",
+    0,
+    "Rounds of the iterative methods; 0: 20 (mnist), 100 (synthetic).",
 )
 flags.DEFINE_integer("eval_every", 1, "Rounds between tests.")
 FLAGS = flags.FLAGS
@@ -160,9 +162,7 @@ def summarize(runs: list[dict]) -> dict:
       "simulated_s_mean": float(np.mean([t[-1] for t, _ in curves])),
       "best": best,
       "last": last,
-      "curves": [
-          {"time_s": t, "accuracy": a} for t, a in curves
-      ],
+      "curves": [{"time_s": t, "accuracy": a} for t, a in curves],
   }
 
 
