@@ -289,10 +289,11 @@ def setup(
 
 
 def make_clock(
-    config: ml_collections.ConfigDict, run: Setup
+    config: ml_collections.ConfigDict, client_sizes: np.ndarray
 ) -> clock_lib.Clock:
-  """The simulated clock of `config`: profiles from the root seed, the cost
-  model from this host's calibration, eq. 7 unless FedACnnL-WA."""
+  """The simulated clock of `config` for clients of `client_sizes` training
+  samples: profiles from the root seed, the cost model from this host's
+  calibration, eq. 7 unless FedACnnL-WA or a baseline (fixed batches)."""
   profiles = clock_lib.draw_profiles(
       jax.random.fold_in(jax.random.key(config.seed), 1),
       config.num_clients,
@@ -304,8 +305,8 @@ def make_clock(
       profiles,
       clock_lib.CostModel(clock_lib.calibrate()),
       config.initial_batch_size,
-      run.train_data.client_sizes(),
-      adaptive=config.algorithm not in FIXED_BATCH_SIZE,
+      client_sizes,
+      adaptive=config.algorithm not in FIXED_BATCH_SIZE + BASELINES,
   )
 
 
@@ -375,7 +376,7 @@ def run_experiment(
       run.train_data.block_size,
       run.mesh.size,
   )
-  clock = make_clock(config, run)
+  clock = make_clock(config, run.train_data.client_sizes())
   trained = train(config, run, clock)
   model, mesh, groups, counts = run.model, run.mesh, run.groups, run.counts
   train_data, test_data = run.train_data, run.test_data

@@ -47,10 +47,12 @@ class FedACnnL(NamedTuple):
       layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
-    solve: (layer, Statistics, reg, prior=None) -> W_l [S, d, d_l]: eq. 5
-      per segment with reg = gamma (the server), or eq. 13 with reg = eps and
-      the meta-model as prior (a client personalizing).
-    write_layer: (layer, params, W_l [num_models, d, d_l]) -> params.
+    solve: (layer, Statistics, reg, prior=None) -> P_l [S, d, d_y], the
+      label-space solution (W_l = P_l Q_l, see `solve`): eq. 5 per segment
+      with reg = gamma (the server), or eq. 13 with reg = eps and the
+      meta-model's P as prior (a client personalizing).
+    write_layer: (layer, params, P_l [num_models, d, d_y]) -> params with
+      W_l = P_l Q_l.
     model: the network.
     encodings: Q_l per layer (identity for the output layer).
     num_layers: L.
@@ -140,11 +142,11 @@ def fedacnnl(
 
   @functools.partial(jax.jit, static_argnames="layer")
   def solve_layer(layer, stats, reg, prior=None):
-    count, width = stats.gram.shape[0], stats.gram.shape[-1] + 1
     if prior is None:
-      prior = jnp.zeros((count, width, encodings[layer].shape[-1]), jnp.float64)
+      prior = jnp.zeros_like(stats.labels())
+    count = prior.shape[0]
     if count == 1 or mesh.size == 1:
-      return solve.solve_statistics(stats, encodings[layer], reg, prior)
+      return solve.solve_statistics(stats, reg, prior)
     # Several systems (groups, clients): each device solves its share
     # instead of every device solving all of them.
     pad = -count % mesh.size
@@ -154,7 +156,7 @@ def fedacnnl(
     )
     by_device = jax.sharding.PartitionSpec(federated.CLIENTS)
     solved = jax.shard_map(
-        lambda s, p: solve.solve_statistics(s, encodings[layer], reg, p),
+        lambda s, p: solve.solve_statistics(s, reg, p),
         mesh=mesh,
         in_specs=(by_device, by_device),
         out_specs=by_device,
@@ -162,9 +164,11 @@ def fedacnnl(
     return solved[:count]
 
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
-  def write_layer(layer, params, weights):
+  def write_layer(layer, params, solution):
     new = layers.to_params(
-        model.stages[layer].layer, weights, input_shapes[layer][-1]
+        model.stages[layer].layer,
+        solution @ encodings[layer],
+        input_shapes[layer][-1],
     )
     inner = dict(params["params"])
     inner[models.layer_name(layer)] = new
@@ -190,12 +194,15 @@ class TrainResult(NamedTuple):
     rounds: one record per round (layer): widths and times in seconds.
     wall_time_s: training time without compilation.
     compile_time_s: time spent tracing and compiling during training.
+    solutions: the label-space solutions P_l [num_models, d, d_y] of every
+      layer (W_l = P_l Q_l), from `train`: the priors of eq. 13.
   """
 
   params: Params
   rounds: list[dict[str, Any]]
   wall_time_s: float
   compile_time_s: float
+  solutions: tuple[jax.Array, ...] = ()
 
 
 def layer_by_layer(
@@ -301,15 +308,17 @@ def train(
       )
     jax.block_until_ready(stats)
     stats_s = time.perf_counter() - start
-    weights = algorithm.solve(layer, stats, algorithm.gamma)
-    params = algorithm.write_layer(layer, params, weights)
+    solutions.append(algorithm.solve(layer, stats, algorithm.gamma))
+    params = algorithm.write_layer(layer, params, solutions[-1])
     return params, {
-        "width": int(weights.shape[-2]),
-        "outputs": int(weights.shape[-1]),
+        "width": int(solutions[-1].shape[-2]),
+        "outputs": int(algorithm.encodings[layer].shape[-1]),
         "statistics_s": stats_s,
         **(on_round(layer, stats, params) if on_round else {}),
     }
 
-  return layer_by_layer(
+  solutions = []
+  result = layer_by_layer(
       algorithm, algorithm.init(key, num_groups), "federated", layer_step
   )
+  return result._replace(solutions=tuple(solutions))

@@ -39,7 +39,6 @@ from sklearn import cluster
 from afl import fedacnnl
 from afl import federated
 from afl import layers
-from afl import models
 from afl import statistics
 
 DEFAULT_MEMORY_BUDGET = 2**30  # bytes of per-client float64 Grams at once
@@ -121,7 +120,7 @@ def group_sums(
 def personalize(
     algorithm: fedacnnl.FedACnnL,
     data: federated.FederatedData,
-    meta_params,
+    meta: fedacnnl.TrainResult,
     client_group: np.ndarray,
     eps: float,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
@@ -133,7 +132,9 @@ def personalize(
   Args:
     algorithm: the FedACnnL functions (statistics, solve, write).
     data: training blocks, sharded over the algorithm's mesh.
-    meta_params: meta-model params stacked [K, ...].
+    meta: the meta-models (`fedacnnl.train` over K groups): their params
+      [K, ...] start every client, their label-space solutions are the
+      priors (M^[k] = P^[k] Q_l, see `solve`).
     client_group: [C] group of each client.
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
     memory_budget_bytes: bound on the float64 per-client Grams held at once.
@@ -149,17 +150,13 @@ def personalize(
     raise ValueError(f"eps must be > 0, got {eps}")
   client_group = np.asarray(client_group, np.int32)
   num_clients = data.num_clients
-  params = jax.tree.map(lambda a: a[client_group], meta_params)
+  params = jax.tree.map(lambda a: a[client_group], meta.params)
   client = np.asarray(data.client)
 
   def layer_step(layer, params):
-    stage = algorithm.model.stages[layer]
-    meta = layers.from_params(
-        stage.layer, meta_params["params"][models.layer_name(layer)]
-    )
-    width = meta.shape[-2]
+    width = meta.solutions[layer].shape[-2]
     chunk = clients_per_pass(width, num_clients, memory_budget_bytes)
-    weights, stats_s = [], 0.0
+    solutions, stats_s = [], 0.0
     for start in range(0, num_clients, chunk):
       members = np.arange(start, min(start + chunk, num_clients))
       segment = np.where(
@@ -175,12 +172,16 @@ def personalize(
             )
         )
       stats_s += time.perf_counter() - began
-      prior = meta[client_group[np.resize(members, chunk)]].astype(jnp.float64)
-      weights.append(algorithm.solve(layer, stats, eps, prior)[: len(members)])
-    weights = jnp.concatenate(weights) if len(weights) > 1 else weights[0]
-    return algorithm.write_layer(layer, params, weights), {
+      prior = meta.solutions[layer][client_group[np.resize(members, chunk)]]
+      solutions.append(
+          algorithm.solve(layer, stats, eps, prior)[: len(members)]
+      )
+    solution = (
+        jnp.concatenate(solutions) if len(solutions) > 1 else solutions[0]
+    )
+    return algorithm.write_layer(layer, params, solution), {
         "width": int(width),
-        "outputs": int(weights.shape[-1]),
+        "outputs": int(algorithm.encodings[layer].shape[-1]),
         "statistics_s": stats_s,
         "clients_per_pass": chunk,
     }
@@ -282,7 +283,7 @@ def train(
   local = personalize(
       algorithm,
       data,
-      meta.params,
+      meta,
       groups,
       eps,
       memory_budget_bytes,

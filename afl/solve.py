@@ -2,9 +2,24 @@
 
 eq. 5 (and 11, per group):  W = (A_0 + gamma I)^-1 A_1.
 eq. 13 (personalization):   W = (G_i + eps I)^-1 (H_i + eps M),
-i.e. ridge regression shrunk towards a prior M instead of towards 0. Both are
-one Cholesky factorization (`cho_factor`/`cho_solve`), never an inverse;
-`solve_statistics` solves every segment (group, client) of a layer's sums.
+i.e. ridge regression shrunk towards a prior M instead of towards 0.
+
+Solved in label space: A_1 = X^T Z = (X^T Y) Q_l (eq. 2), so eq. 5 is
+W = P Q_l with P = (A_0 + gamma I)^-1 X^T Y, d x d_y; a meta-model is then
+M = P^[k] Q_l too, and eq. 13 is W = (G_i + eps I)^-1 (X_i^T Y_i + eps P^[k])
+Q_l. The same numbers, with d_y right-hand sides instead of d_l (10 instead
+of 128 on MNIST's first layer), which also makes refinement cheap:
+
+Every system is one Cholesky factorization (`cho_factor`/`cho_solve`), never
+an inverse, in one of two precisions chosen per system at run time:
+* float64, when the system may be ill-conditioned;
+* float32 factorization (about 2.6x faster on CPU) followed by
+  `REFINEMENT_STEPS` steps of iterative refinement with float64 residuals,
+  when kappa(A) <= (trace(G) + reg) / reg <= `MIXED_PRECISION_BOUND`: each
+  step shrinks the error by about kappa u_32 <= 6e-5, so two steps reach
+  float64 accuracy (about 1e-13). pFedACnnL's personalization systems on
+  MNIST have the bound <= 66 (eps = 2500); the server's pooled systems
+  (bound about 5e4 with gamma = 100) stay float64.
 """
 
 import jax
@@ -12,6 +27,9 @@ import jax.numpy as jnp
 from jax.scipy import linalg
 
 from afl import statistics
+
+MIXED_PRECISION_BOUND = 1e3
+REFINEMENT_STEPS = 2
 
 
 def ridge_solve(
@@ -23,7 +41,7 @@ def ridge_solve(
   """(gram + reg I)^-1 (cross + reg prior) for one system.
 
   Args:
-    gram: [d, d] symmetric positive semi-definite.
+    gram: [d, d] symmetric positive semi-definite, float64.
     cross: [d, k].
     reg: gamma (eq. 5) or eps (eq. 13), > 0.
     prior: [d, k] or None (zeros).
@@ -32,35 +50,49 @@ def ridge_solve(
     [d, k] in the dtype of `gram`.
   """
   rhs = cross if prior is None else cross + reg * prior
-  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-  return linalg.cho_solve(linalg.cho_factor(gram + reg * eye, lower=True), rhs)
+  system = gram + reg * jnp.eye(gram.shape[-1], dtype=gram.dtype)
+
+  def direct():
+    return linalg.cho_solve(linalg.cho_factor(system, lower=True), rhs)
+
+  def refined():
+    factor = linalg.cho_factor(system.astype(jnp.float32), lower=True)
+
+    def correction(residual):
+      return linalg.cho_solve(factor, residual.astype(jnp.float32)).astype(
+          gram.dtype
+      )
+
+    solution = correction(rhs)
+    for _ in range(REFINEMENT_STEPS):
+      solution = solution + correction(rhs - system @ solution)
+    return solution
+
+  bound = (jnp.trace(gram) + reg) / reg  # >= kappa(system)
+  return jax.lax.cond(bound <= MIXED_PRECISION_BOUND, refined, direct)
 
 
 def solve_statistics(
-    stats: statistics.Statistics,
-    encoding: jax.Array,
-    reg: float,
-    prior: jax.Array,
+    stats: statistics.Statistics, reg: float, prior: jax.Array
 ) -> jax.Array:
-  """eq. 5 / 11 / 13 for every segment of `stats`: W [S, d, d_l].
+  """eq. 5 / 11 / 13 in label space for every segment: P [S, d, d_y].
 
-  One system after another (`lax.map`), each assembled from its segment's
-  sums inside the loop (no [S, d, d] copy with the bias row), rather than
-  jaxlib's batched LAPACK call: measured about 1.5x faster on CPU, and the
-  batched call's parallel batch map deadlocks when several virtual CPU
-  devices run it at once.
+  W_l = P Q_l (see the module docstring). One system after another
+  (`lax.map`), each assembled from its segment's sums inside the loop (no
+  [S, d, d] copy with the bias row), rather than jaxlib's batched LAPACK
+  call: measured about 1.5x faster on CPU, and the batched call's parallel
+  batch map deadlocks when several virtual CPU devices run it at once.
 
   Args:
     stats: summed statistics, [S, ...].
-    encoding: Q_l [d_y, d_l] (identity for the output layer).
     reg: gamma or eps.
-    prior: [S, d, d_l] (zeros for eq. 5 and 11).
+    prior: [S, d, d_y] label-space prior P^[k] (zeros for eq. 5 and 11).
   """
 
   def one(system):
     segment, segment_prior = system
     return ridge_solve(
-        segment.full_gram(), segment.cross(encoding), reg, segment_prior
+        segment.full_gram(), segment.labels(), reg, segment_prior
     )
 
   return jax.lax.map(one, (stats, prior))

@@ -65,12 +65,15 @@ class Statistics(NamedTuple):
     bottom = jnp.concatenate([row_sums[..., None, :], count], -1)
     return jnp.concatenate([top, bottom], -2)
 
-  def cross(self, encoding: jax.Array) -> jax.Array:
-    """[S, d, d_l] H = X_l^T Z_l = (X_l^T Y) Q_l (A_1 of eq. 5)."""
-    label_sums = jnp.concatenate(
+  def labels(self) -> jax.Array:
+    """[S, d, d_y] X_l^T Y with the bias row."""
+    return jnp.concatenate(
         [self.label_sums, self.label_counts[..., None, :]], -2
     )
-    return label_sums @ encoding
+
+  def cross(self, encoding: jax.Array) -> jax.Array:
+    """[S, d, d_l] H = X_l^T Z_l = (X_l^T Y) Q_l (A_1 of eq. 5)."""
+    return self.labels() @ encoding
 
 
 def block_statistics(

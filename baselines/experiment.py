@@ -10,12 +10,14 @@ training loss; results.json holds them per round, with the best and the last
 accuracy (`accuracy` is the best, the paper's protocol for the iterative
 methods: "the best test accuracy within 1,000 training rounds").
 
-Each round also records what a client did, for the shared clock (issue 4):
-`client_work` gives the XLA cost-analysis FLOPs of one jitted local step,
-each client's number of local steps, the batch size and the bytes each
-client downloads (the server model) and uploads (a model, or BAFFLE's
-estimate of the same size); all clients take part in every round, so it is
-the same for every round.
+Every round is also timed on the shared simulated clock (afl.clock, issue
+4): what each client did (`client_work`: its samples and batch size, the
+FLOPs of the jitted local step from XLA's cost analysis, a whole model down
+and up -- BAFFLE's upload is an estimate of the same size) goes to
+`Clock.round`, whose per-client computation / communication / idle times
+are in each round's record and, summed, in results.json's `timing`. All
+clients take part in every round with fixed batches (no eq. 7), so the
+work is the same every round.
 """
 
 import json
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from afl import clock as clock_lib
 from afl import data as data_lib
 from afl import evaluation
 from afl import experiment as afl_experiment
@@ -48,8 +51,11 @@ FINE_TUNED = ("meta_fedavg",)
 # dataset where they differ. None in `default_config` means "from here".
 PAPER_DEFAULTS = {
     "fedavg": dict(lr=0.05, local_steps=0),
-    "fedzo": dict(lr=0.001, local_steps=0),
-    "baffle": dict(lr=0.05, local_steps=0),
+    "fedzo": dict(lr=0.01, local_steps=0),
+    # BAFFLE's model is fixed during a round, so its batch is only how many
+    # samples one step evaluates: larger batches amortize drawing the K
+    # perturbations (K x d normals per step) without changing the estimate.
+    "baffle": dict(lr=0.05, local_steps=0, batch_size=200),
     "pfedme": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
     "pfedzo": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
     # personal_lr: the inner (fine-tuning) step size alpha.
@@ -70,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.update(
       dict(
           rounds=0,  # 0: DEFAULT_ROUNDS[dataset]
-          batch_size=20,
+          batch_size=ml_collections.config_dict.placeholder(int),
           local_steps=ml_collections.config_dict.placeholder(int),
           local_epochs=1,
           lr=ml_collections.config_dict.placeholder(float),
@@ -111,6 +117,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in ("personal_lr", "lam"):
     if full[name] is None:
       full[name] = PAPER_DEFAULTS["pfedme"][name]
+  if full.batch_size is None:
+    full.batch_size = 20
   if not full.rounds:
     full.rounds = DEFAULT_ROUNDS[full.dataset]
   return full
@@ -193,20 +201,44 @@ def step_rows(config: ml_collections.ConfigDict) -> int:
   return config.batch_size
 
 
-def step_flops(local: local_lib.LocalTraining, params, x, batch_size) -> float:
-  """FLOPs of one jitted local step on one batch (XLA cost analysis)."""
+def client_work(
+    local: local_lib.LocalTraining,
+    params,
+    feature_shape: tuple[int, ...],
+    schedule: local_lib.Schedule,
+    sizes: np.ndarray,
+    epochs: int,
+) -> clock_lib.ClientWork:
+  """What every client does in a round, for the shared clock: its samples
+  (E |D_i| for epochs, R b for fixed steps), batch, the jitted step's FLOPs
+  (XLA cost analysis) and a whole model up and down."""
   key = jax.random.key(0)
-  args = (
-      local.init(params, key),
-      jnp.zeros((batch_size,) + x.shape[1:], jnp.float32),
-      jnp.zeros(batch_size, jnp.int32),
-      jnp.ones(batch_size, bool),
-      key,
+  carry = local.init(params, key)
+
+  def example(batch):
+    return (
+        carry,
+        jax.ShapeDtypeStruct((batch,) + feature_shape, jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.bool_),
+        key,
+    )
+
+  flops = clock_lib.step_flops(local.step, example)
+  steps = np.asarray(schedule.steps, np.int64)
+  if schedule.cycle:
+    samples = steps * schedule.batch_size
+  else:
+    samples = np.asarray(sizes, np.int64) * epochs
+  model_bytes = np.full(len(steps), local_lib.tree_bytes(params), np.int64)
+  return clock_lib.ClientWork(
+      samples,
+      np.full(len(steps), schedule.batch_size, np.int64),
+      flops.fixed,
+      flops.per_sample,
+      model_bytes,
+      model_bytes,
   )
-  analysis = jax.jit(local.step).lower(*args).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jaxlib: one per device
-    analysis = analysis[0]
-  return float((analysis or {}).get("flops", float("nan")))
 
 
 def _loss_counter(apply_fn, mesh):
@@ -336,16 +368,15 @@ def run_experiment(
       data_time,
   )
 
-  model_bytes = local_lib.tree_bytes(params)
-  client_work = {
-      "flops_per_step": step_flops(
-          baseline.local, params, x, step_rows(config)
-      ),
-      "steps": schedule.steps.tolist(),
-      "batch_size": step_rows(config),
-      "download_bytes": int(model_bytes),
-      "upload_bytes": int(model_bytes),
-  }
+  work = client_work(
+      baseline.local,
+      params,
+      x.shape[1:],
+      schedule,
+      sizes,
+      config.local_epochs,
+  )
+  clock = afl_experiment.make_clock(config, sizes)
   if not personalized and fine_tune is None:
     client_model = np.zeros(config.num_clients, np.int32)
   else:
@@ -376,6 +407,7 @@ def run_experiment(
           "seconds": seconds - (compile_clock.seconds - compile_before),
           "compile_s": compile_clock.seconds - compile_before,
       }
+      record["timing"] = clock.round(work)
       train_time += record["seconds"]
       diverged = not math.isfinite(record["local_loss"])
       last = index == config.rounds or diverged
@@ -429,16 +461,21 @@ def run_experiment(
       "per_client_test_samples": accuracy.count.tolist(),
       "per_client_train_samples": sizes.tolist(),
       "rounds": rounds,
-      "client_work": client_work,
+      "client_work": {
+          "steps": schedule.steps.tolist(),
+          "samples": work.num_samples.tolist(),
+          "batch_size": schedule.batch_size,
+          "flops_fixed": float(work.flops_fixed),
+          "flops_per_sample": float(work.flops_per_sample),
+          "upload_bytes": int(work.bytes_up[0]),
+          "download_bytes": int(work.bytes_down[0]),
+      },
       "schedule": {
           "lanes": schedule.num_lanes,
           "length": schedule.length,
           "busy": float(schedule.valid.mean()),
       },
-      "timing": (
-          "not wired yet: per-client work is in client_work for the shared "
-          "clock of issue 4 (afl.timing)"
-      ),
+      "timing": clock.summary(),
       "wall_time_s": train_time,
       "compile_time_s": compile_time,
       "data_time_s": data_time,

@@ -71,7 +71,12 @@ def meta_loss(loss_fn, params, xs, ys, masks, alpha: float, exact: bool):
 
 
 def split_batch(x, y, mask, parts: int):
-  """One batch of parts * b rows as `parts` consecutive batches of b."""
+  """One batch of parts * b rows as `parts` consecutive batches of b (a
+  batch of other sizes is first padded with masked rows: the driver always
+  hands (nu + 1) b, the clock's FLOP fit other sizes)."""
+  pad = -x.shape[0] % parts
+  x, y = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, y))
+  mask = jnp.pad(mask, (0, pad))  # pads with False
   return tuple(a.reshape((parts, -1) + a.shape[1:]) for a in (x, y, mask))
 
 

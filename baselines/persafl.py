@@ -348,26 +348,20 @@ def replay(
 
 
 def delays(
-    config, profiles, cost_model, flops, batch_rows, model_bytes, sizes, jobs
+    profiles: clock_lib.DeviceProfiles,
+    cost_model: clock_lib.CostModel,
+    work: clock_lib.ClientWork,
+    spread: float,
+    seed: int,
+    jobs: int,
 ):
-  """(compute_s [C, jobs], download_s [C], upload_s [C]) from the clock."""
-  num_clients = len(sizes)
-  rows = config.local_steps * batch_rows
-  work = clock_lib.ClientWork(
-      np.where(np.asarray(sizes) > 0, rows, 0),
-      np.full(num_clients, batch_rows),
-      flops.fixed,
-      flops.per_sample,
-      np.full(num_clients, model_bytes),
-      np.full(num_clients, model_bytes),
-  )
+  """(compute_s [C, jobs], download_s [C], upload_s [C]): the clock's
+  seconds of each client's computation (`work`: R steps) times
+  exp(spread z), z ~ N(0, 1) per client and computation; its transfers."""
   base = cost_model.computation_seconds(work, profiles.cores)
-  noise = np.random.default_rng(config.seed).standard_normal(
-      (num_clients, jobs)
-  )
-  compute_s = base[:, None] * np.exp(config.delay_spread * noise)
+  noise = np.random.default_rng(seed).standard_normal((len(base), jobs))
   return (
-      compute_s,
+      base[:, None] * np.exp(spread * noise),
       clock_lib.transfer_seconds(work.bytes_down, profiles),
       clock_lib.transfer_seconds(work.bytes_up, profiles),
   )
@@ -420,33 +414,21 @@ def run_experiment(
       ),
   )
 
-  profiles = clock_lib.draw_profiles(
-      jax.random.fold_in(key, 1),
-      config.num_clients,
-      (config.cores_min, config.cores_max),
-      (config.bandwidth_gbps_min, config.bandwidth_gbps_max),
-      (config.latency_ms_min, config.latency_ms_max),
-  )
-  cost_model = clock_lib.CostModel(clock_lib.calibrate())
-  flops = clock_lib.step_flops(
-      local.step,
-      lambda b: (
-          carry,
-          jax.ShapeDtypeStruct((b,) + x.shape[1:], np.float32),
-          jax.ShapeDtypeStruct((b,), np.int32),
-          jax.ShapeDtypeStruct((b,), np.bool_),
-          key,
-      ),
-  )
-  model_bytes = local_lib.tree_bytes(params)
-  compute_s, download_s, upload_s = delays(
-      config,
-      profiles,
-      cost_model,
-      flops,
-      batch_rows,
-      model_bytes,
+  clock = afl_experiment.make_clock(config, sizes)  # profiles, cost model
+  work = baselines_experiment.client_work(
+      local,
+      params,
+      x.shape[1:],
+      local_lib.make_schedule(sizes, batch_rows, config.local_steps),
       sizes,
+      1,
+  )
+  compute_s, download_s, upload_s = delays(
+      clock.profiles,
+      clock.cost_model,
+      work,
+      config.delay_spread,
+      config.seed,
       config.rounds + config.max_staleness + 2,
   )
   num_clients = config.num_clients
@@ -614,13 +596,14 @@ def run_experiment(
               trace.update_staleness[arrivals].mean()
           ),
           "update_staleness_max": int(trace.update_staleness[arrivals].max()),
-          "flops_per_step": flops._asdict(),
+          "flops_fixed": float(work.flops_fixed),
+          "flops_per_sample": float(work.flops_per_sample),
           "batch_rows": batch_rows,
-          "model_bytes": model_bytes,
-          "cores": profiles.cores.tolist(),
-          "bandwidth_bps": profiles.bandwidth_bps.tolist(),
-          "latency_s": profiles.latency_s.tolist(),
-          "calibration": cost_model.calibration._asdict(),
+          "model_bytes": int(work.bytes_up[0]),
+          "cores": clock.profiles.cores.tolist(),
+          "bandwidth_bps": clock.profiles.bandwidth_bps.tolist(),
+          "latency_s": clock.profiles.latency_s.tolist(),
+          "calibration": clock.cost_model.calibration._asdict(),
       },
       "wall_time_s": train_time,
       "compile_time_s": compile_time,

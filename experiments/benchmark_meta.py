@@ -84,8 +84,11 @@ def main(argv):
         num_lanes=FLAGS.num_lanes,
     )
     local = baselines_experiment.build(variant, model.apply).local
-    flops[name] = baselines_experiment.step_flops(
-        local, params, x, baselines_experiment.step_rows(variant)
+    work = baselines_experiment.client_work(
+        local, params, x.shape[1:], schedule, sizes, 1
+    )
+    flops[name] = work.flops_fixed + work.flops_per_sample * (
+        schedule.batch_size
     )
     rounds[name] = local_lib.round_fn(local, schedule, sizes, mesh)
     targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1

@@ -127,7 +127,9 @@ flags.DEFINE_integer(
     _DEFAULTS.rounds,
     "Baselines: rounds; 0: 20 (mnist), 600 (synthetic).",
 )
-flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Local batch size.")
+flags.DEFINE_integer(
+    "batch_size", None, "Local batch size; default 20 (BAFFLE: 200)."
+)
 flags.DEFINE_integer(
     "local_steps",
     None,

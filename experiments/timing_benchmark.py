@@ -94,7 +94,7 @@ def overhead(dataset: str) -> dict:
     clock.calibrate.cache_clear()
     clock.statistics_step_flops.cache_clear()
     start = time.perf_counter()
-    timer = experiment.make_clock(config, run)
+    timer = experiment.make_clock(config, run.train_data.client_sizes())
     spent = [time.perf_counter() - start]
     account = timer.round
 

@@ -5,7 +5,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -24,18 +23,12 @@ def random_delays(seed, num_clients=12, jobs=30):
   draw them from the clock."""
   profiles = clock_lib.draw_profiles(jax.random.key(seed), num_clients)
   calibration = clock_lib.HostCalibration((1, 4096), (1e9, 1e9), 1e-5, "test")
-  config = ml_collections.ConfigDict(
-      dict(local_steps=5, seed=seed, delay_spread=0.5)
+  ones = np.ones(num_clients, np.int64)
+  work = clock_lib.ClientWork(
+      40 * ones, 8 * ones, 1e5, 1e4, 4000 * ones, 4000 * ones
   )
   return persafl.delays(
-      config,
-      profiles,
-      clock_lib.CostModel(calibration),
-      clock_lib.StepFlops(1e5, 1e4),
-      8,
-      4000,
-      np.full(num_clients, 30),
-      jobs,
+      profiles, clock_lib.CostModel(calibration), work, 0.5, seed, jobs
   )
 
 

@@ -1,0 +1,56 @@
+"""The ridge solves of eq. 5 / 13: precision and the label-space form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afl import solve
+
+
+def _system(n, d, k, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, d))
+  return x.T @ x, rng.standard_normal((d, k)), rng.standard_normal((d, k))
+
+
+@pytest.mark.parametrize(
+    "reg, mixed",
+    [(1e4, True), (1e-6, False)],  # bound 1 + trace / reg vs 1e3
+)
+def test_ridge_solve_is_float64_accurate_in_either_precision(reg, mixed):
+  gram, cross, prior = _system(50, 80, 10)  # rank 50 < 80: singular gram
+  bound = (np.trace(gram) + reg) / reg
+  assert (bound <= solve.MIXED_PRECISION_BOUND) == mixed
+  want = np.linalg.solve(gram + reg * np.eye(80), cross + reg * prior)
+  got = solve.ridge_solve(jnp.asarray(gram), jnp.asarray(cross), reg, prior)
+  assert got.dtype == jnp.float64
+  error = np.linalg.norm(got - want) / np.linalg.norm(want)
+  # float64-level: a float32 solve alone would be off by ~1e-7 at best.
+  assert error < (1e-12 if mixed else 1e-7)
+
+
+def test_label_space_solution_times_the_encoding_is_eq_13():
+  gram, labels, prior_labels = _system(200, 60, 10, seed=1)
+  encoding = np.random.default_rng(2).standard_normal((10, 32))
+  eps = 2500.0
+  got = solve.ridge_solve(jnp.asarray(gram), labels, eps, prior_labels)
+  # eq. 13 with H = X^T Y Q and the meta-model M = P Q.
+  want = np.linalg.solve(
+      gram + eps * np.eye(60),
+      labels @ encoding + eps * prior_labels @ encoding,
+  )
+  np.testing.assert_allclose(np.asarray(got) @ encoding, want, rtol=1e-10)
+
+
+def test_mixed_precision_runs_inside_jit_and_map():
+  gram, cross, prior = _system(40, 30, 5)
+  grams = jnp.stack([jnp.asarray(gram), jnp.asarray(gram) * 1e6])
+  got = jax.jit(
+      lambda g: jax.lax.map(
+          lambda a: solve.ridge_solve(a, cross, 1e3, prior), g
+      )
+  )(grams)
+  for a, out in zip(np.asarray(grams), np.asarray(got)):
+    want = np.linalg.solve(a + 1e3 * np.eye(30), cross + 1e3 * prior)
+    assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-10
