@@ -33,7 +33,9 @@ flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer("local_steps", 20, "Local steps R per client.")
 flags.DEFINE_list("nus", ["1", "2", "5"], "Fine-tuning steps nu to time.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions (medians reported).")
-flags.DEFINE_integer("num_lanes", 0, "Lanes; 0: the driver's default.")
+flags.DEFINE_integer(
+    "num_lanes", 0, "Lanes; 0: as baselines.experiment sizes them."
+)
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
 
@@ -76,14 +78,19 @@ def main(argv):
     variant = config.copy_and_resolve_references()
     variant.update(settings)
     variant = baselines_experiment.resolve(variant)
+    local = baselines_experiment.build(variant, model.apply).local
     schedule = local_lib.make_schedule(
         sizes,
         baselines_experiment.step_rows(variant),
         FLAGS.local_steps,
         num_shards=mesh.size,
-        num_lanes=FLAGS.num_lanes,
+        num_lanes=FLAGS.num_lanes
+        or local_lib.default_num_lanes(
+            local_lib.tree_bytes(local.init(params, None)),
+            FLAGS.num_clients,
+            mesh.size,
+        ),
     )
-    local = baselines_experiment.build(variant, model.apply).local
     work = baselines_experiment.client_work(
         local, params, x.shape[1:], schedule, sizes, 1
     )
