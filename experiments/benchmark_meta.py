@@ -74,6 +74,7 @@ def main(argv):
           algorithm="meta_fedavg", nu=nu, meta_grad=meta_grad
       )
   rounds, targets, flops = {}, {}, {}
+  key = jax.random.key(1)
   for name, settings in variants.items():
     variant = config.copy_and_resolve_references()
     variant.update(settings)
@@ -91,15 +92,20 @@ def main(argv):
             mesh.size,
         ),
     )
-    work = baselines_experiment.client_work(
-        local, params, x.shape[1:], schedule, sizes, 1
-    )
-    flops[name] = work.flops_fixed + work.flops_per_sample * (
-        schedule.batch_size
+    rows = schedule.batch_size
+    flops[name] = (
+        jax.jit(local.step)
+        .lower(
+            local.init(params, None),
+            jax.ShapeDtypeStruct((rows,) + x.shape[1:], np.float32),
+            jax.ShapeDtypeStruct((rows,), np.int32),
+            jax.ShapeDtypeStruct((rows,), np.bool_),
+            key,
+        )
+        .cost_analysis()["flops"]
     )
     rounds[name] = local_lib.round_fn(local, schedule, sizes, mesh)
     targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1
-  key = jax.random.key(1)
   compile_start = time.perf_counter()
   for fn in rounds.values():
     jax.block_until_ready(fn(params, data, key).upload)
