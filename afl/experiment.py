@@ -45,7 +45,15 @@ ANALYTIC = {
     "pfedacnnl_wp": (True, False),
 }
 # Gradient and zeroth-order baselines, run by baselines.experiment.
-BASELINES = ("fedavg", "fedzo", "baffle", "pfedme", "pfedzo")
+BASELINES = (
+    "fedavg",
+    "fedzo",
+    "baffle",
+    "pfedme",
+    "pfedzo",
+    "meta_fedavg",
+    "persafl",
+)
 ALGORITHMS = tuple(ANALYTIC) + BASELINES
 FIXED_BATCH_SIZE = ("fedacnnl_wa",)
 
@@ -166,6 +174,21 @@ def model_inputs(model: models.LayerwiseNet, x: np.ndarray) -> np.ndarray:
   if isinstance(model.stages[0].layer, models.Dense):
     return x.reshape(len(x), -1)
   return x
+
+
+def prepare_output(
+    config: ml_collections.ConfigDict, output_dir: str | os.PathLike
+) -> tuple[pathlib.Path, pathlib.Path]:
+  """(output_dir, its results.json), the folder created; raises
+  FileExistsError if results.json exists unless `config.overwrite`."""
+  output_dir = pathlib.Path(output_dir)
+  path = output_dir / "results.json"
+  if path.exists() and not config.overwrite:
+    raise FileExistsError(
+        f"{path} exists; choose another --output_dir or pass --overwrite"
+    )
+  output_dir.mkdir(parents=True, exist_ok=True)  # on every process: no race
+  return output_dir, path
 
 
 def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
@@ -357,14 +380,7 @@ def run_experiment(
 
     return baselines_experiment.run_experiment(config, output_dir, split)
   validate(config)
-  output_dir = pathlib.Path(output_dir)
-  results_path = output_dir / "results.json"
-  if results_path.exists() and not config.overwrite:
-    raise FileExistsError(
-        f"{results_path} exists; choose another --output_dir or pass "
-        "--overwrite"
-    )
-  output_dir.mkdir(parents=True, exist_ok=True)  # on every process: no race
+  output_dir, results_path = prepare_output(config, output_dir)
 
   start = time.perf_counter()
   split = split or prepare_split(config)

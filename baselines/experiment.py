@@ -22,9 +22,8 @@ work is the same every round.
 
 import json
 import math
-import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -41,9 +40,12 @@ from afl import models
 from afl import timing
 from baselines import algorithms
 from baselines import local as local_lib
+from baselines import meta_fl
 
 ALGORITHMS = afl_experiment.BASELINES
 PERSONALIZED = ("pfedme", "pfedzo")
+# Tested after fine-tuning the server model (baselines.meta_fl).
+FINE_TUNED = ("meta_fedavg",)
 
 # Defaults from the papers (DESIGN.md section 4), by algorithm, then by
 # dataset where they differ. None in `default_config` means "from here".
@@ -56,6 +58,8 @@ PAPER_DEFAULTS = {
     "baffle": dict(lr=0.05, local_steps=0, batch_size=200),
     "pfedme": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
     "pfedzo": dict(lr=0.005, local_steps=20, personal_lr=0.09, lam=15.0),
+    # personal_lr: the inner (fine-tuning) step size alpha.
+    "meta_fedavg": dict(lr=0.05, local_steps=20, personal_lr=0.05),
 }
 SYNTHETIC_DEFAULTS = {
     "pfedme": dict(personal_lr=0.01, lam=20.0),
@@ -87,6 +91,13 @@ def default_config() -> ml_collections.ConfigDict:
           central=False,  # BAFFLE: central instead of forward differences
           eval_every=1,
           num_lanes=0,  # packed lanes for epoch schedules; 0: automatic
+          # Generalized meta-FL (baselines.meta_fl) and PersA-FL
+          # (baselines.persafl).
+          nu=1,  # fine-tuning steps of the meta-objective
+          meta_grad="exact",  # or "first_order"
+          personalization="maml",  # PersA-FL: "maml" or "me"
+          max_staleness=2,  # PersA-FL: server versions (rounds), see persafl
+          delay_spread=0.5,  # PersA-FL: sigma of the log-normal delay noise
       )
   )
   return config
@@ -118,7 +129,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   afl_experiment.validate(config)
   afl_experiment.check_settings(
       config,
-      choices={"algorithm": ALGORITHMS},
+      choices={
+          "algorithm": ALGORITHMS,
+          "meta_grad": meta_fl.META_GRADIENTS,
+          "personalization": ("maml", "me"),
+      },
       positive=(
           "rounds",
           "batch_size",
@@ -131,7 +146,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "perturbations",
           "eval_every",
       ),
-      non_negative=("local_steps", "num_lanes", "personal_lr", "lam"),
+      non_negative=(
+          "local_steps",
+          "num_lanes",
+          "personal_lr",
+          "lam",
+          "nu",
+          "max_staleness",
+          "delay_spread",
+      ),
   )
   if not 0 < config.pfedme_beta <= 1:
     raise ValueError(
@@ -158,7 +181,19 @@ def build(config: ml_collections.ConfigDict, apply_fn) -> algorithms.Baseline:
     )
   if config.algorithm == "pfedme":
     return algorithms.pfedme(apply_fn, *moreau)
+  if config.algorithm == "meta_fedavg":
+    return meta_fl.meta_fedavg(
+        apply_fn, config.lr, config.personal_lr, config.nu, config.meta_grad
+    )
   return algorithms.pfedzo(apply_fn, *moreau, config.mu, config.directions)
+
+
+def step_rows(config: ml_collections.ConfigDict) -> int:
+  """Rows of a local step's batch: meta_fedavg's step takes nu + 1 batches
+  of b (`baselines.meta_fl`), the others one."""
+  if config.algorithm in FINE_TUNED:
+    return config.batch_size * (config.nu + 1)
+  return config.batch_size
 
 
 def client_work(
@@ -217,31 +252,24 @@ def _loss_counter(apply_fn, mesh):
   return count
 
 
-def run_experiment(
+class Prepared(NamedTuple):
+  """A gradient run's data, model and mesh (see `prepare`)."""
+
+  split: data_lib.ClientSplit
+  model: models.LayerwiseNet
+  x: np.ndarray  # [N, ...] the model's inputs
+  mesh: jax.sharding.Mesh
+  train_blocks: federated.FederatedData  # for the training loss
+  test_blocks: federated.FederatedData
+  data: local_lib.ClientData  # the clients' samples for local training
+
+
+def prepare(
     config: ml_collections.ConfigDict,
-    output_dir,
     split: data_lib.ClientSplit | None = None,
-) -> dict[str, Any]:
-  """Trains and evaluates one baseline and writes output_dir/results.json.
-
-  Args:
-    config: afl.experiment or `default_config` settings (missing baseline
-      fields take their defaults).
-    output_dir: where results.json and params.msgpack go.
-    split: the prepared data, to share it across runs; None prepares it.
-  """
-  config = resolve(config)
-  validate(config)
-  output_dir = pathlib.Path(output_dir)
-  results_path = output_dir / "results.json"
-  if results_path.exists() and not config.overwrite:
-    raise FileExistsError(
-        f"{results_path} exists; choose another --output_dir or pass "
-        "--overwrite"
-    )
-  output_dir.mkdir(parents=True, exist_ok=True)
-
-  start = time.perf_counter()
+) -> Prepared:
+  """The data of `config` (or `split`) as test and train blocks over the
+  mesh and as contiguous client samples, and the model."""
   split = split or afl_experiment.prepare_split(config)
   model = models.get_model(config.model, split.num_classes, config.width)
   x = afl_experiment.model_inputs(model, split.x)
@@ -258,6 +286,34 @@ def run_experiment(
       for indices in (split.train_indices, split.test_indices)
   )
   data = local_lib.client_data(x, split.y, split.train_indices)
+  return Prepared(split, model, x, mesh, train_blocks, test_blocks, data)
+
+
+def run_experiment(
+    config: ml_collections.ConfigDict,
+    output_dir,
+    split: data_lib.ClientSplit | None = None,
+) -> dict[str, Any]:
+  """Trains and evaluates one baseline and writes output_dir/results.json.
+
+  Args:
+    config: afl.experiment or `default_config` settings (missing baseline
+      fields take their defaults).
+    output_dir: where results.json and params.msgpack go.
+    split: the prepared data, to share it across runs; None prepares it.
+  """
+  if config.algorithm == "persafl":
+    # Imported here: baselines.persafl builds on this module.
+    from baselines import persafl  # pylint: disable=g-import-not-at-top
+
+    return persafl.run_experiment(config, output_dir, split)
+  config = resolve(config)
+  validate(config)
+  start = time.perf_counter()
+  output_dir, results_path = afl_experiment.prepare_output(config, output_dir)
+  split, model, x, mesh, train_blocks, test_blocks, data = prepare(
+      config, split
+  )
   sizes = np.asarray(data.size)
   baseline = build(config, model.apply)
   key = jax.random.key(config.seed)
@@ -267,7 +323,7 @@ def run_experiment(
   )
   schedule = local_lib.make_schedule(
       sizes,
-      config.batch_size,
+      step_rows(config),
       config.local_steps,
       config.local_epochs,
       num_shards=mesh.size,
@@ -279,6 +335,17 @@ def run_experiment(
       ),
   )
   round_fn = local_lib.round_fn(baseline.local, schedule, sizes, mesh)
+  fine_tune, tune_key = None, jax.random.fold_in(key, 2**31 - 1)
+  if config.algorithm in FINE_TUNED:
+    fine_tune = meta_fl.fine_tuner(
+        model.apply,
+        config.personal_lr,
+        config.nu,
+        config.batch_size,
+        sizes,
+        mesh,
+        schedule.num_lanes,
+    )
   personalized = config.algorithm in PERSONALIZED
   count_loss = _loss_counter(model.apply, mesh)
   data_time = time.perf_counter() - start
@@ -305,7 +372,7 @@ def run_experiment(
       config.local_epochs,
   )
   clock = afl_experiment.make_clock(config, sizes)
-  if not personalized:
+  if not personalized and fine_tune is None:
     client_model = np.zeros(config.num_clients, np.int32)
   else:
     client_model = np.arange(config.num_clients, dtype=np.int32)
@@ -341,7 +408,9 @@ def run_experiment(
       last = index == config.rounds or diverged
       if index % config.eval_every == 0 or last:
         eval_start = time.perf_counter()
-        if personalized:
+        if fine_tune is not None:
+          tested = fine_tune(params, data, jax.random.fold_in(tune_key, index))
+        elif personalized:
           tested = out.personal
         else:
           tested = jax.tree.map(lambda a: a[None], params)

@@ -31,7 +31,8 @@ flags.DEFINE_enum(
     "fedacnnl; fedacnnl_wa (without the adaptive batch size, eq. 7); "
     "pfedacnnl; pfedacnnl_wc (no clustering, K = 1); "
     "pfedacnnl_wp (no personalization); baselines: fedavg, fedzo, baffle, "
-    "pfedme, pfedzo.",
+    "pfedme, pfedzo, meta_fedavg (--nu, --meta_grad), persafl "
+    "(--personalization, --max_staleness).",
 )
 flags.DEFINE_enum("dataset", _DEFAULTS.dataset, data.DATASETS, "Dataset.")
 flags.DEFINE_enum(
@@ -143,11 +144,18 @@ flags.DEFINE_float(
     None,
     "Local (FedAvg, FedZO, pFedMe) or server (BAFFLE) learning rate.",
 )
-flags.DEFINE_float("personal_lr", None, "pFedMe/pFedZO personal learning rate.")
+flags.DEFINE_float(
+    "personal_lr",
+    None,
+    "pFedMe/pFedZO personal learning rate; meta_fedavg, persafl (maml): the "
+    "inner step size alpha.",
+)
 flags.DEFINE_float("lam", None, "pFedMe/pFedZO Moreau-envelope lambda.")
 flags.DEFINE_integer("inner_steps", _DEFAULTS.inner_steps, "pFedMe/pFedZO K.")
 flags.DEFINE_float(
-    "pfedme_beta", _DEFAULTS.pfedme_beta, "pFedMe/pFedZO server mixing beta."
+    "pfedme_beta",
+    _DEFAULTS.pfedme_beta,
+    "pFedMe/pFedZO server mixing beta; persafl: the server step beta.",
 )
 flags.DEFINE_float("mu", _DEFAULTS.mu, "FedZO/pFedZO smoothing radius.")
 flags.DEFINE_integer(
@@ -163,6 +171,34 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "num_lanes", _DEFAULTS.num_lanes, "Packed lanes (epoch schedules); 0: auto."
+)
+# Generalized meta-FL and PersA-FL (README "Meta-FL and PersA-FL").
+flags.DEFINE_integer(
+    "nu", _DEFAULTS.nu, "meta_fedavg: fine-tuning steps of the meta-objective."
+)
+flags.DEFINE_enum(
+    "meta_grad",
+    _DEFAULTS.meta_grad,
+    ["exact", "first_order"],
+    "meta_fedavg: differentiate through the inner steps, or drop the "
+    "second-order terms.",
+)
+flags.DEFINE_enum(
+    "personalization",
+    _DEFAULTS.personalization,
+    ["maml", "me"],
+    "persafl: MAML (one fine-tuning step) or Moreau envelope (pFedMe's solver).",
+)
+flags.DEFINE_integer(
+    "max_staleness",
+    _DEFAULTS.max_staleness,
+    "persafl: bound on an update's staleness in server versions (rounds "
+    "completed by every client); 0: synchronous.",
+)
+flags.DEFINE_float(
+    "delay_spread",
+    _DEFAULTS.delay_spread,
+    "persafl: sigma of the log-normal noise on each computation's delay.",
 )
 flags.DEFINE_integer(
     "initial_batch_size",

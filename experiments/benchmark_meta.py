@@ -1,0 +1,150 @@
+r"""Wall time of a meta_fedavg round against a FedAvg round, side by side.
+
+  python -m experiments.benchmark_meta --data_dir=../shared/data
+
+MNIST-MLP, 100 clients, Dirichlet 0.1, batch b = 20, R = --local_steps local
+steps per client (the same for every method; cycling through a client's
+samples). A FedAvg step is one gradient on b rows; a meta_fedavg step
+(`baselines.meta_fl`) takes nu inner gradients and the outer gradient on
+(nu + 1) b rows, exact (through the inner steps: Hessian-vector products)
+or first order. All rounds run on the same lane driver
+(`baselines.local.round_fn`), are compiled once, then timed `--repeats`
+times interleaved (the same machine load) on one round key; prints each
+median, its ratio to FedAvg's, the target (nu + 2) x, and the ratio of the
+steps' FLOPs (XLA cost analysis), which does not depend on the machine.
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from afl import experiment
+from afl import federated
+from afl import models
+from baselines import experiment as baselines_experiment
+from baselines import local as local_lib
+
+flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
+flags.DEFINE_integer("num_clients", 100, "Clients.")
+flags.DEFINE_integer("local_steps", 20, "Local steps R per client.")
+flags.DEFINE_list("nus", ["1", "2", "5"], "Fine-tuning steps nu to time.")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions (medians reported).")
+flags.DEFINE_integer(
+    "num_lanes", 0, "Lanes; 0: as baselines.experiment sizes them."
+)
+flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
+FLAGS = flags.FLAGS
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  config = baselines_experiment.default_config()
+  config.update(
+      algorithm="fedavg",
+      dataset="mnist",
+      model="mlp",
+      num_clients=FLAGS.num_clients,
+      data_dir=FLAGS.data_dir,
+      local_steps=FLAGS.local_steps,
+  )
+  split = experiment.prepare_split(config)
+  model = models.get_model("mlp", split.num_classes)
+  x = experiment.model_inputs(model, split.x)
+  mesh = federated.client_mesh()
+  data = local_lib.client_data(x, split.y, split.train_indices)
+  sizes = np.asarray(data.size)
+  params = jax.device_put(
+      models.init_params(model, jax.random.key(0), x.shape[1:]),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  variants = {"fedavg": dict(algorithm="fedavg")}
+  for nu in map(int, FLAGS.nus):
+    for meta_grad in ("exact", "first_order"):
+      variants[f"nu={nu} {meta_grad}"] = dict(
+          algorithm="meta_fedavg", nu=nu, meta_grad=meta_grad
+      )
+  rounds, targets, flops = {}, {}, {}
+  key = jax.random.key(1)
+  for name, settings in variants.items():
+    variant = config.copy_and_resolve_references()
+    variant.update(settings)
+    variant = baselines_experiment.resolve(variant)
+    local = baselines_experiment.build(variant, model.apply).local
+    schedule = local_lib.make_schedule(
+        sizes,
+        baselines_experiment.step_rows(variant),
+        FLAGS.local_steps,
+        num_shards=mesh.size,
+        num_lanes=FLAGS.num_lanes
+        or local_lib.default_num_lanes(
+            local_lib.tree_bytes(local.init(params, None)),
+            FLAGS.num_clients,
+            mesh.size,
+        ),
+    )
+    rows = schedule.batch_size
+    flops[name] = (
+        jax.jit(local.step)
+        .lower(
+            local.init(params, None),
+            jax.ShapeDtypeStruct((rows,) + x.shape[1:], np.float32),
+            jax.ShapeDtypeStruct((rows,), np.int32),
+            jax.ShapeDtypeStruct((rows,), np.bool_),
+            key,
+        )
+        .cost_analysis()["flops"]
+    )
+    rounds[name] = local_lib.round_fn(local, schedule, sizes, mesh)
+    targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1
+  compile_start = time.perf_counter()
+  for fn in rounds.values():
+    jax.block_until_ready(fn(params, data, key).upload)
+  warmup = time.perf_counter() - compile_start
+  times = {name: [] for name in rounds}
+  for _ in range(FLAGS.repeats):
+    for name, fn in rounds.items():
+      times[name].append(_timed(lambda fn=fn: fn(params, data, key).upload))
+  medians = {name: float(np.median(t)) for name, t in times.items()}
+  ratios = {name: m / medians["fedavg"] for name, m in medians.items()}
+  flop_ratios = {name: f / flops["fedavg"] for name, f in flops.items()}
+  print(
+      f"MNIST-MLP, {FLAGS.num_clients} clients, {FLAGS.local_steps} local "
+      f"steps of batch 20 per client, {mesh.size} device(s), median of "
+      f"{FLAGS.repeats} (warm-up and compile {warmup:.1f}s):"
+  )
+  for name, median in medians.items():
+    verdict = "ok" if ratios[name] <= targets[name] else "OVER"
+    print(
+        f"  {name:20s} {median:8.4f} s   {ratios[name]:5.2f} x FedAvg"
+        f"   (target <= {targets[name]} x: {verdict}); FLOPs per step "
+        f"{flop_ratios[name]:5.2f} x"
+    )
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      json.dump(
+          dict(
+              medians_s=medians,
+              times_s=times,
+              ratios=ratios,
+              flop_ratios=flop_ratios,
+              targets=targets,
+              local_steps=FLAGS.local_steps,
+              devices=mesh.size,
+          ),
+          f,
+          indent=2,
+      )
+
+
+if __name__ == "__main__":
+  app.run(main)
