@@ -236,4 +236,5 @@ def test_first_layer_statistics_reused_or_recomputed_agree(mnist):
         reference.solved_weights(model, results["reused"].params, i),
         reference.solved_weights(model, results["chunked"].params, i),
     ):
-      assert reference.relative_error(got, want) <= 1e-10
+      # float32 params; the two paths sum in different orders in float64.
+      assert reference.relative_error(got, want) <= 1e-6
