@@ -8,6 +8,7 @@ without running twice.
 """
 
 import threading
+import time
 
 import jax
 
@@ -45,3 +46,10 @@ class CompileClock:
   def __exit__(self, *exc) -> None:
     with _lock:
       _open_clocks.remove(self)
+
+
+def timed(fn) -> float:
+  """Seconds for `fn()` to produce its (device) result, block_until_ready."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start

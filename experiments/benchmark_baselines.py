@@ -26,6 +26,7 @@ import numpy as np
 
 from afl import data as data_lib
 from afl import experiment
+from afl import timing
 from afl import federated
 from afl import models
 from baselines import experiment as baselines_experiment
@@ -44,12 +45,6 @@ flags.DEFINE_list(
 )
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def main(argv):
@@ -106,7 +101,9 @@ def main(argv):
   times = {name: [] for name in rounds}
   for _ in range(FLAGS.repeats):
     for name, fn in rounds.items():
-      times[name].append(_timed(lambda fn=fn: fn(params, data, key).upload))
+      times[name].append(
+          timing.timed(lambda fn=fn: fn(params, data, key).upload)
+      )
   medians = {name: float(np.median(t)) for name, t in times.items()}
   speedups = {name: medians["loop"] / m for name, m in medians.items()}
   steps = int(schedule.steps.sum())

@@ -16,7 +16,6 @@ JSON.
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -26,6 +25,7 @@ import numpy as np
 
 from afl import data as data_lib
 from afl import experiment
+from afl import timing
 from afl import models
 from afl import pfedacnnl
 
@@ -46,12 +46,6 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def main(argv):
@@ -94,7 +88,7 @@ def main(argv):
   train_times, gram_times = [], []
   for _ in range(FLAGS.repeats):
     train_times.append(complete_run().wall_time_s)
-    gram_times.append(_timed(lambda: gram(pooled)))
+    gram_times.append(timing.timed(lambda: gram(pooled)))
   train_s, gram_s = np.median(train_times), np.median(gram_times)
   numbers = {
       "algorithm": FLAGS.algorithm,

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from afl import experiment
+from afl import timing
 from afl import federated
 from afl import models
 from baselines import experiment as baselines_experiment
@@ -38,12 +39,6 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def main(argv):
@@ -113,7 +108,9 @@ def main(argv):
   times = {name: [] for name in rounds}
   for _ in range(FLAGS.repeats):
     for name, fn in rounds.items():
-      times[name].append(_timed(lambda fn=fn: fn(params, data, key).upload))
+      times[name].append(
+          timing.timed(lambda fn=fn: fn(params, data, key).upload)
+      )
   medians = {name: float(np.median(t)) for name, t in times.items()}
   ratios = {name: m / medians["fedavg"] for name, m in medians.items()}
   flop_ratios = {name: f / flops["fedavg"] for name, f in flops.items()}
