@@ -28,8 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 CLIENTS = "clients"  # the device-mesh axis that the block axis is sharded over
-# Blocks per device are a multiple of this, so that `segment_sum` can merge
-# them into steps of 2, 4, .. 16 blocks whatever the split.
+# Blocks per device are rounded up to a multiple of this, so that nearby
+# (N, C) share compiled shapes.
 BLOCK_ALIGNMENT = 16
 
 
@@ -283,10 +283,6 @@ def _take(tree, index):
   return jax.tree.map(lambda a: a[index], tree)
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-  return max(k for k in range(1, max(1, min(n, limit)) + 1) if n % k == 0)
-
-
 def segment_sum(
     block_fn,
     params,
@@ -300,28 +296,29 @@ def segment_sum(
   """Maps `block_fn` over all blocks and sums its results per segment.
 
   This is how clients are mapped: the block axis is sharded over the mesh
-  (`shard_map`); each device scans over its blocks and folds each result
-  into the float64 sum of the block's segment; the devices'
-  partial sums are then added (`psum`), so every device holds the result.
-  Blocks without real samples or with a negative segment are skipped.
+  (`shard_map`); each device walks over its blocks and folds each result
+  into the float64 sum of the block's segment; the devices' partial sums are
+  then added (`psum`), so every device holds the result. Blocks without real
+  samples or with a negative segment are skipped.
 
-  Two scans, chosen statically:
-  * one model and one segment (FedACnnL): neighbouring blocks are merged into
-    steps of up to `samples_per_step` samples, one `block_fn` call each: the
-    sum is the same, and one large product costs far less than many small
-    ones plus a float64 accumulation each;
-  * otherwise one block per step, its result added to a running sum of the
-    current segment that is written into the [S, ...] accumulator only when
-    the segment changes; `federate` lays a client's (or a group's) blocks out
-    next to each other, so that happens about once per client (group). The
-    running sum stays in block_fn's dtype (float32 products: half the memory
-    traffic of a float64 sum, measured 1.7x faster per-client statistics on
-    MNIST's first layer) and is flushed into the float64 accumulator at
-    least every 8 `samples_per_step` rows, which bounds its rounding error
-    by that of 8 merged steps (measured 1.3e-7 relative on MNIST's grams).
-  Both keep the large accumulator out of conditionals, which XLA would copy
-  at every step. (A vmap over the blocks of a step was measured 2-4x slower
-  than these scans on CPU: XLA's batched small dots are slow there.)
+  A step takes as many neighbouring blocks of one segment and one model as
+  it can, up to `samples_per_step` samples, in one `block_fn` call (step
+  sizes largest, largest / 4, .., 1 blocks, chosen at run time from the
+  length of the run of such blocks): the sum is the same, and one large
+  product costs far less than many small ones. `federate` lays a client's
+  (or a group's) blocks out next to each other, so FedACnnL's single
+  segment takes full steps and a client of n blocks about log4(n) + 3 n /
+  largest of them. Each step's result is added to a running sum of the
+  current segment that is written into the [S, ...] accumulator only when
+  the segment changes. The running sum stays in block_fn's dtype (float32
+  products: half the memory traffic of a float64 sum, measured 1.7x faster
+  per-client statistics on MNIST's first layer) and is flushed into the
+  float64 accumulator at least every 8 `samples_per_step` rows, which
+  bounds its rounding error by that of 8 full steps (measured 1.3e-7
+  relative on MNIST's grams). The large accumulator stays out of the step's
+  conditional (the choice of step size), which XLA would copy at every
+  step. (A vmap over the blocks of a step was measured 2-4x slower than
+  this loop on CPU: XLA's batched small dots are slow there.)
 
   Args:
     block_fn: (params, x [n, ...], y [n], mask [n]) -> pytree of arrays;
@@ -342,21 +339,19 @@ def segment_sum(
   """
   param_index = jnp.asarray(param_index, jnp.int32)
   segment_index = jnp.asarray(segment_index, jnp.int32)
+  # Steps of `largest`, largest / 4, .. 1 blocks: a run of n blocks of one
+  # segment and model takes about log4(n) + 3 n / largest steps.
   per_device = data.num_blocks // mesh.size
-  num_models = jax.tree.leaves(params)[0].shape[0]
-  merge = num_segments == 1 and num_models == 1
-  blocks_per_step = (
-      _largest_divisor_at_most(per_device, samples_per_step // data.block_size)
-      if merge
-      else 1
+  largest = max(1, min(per_device, samples_per_step // data.block_size))
+  sizes = tuple(
+      sorted({largest // 4**i for i in range(8)} - {0} | {1}, reverse=True)
   )
   one = jax.eval_shape(
       block_fn, _take(params, 0), data.x[0], data.y[0], data.mask[0]
   )
   # A segment's running sum is kept in block_fn's dtype and moved into the
-  # float64 accumulator at the latest after this many blocks (or rows, as
-  # many as a merged step sums in one product, times 8).
-  flush_blocks = max(1, 8 * samples_per_step // data.block_size)
+  # float64 accumulator at the latest after this many blocks.
+  flush_blocks = 8 * largest
 
   def varying_zeros(lead=(), dtype=jnp.float64):
     """Zeros shaped like block_fn's output; None: in its dtype."""
@@ -368,34 +363,39 @@ def segment_sum(
     )
 
   def local(params, x, y, mask, param_index, segment_index):
-    steps = x.shape[0] // blocks_per_step
-    chunks = jax.tree.map(
-        lambda a: a.reshape((steps, blocks_per_step) + a.shape[1:]),
-        (x, y, mask, param_index, segment_index),
+    num = x.shape[0]
+    counts = mask.any(axis=1) & (segment_index >= 0)  # [num] blocks that count
+    # run[b]: how many blocks from b on count and share b's segment and model
+    # (0 if b does not count), from the next break in such a chain.
+    position = jnp.arange(num)
+    joined = (
+        counts[:-1]
+        & counts[1:]
+        & (segment_index[:-1] == segment_index[1:])
+        & (param_index[:-1] == param_index[1:])
     )
+    breaks = jnp.append(jnp.where(joined, num, position[:-1]), num - 1)
+    run = jnp.where(
+        counts, jax.lax.cummin(breaks, reverse=True) - position + 1, 0
+    )
+    step_blocks = jnp.array(sizes + (1,), jnp.int32)
 
-    def result(chunk):
-      """block_fn on the rows of the chunk's blocks, in float64, or zeros."""
-      x, y, mask, pidx, seg = chunk
-      active = mask.any() & (seg[0] >= 0)
+    def products(blocks):
+      """block_fn on the rows of `blocks` blocks from `index` on."""
 
-      def compute():
-        out = block_fn(
-            _take(params, pidx[0]),
-            x.reshape((-1,) + x.shape[2:]),
-            y.reshape(-1),
-            mask.reshape(-1),
+      def compute(index):
+        x_, y_, mask_ = (
+            jax.lax.dynamic_slice_in_dim(a, index, blocks)
+            for a in (x, y, mask)
         )
-        return jax.tree.map(lambda a: a.astype(jnp.float64), out)
+        return block_fn(
+            _take(params, param_index[index]),
+            x_.reshape((-1,) + x_.shape[2:]),
+            y_.reshape(-1),
+            mask_.reshape(-1),
+        )
 
-      return active, jax.lax.cond(active, compute, varying_zeros)
-
-    def merged_step(acc, chunk):
-      _, out = result(chunk)
-      return (
-          jax.tree.map(jnp.add, acc, jax.tree.map(lambda a: a[None], out)),
-          None,
-      )
+      return compute
 
     def write(acc, running, segment):
       # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
@@ -408,17 +408,21 @@ def segment_sum(
 
       return jax.tree.map(add_leaf, acc, running)
 
-    def block_step(index, carry):
-      acc, running, current, held = carry
-      chunk = jax.tree.map(
-          lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
-          chunks,
+    def step(carry):
+      index, acc, running, current, held = carry
+      # The largest step that stays inside the run; past the sizes: skip.
+      choice = jnp.sum(run[index] < step_blocks[:-1])
+      out = jax.lax.switch(
+          choice,
+          [products(blocks) for blocks in sizes]
+          + [lambda index: varying_zeros(dtype=None)],
+          index,
       )
-      x, y, mask, pidx, seg = chunk
-      active = mask.any() & (seg[0] >= 0)
-      out = block_fn(_take(params, pidx[0]), x[0], y[0], mask[0])
-      segment = seg[0]
-      flush = active & ((segment != current) | (held == flush_blocks))
+      blocks, active = step_blocks[choice], run[index] > 0
+      segment = segment_index[index]
+      flush = active & (
+          (segment != current) | (held + blocks > flush_blocks)
+      )
       acc = jax.lax.cond(
           flush & (current >= 0),
           lambda acc: write(acc, running, current),
@@ -426,38 +430,33 @@ def segment_sum(
           acc,
       )
       running = jax.tree.map(
-          lambda r, o: jnp.where(flush, o, r + jnp.where(active, o, 0)),
-          running,
-          out,
+          lambda r, o: jnp.where(flush, o, r + o), running, out
       )
-      held = jnp.where(flush, 1, held + active)
-      return acc, running, jnp.where(flush, segment, current), held
+      held = jnp.where(flush, blocks, held + jnp.where(active, blocks, 0))
+      current = jnp.where(flush, segment, current)
+      return index + blocks, acc, running, current, held
 
-    if merge:
-      acc, _ = jax.lax.scan(merged_step, varying_zeros((1,)), chunks)
-    else:
-      # Only from the first to the last block that counts: the rest of a
-      # device's blocks are padding (`federate` puts them last) or left out
-      # (a pass over some clients, which lie next to each other), so a loop
-      # with run-time bounds skips them without a conditional per block.
-      counts = mask.any(axis=1) & (segment_index >= 0)
-      end = jnp.max(jnp.where(counts, jnp.arange(steps) + 1, 0))
-      begin = jnp.min(jnp.where(counts, jnp.arange(steps), end))
-      start = (
-          varying_zeros((num_segments,)),
-          varying_zeros(dtype=None),
-          jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
-          jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying"),
-      )
-      acc, running, current, _ = jax.lax.fori_loop(
-          begin, end, block_step, start
-      )
-      acc = jax.lax.cond(
-          current >= 0,
-          lambda acc: write(acc, running, current),
-          lambda acc: acc,
-          acc,
-      )
+    # Only from the first to the last block that counts: the rest of a
+    # device's blocks are padding (`federate` puts them last) or left out
+    # (a pass over some clients, which lie next to each other).
+    end = jnp.max(jnp.where(counts, position + 1, 0))
+    begin = jnp.min(jnp.where(counts, position, end))
+    start = (
+        begin,
+        varying_zeros((num_segments,)),
+        varying_zeros(dtype=None),
+        jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
+        jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying"),
+    )
+    _, acc, running, current, _ = jax.lax.while_loop(
+        lambda carry: carry[0] < end, step, start
+    )
+    acc = jax.lax.cond(
+        current >= 0,
+        lambda acc: write(acc, running, current),
+        lambda acc: acc,
+        acc,
+    )
     return jax.lax.psum(acc, CLIENTS)
 
   blocks = PartitionSpec(CLIENTS)
