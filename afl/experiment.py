@@ -407,10 +407,8 @@ def run_experiment(
       block_size=run.train_data.block_size,
       num_devices=len(run.mesh.local_devices),
       num_groups=config.num_groups if clustered else 1,
-      num_clients=config.num_clients,
-      personalization_budget=(
-          pfedacnnl.DEFAULT_MEMORY_BUDGET if personalized else 0
-      ),
+      personalized=personalized,
+      mesh_size=run.mesh.size,
   )
   logging.info("%s (see afl/memory.py)", expected.describe())
   clock = make_clock(config, run.train_data.client_sizes())

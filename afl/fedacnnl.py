@@ -47,10 +47,15 @@ class FedACnnL(NamedTuple):
       layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
-    solve: (layer, Statistics, reg, prior=None) -> P_l [S, d, d_y], the
-      label-space solution (W_l = P_l Q_l, see `solve`): eq. 5 per segment
-      with reg = gamma (the server), or eq. 13 with reg = eps and the
-      meta-model's P as prior (a client personalizing).
+    solve: (layer, Statistics, reg) -> P_l [S, d, d_y], the label-space
+      solution (W_l = P_l Q_l, see `solve`) of eq. 5 per segment: the
+      server's, reg = gamma.
+    client_solve: (layer, params, data, param_index, segment_index,
+      num_segments, reg, prior [S, d, d_y]) -> P_l [S, d, d_y]: eq. 13 for
+      every segment (client) on its own statistics, reg = eps and the
+      meta-model's P as prior; each segment's statistics are solved as soon
+      as they are complete and never stored (`federated.segment_sum`'s
+      finalize), so a client's d x d Gram exists only while it is formed.
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> params with
       W_l = P_l Q_l.
     model: the network.
@@ -62,6 +67,7 @@ class FedACnnL(NamedTuple):
   init: Callable[..., Params]
   client_statistics: Callable[..., statistics.Statistics]
   solve: Callable[..., jax.Array]
+  client_solve: Callable[..., jax.Array]
   write_layer: Callable[..., Params]
   model: models.LayerwiseNet
   encodings: tuple[jax.Array, ...]
@@ -144,14 +150,13 @@ def fedacnnl(
     )
 
   @functools.partial(jax.jit, static_argnames="layer")
-  def solve_layer(layer, stats, reg, prior=None):
-    if prior is None:
-      prior = jnp.zeros_like(stats.labels())
+  def solve_layer(layer, stats, reg):
+    prior = jnp.zeros_like(stats.labels())
     count = prior.shape[0]
     if count == 1 or mesh.size == 1:
       return solve.solve_statistics(stats, reg, prior)
-    # Several systems (groups, clients): each device solves its share
-    # instead of every device solving all of them.
+    # Several systems (groups): each device solves its share instead of
+    # every device solving all of them.
     pad = -count % mesh.size
     stats, prior = jax.tree.map(
         lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)),
@@ -166,6 +171,32 @@ def fedacnnl(
     )(stats, prior)
     # Every process gets every solution (the server's result reaches all).
     return jax.lax.with_sharding_constraint(solved[:count], replicated)
+
+  @functools.partial(jax.jit, static_argnames=("layer", "num_segments"))
+  def client_solve(
+      layer, params, data, param_index, segment_index, num_segments, reg, prior
+  ):
+    def finalize(stats, segment, args):
+      reg, prior = args
+      return solve.ridge_solve(
+          stats.full_gram(), stats.labels(), reg, prior[segment]
+      )
+
+    return statistics.segment_statistics(
+        model,
+        layer,
+        params,
+        data,
+        param_index,
+        segment_index,
+        num_segments,
+        num_classes,
+        mesh,
+        rows_per_step,
+        statistics_dtype,
+        finalize,
+        (reg, prior),
+    )
 
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
   def write_layer(layer, params, solution):
@@ -182,6 +213,7 @@ def fedacnnl(
       init,
       client_statistics,
       solve_layer,
+      client_solve,
       write_layer,
       model,
       encodings,
@@ -273,9 +305,6 @@ def train(
     key: jax.Array,
     client_group: np.ndarray | None = None,
     num_groups: int = 1,
-    first_layer_statistics: (
-        Callable[[Params], statistics.Statistics] | None
-    ) = None,
     on_round: Callable[..., dict] | None = None,
 ) -> TrainResult:
   """Runs the L federated rounds (eq. 5, or eq. 11 per group).
@@ -286,10 +315,6 @@ def train(
     key: initializes the (overwritten) weights.
     client_group: [C] group of each client, or None for one global model.
     num_groups: K.
-    first_layer_statistics: params -> the first layer's sums per group, in
-      place of the client map, for a caller that derives them otherwise
-      (pFedACnnL, from per-client statistics it keeps); timed as the
-      round's statistics.
     on_round: (layer, Statistics, params) -> dict, called after every round
       with what was uploaded and the updated params; its dict joins the
       round's record (the simulated time of `clock.analytic_round_hook`).
@@ -304,12 +329,9 @@ def train(
 
   def layer_step(layer, params):
     start = time.perf_counter()
-    if layer == 0 and first_layer_statistics is not None:
-      stats = first_layer_statistics(params)
-    else:
-      stats = algorithm.client_statistics(
-          layer, params, data, block_group, block_group, num_groups
-      )
+    stats = algorithm.client_statistics(
+        layer, params, data, block_group, block_group, num_groups
+    )
     jax.block_until_ready(stats)
     stats_s = time.perf_counter() - start
     solutions.append(algorithm.solve(layer, stats, algorithm.gamma))

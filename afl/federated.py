@@ -292,6 +292,8 @@ def segment_sum(
     num_segments: int,
     mesh: Mesh,
     samples_per_step: int = 1024,
+    finalize=None,
+    finalize_args=(),
 ):
   """Maps `block_fn` over all blocks and sums its results per segment.
 
@@ -308,17 +310,24 @@ def segment_sum(
   product costs far less than many small ones. `federate` lays a client's
   (or a group's) blocks out next to each other, so FedACnnL's single
   segment takes full steps and a client of n blocks about log4(n) + 3 n /
-  largest of them. Each step's result is added to a running sum of the
-  current segment that is written into the [S, ...] accumulator only when
-  the segment changes. The running sum stays in block_fn's dtype (float32
-  products: half the memory traffic of a float64 sum, measured 1.7x faster
-  per-client statistics on MNIST's first layer) and is flushed into the
-  float64 accumulator at least every 8 `samples_per_step` rows, which
-  bounds its rounding error by that of 8 full steps (measured 1.3e-7
-  relative on MNIST's grams). The large accumulator stays out of the step's
-  conditional (the choice of step size), which XLA would copy at every
-  step. (A vmap over the blocks of a step was measured 2-4x slower than
-  this loop on CPU: XLA's batched small dots are slow there.)
+  largest of them. The steps of a chunk (up to 8 full steps of one run) add
+  into a running sum in block_fn's dtype (float32 products: half the memory
+  traffic of a float64 sum), which is then added to the segment's float64
+  sum; this bounds the float32 rounding by that of 8 full steps (measured
+  1.3e-7 relative on MNIST's grams). A step touches nothing but its product
+  and the running sum: the segment's sum and the [S, ...] results change
+  once per chunk, outside any conditional over large arrays, which XLA would
+  copy every time. (A vmap over the blocks of a step was measured 2-4x
+  slower than this loop on CPU: XLA's batched small dots are slow there.)
+
+  With `finalize`, what is kept of a segment is finalize(its sum), computed
+  as soon as the segment is complete: per-client statistics become a
+  per-client solve (pFedACnnL's personalization) without ever holding
+  [S, d, d] sums. The segments a device saw first and last may go on on a
+  neighbouring device: those (two per device) are kept as sums, gathered
+  from all devices, added up per segment and finalized after the loop. Each
+  segment's blocks must then lie next to each other (one run per segment,
+  as `federate` lays out clients); a segment without blocks gives zeros.
 
   Args:
     block_fn: (params, x [n, ...], y [n], mask [n]) -> pytree of arrays;
@@ -333,9 +342,15 @@ def segment_sum(
     num_segments: S.
     mesh: mesh with axis 'clients'.
     samples_per_step: the most samples per merged step.
+    finalize: None, or (sums, segment, finalize_args) -> pytree: applied to
+      each segment's complete float64 sum (block_fn's pytree without the
+      segment axis) and its index.
+    finalize_args: a pytree that finalize reads (e.g. per-segment priors),
+      replicated.
 
   Returns:
-    block_fn's pytree with every leaf [S, ...] float64.
+    block_fn's pytree with every leaf [S, ...] float64, or finalize's
+    pytree stacked [S, ...].
   """
   param_index = jnp.asarray(param_index, jnp.int32)
   segment_index = jnp.asarray(segment_index, jnp.int32)
@@ -349,25 +364,30 @@ def segment_sum(
   one = jax.eval_shape(
       block_fn, _take(params, 0), data.x[0], data.y[0], data.mask[0]
   )
-  # A segment's running sum is kept in block_fn's dtype and moved into the
-  # float64 accumulator at the latest after this many blocks.
-  flush_blocks = 8 * largest
+  sum_shapes = jax.tree.map(lambda s: s.update(dtype=jnp.float64), one)
+  kept_shapes = (
+      jax.eval_shape(finalize, sum_shapes, 0, finalize_args)
+      if finalize
+      else sum_shapes
+  )
+  flush_blocks = 8 * largest  # the most blocks summed in block_fn's dtype
 
-  def varying_zeros(lead=(), dtype=jnp.float64):
-    """Zeros shaped like block_fn's output; None: in its dtype."""
+  def varying_zeros(shapes, lead=()):
+    """Zeros shaped like `shapes` (with leading axes `lead`)."""
     return jax.tree.map(
         lambda s: jax.lax.pcast(  # varies over devices, like what it sums
-            jnp.zeros(lead + s.shape, dtype or s.dtype), CLIENTS, to="varying"
+            jnp.zeros(lead + s.shape, s.dtype), CLIENTS, to="varying"
         ),
-        one,
+        shapes,
     )
 
-  def local(params, x, y, mask, param_index, segment_index):
+  def local(params, x, y, mask, param_index, segment_index, finalize_args):
     num = x.shape[0]
     counts = mask.any(axis=1) & (segment_index >= 0)  # [num] blocks that count
-    # run[b]: how many blocks from b on count and share b's segment and model
-    # (0 if b does not count), from the next break in such a chain.
-    position = jnp.arange(num)
+    position = jnp.arange(num, dtype=jnp.int32)
+    # run[b]: how many blocks from b on count and share b's segment and
+    # model (the next break in such a chain), for b that counts;
+    # next_[b]: the first block from b on that counts (num if none).
     joined = (
         counts[:-1]
         & counts[1:]
@@ -375,10 +395,12 @@ def segment_sum(
         & (param_index[:-1] == param_index[1:])
     )
     breaks = jnp.append(jnp.where(joined, num, position[:-1]), num - 1)
-    run = jnp.where(
-        counts, jax.lax.cummin(breaks, reverse=True) - position + 1, 0
+    run = jax.lax.cummin(breaks, reverse=True) - position + 1
+    next_ = jnp.append(
+        jax.lax.cummin(jnp.where(counts, position, num), reverse=True), num
     )
-    step_blocks = jnp.array(sizes + (1,), jnp.int32)
+    segment_at = jnp.append(segment_index, -1)  # -1 past the end
+    step_blocks = jnp.array(sizes, jnp.int32)
 
     def products(blocks):
       """block_fn on the rows of `blocks` blocks from `index` on."""
@@ -397,72 +419,133 @@ def segment_sum(
 
       return compute
 
-    def write(acc, running, segment):
+    def chunk(index):
+      """Sums the blocks from `index` (which counts) on, at most
+      flush_blocks of its run, in block_fn's dtype.
+
+      Returns (the block after them, their sum in float64).
+      """
+      stop = index + jnp.minimum(run[index], flush_blocks)
+
+      def step(carry):
+        index, running = carry
+        # The largest step that stays inside the chunk.
+        choice = jnp.sum(stop - index < step_blocks)
+        out = jax.lax.switch(choice, [products(b) for b in sizes], index)
+        return index + step_blocks[choice], jax.tree.map(
+            jnp.add, running, out
+        )
+
+      _, running = jax.lax.while_loop(
+          lambda carry: carry[0] < stop, step, (index, varying_zeros(one))
+      )
+      return stop, jax.tree.map(lambda a: a.astype(jnp.float64), running)
+
+    def write(acc, value, segment):
       # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
       # by element and would cost more than the products.
       def add_leaf(total, value):
         row = jax.lax.dynamic_index_in_dim(total, segment, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(
-            total, row + value.astype(jnp.float64), segment, 0
+            total, row + value.astype(total.dtype), segment, 0
         )
 
-      return jax.tree.map(add_leaf, acc, running)
+      return jax.tree.map(add_leaf, acc, value)
 
-    def step(carry):
-      index, acc, running, current, held = carry
-      # The largest step that stays inside the run; past the sizes: skip.
-      choice = jnp.sum(run[index] < step_blocks[:-1])
-      out = jax.lax.switch(
-          choice,
-          [products(blocks) for blocks in sizes]
-          + [lambda index: varying_zeros(dtype=None)],
-          index,
-      )
-      blocks, active = step_blocks[choice], run[index] > 0
+    # The device's first segment (it may have begun on the device before)
+    # and its last (it may go on after) are edges; every segment in between
+    # is complete here and is kept as soon as the next one begins.
+    first_id = segment_at[next_[0]]
+
+    def first_chunk(carry):
+      index, total = carry
+      index, running = chunk(next_[index])
+      return index, jax.tree.map(jnp.add, total, running)
+
+    index, first = jax.lax.while_loop(
+        lambda carry: (segment_at[next_[carry[0]]] == first_id)
+        & (first_id >= 0),
+        first_chunk,
+        (
+            jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying"),
+            varying_zeros(sum_shapes),
+        ),
+    )
+
+    def middle_chunk(carry):
+      index, acc, total, current = carry
+      index = next_[index]
       segment = segment_index[index]
-      flush = active & (
-          (segment != current) | (held + blocks > flush_blocks)
+      index, running = chunk(index)
+      change = segment != current
+      done = change & (current >= 0)
+      if finalize is None:
+        value = jax.tree.map(lambda t: jnp.where(done, t, 0), total)
+      else:
+        value = jax.lax.cond(
+            done,
+            lambda: finalize(total, current, finalize_args),
+            lambda: varying_zeros(kept_shapes),
+        )
+      acc = write(acc, value, jnp.maximum(current, 0))
+      total = jax.tree.map(
+          lambda t, r: jnp.where(change, r, t + r), total, running
       )
-      acc = jax.lax.cond(
-          flush & (current >= 0),
-          lambda acc: write(acc, running, current),
+      return index, acc, total, segment
+
+    _, acc, last, last_id = jax.lax.while_loop(
+        lambda carry: next_[carry[0]] < num,
+        middle_chunk,
+        (
+            index,
+            varying_zeros(kept_shapes, (num_segments,)),
+            varying_zeros(sum_shapes),
+            jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
+        ),
+    )
+    if finalize is None:
+      for edge, edge_id in ((first, first_id), (last, last_id)):
+        acc = write(
+            acc,
+            jax.tree.map(lambda t: jnp.where(edge_id >= 0, t, 0), edge),
+            jnp.maximum(edge_id, 0),
+        )
+      return jax.lax.psum(acc, CLIENTS)
+    # The edges: [2 x devices] sums gathered from all devices and added up
+    # per segment; each is finalized once, by the device of its first edge,
+    # and added to the interior segments' results.
+    ids = jax.lax.all_gather(jnp.stack([first_id, last_id]), CLIENTS)
+    ids = ids.reshape(-1)
+    sums = jax.tree.map(
+        lambda a, b: jax.lax.all_gather(jnp.stack([a, b]), CLIENTS).reshape(
+            (-1,) + a.shape
+        ),
+        first,
+        last,
+    )
+    same = (ids[:, None] == ids[None, :]) & (ids[None, :] >= 0)
+    combined = jax.tree.map(
+        lambda a: jnp.tensordot(same.astype(a.dtype), a, 1), sums
+    )
+    owner = jnp.argmax(same, axis=1)  # the first edge of each edge's segment
+
+    def edge(j, acc):
+      e = 2 * jax.lax.axis_index(CLIENTS) + j
+      return jax.lax.cond(
+          (ids[e] >= 0) & (owner[e] == e),
+          lambda acc: write(
+              acc, finalize(_take(combined, e), ids[e], finalize_args), ids[e]
+          ),
           lambda acc: acc,
           acc,
       )
-      running = jax.tree.map(
-          lambda r, o: jnp.where(flush, o, r + o), running, out
-      )
-      held = jnp.where(flush, blocks, held + jnp.where(active, blocks, 0))
-      current = jnp.where(flush, segment, current)
-      return index + blocks, acc, running, current, held
 
-    # Only from the first to the last block that counts: the rest of a
-    # device's blocks are padding (`federate` puts them last) or left out
-    # (a pass over some clients, which lie next to each other).
-    end = jnp.max(jnp.where(counts, position + 1, 0))
-    begin = jnp.min(jnp.where(counts, position, end))
-    start = (
-        begin,
-        varying_zeros((num_segments,)),
-        varying_zeros(dtype=None),
-        jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
-        jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying"),
-    )
-    _, acc, running, current, _ = jax.lax.while_loop(
-        lambda carry: carry[0] < end, step, start
-    )
-    acc = jax.lax.cond(
-        current >= 0,
-        lambda acc: write(acc, running, current),
-        lambda acc: acc,
-        acc,
-    )
-    return jax.lax.psum(acc, CLIENTS)
+    return jax.lax.psum(jax.lax.fori_loop(0, 2, edge, acc), CLIENTS)
 
   blocks = PartitionSpec(CLIENTS)
   return jax.shard_map(
       local,
       mesh=mesh,
-      in_specs=(PartitionSpec(), blocks, blocks, blocks, blocks, blocks),
+      in_specs=(PartitionSpec(),) + (blocks,) * 5 + (PartitionSpec(),),
       out_specs=PartitionSpec(),
-  )(params, data.x, data.y, data.mask, param_index, segment_index)
+  )(params, data.x, data.y, data.mask, param_index, segment_index, finalize_args)

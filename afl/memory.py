@@ -9,14 +9,17 @@ of its segment as soon as it is produced, so a device holds
   S sums + their psum + a running sum + one block's product (float32 and
   float64)  =  (2 S + 3) d^2 x 8 bytes
 
-with S = 1 for FedACnnL, S = K for the group meta-models (eq. 10, 11) and
-S = the clients of one pass for personalization (eq. 12, 13;
-`pfedacnnl.clients_per_pass`, from a byte budget). The solve assembles one
-d x d system at a time. On top come one step's design rows (samples per step
+with S = 1 for FedACnnL and S = K for the group meta-models (eq. 10, 11).
+Personalization (eq. 12, 13) solves each client's statistics as soon as they
+are complete (`federated.segment_sum`'s finalize) and keeps only its
+d x d_y solution: a device holds the running sums, the segments at its two
+edges, the edges of all D devices of the mesh gathered and added up, and
+one system being solved, about (7 + 4 D) d^2 x 8 bytes, whatever C.
+On top come one step's design rows (samples per step
 x positions x d, float32, twice for the patches and their cast) and the
 client blocks themselves (train and test on the devices, float32, and one
 host copy while they are placed). So memory is
-O(devices (K + chunk) d^2 + data), never O(C d^2).
+O(devices (K + D) d^2 + data), never O(C d^2).
 Virtual CPU devices share the host's memory, so there the device terms add
 up; on GPUs each device holds its own.
 
@@ -36,7 +39,6 @@ import jax.numpy as jnp
 
 from afl import layers
 from afl import models
-from afl import pfedacnnl
 
 GIB = 2**30
 RUNTIME = 3 * GIB // 4  # bytes; measured on CPU, see the module docstring
@@ -52,21 +54,21 @@ class Estimate(NamedTuple):
     statistics: the peak over layers and stages of the statistics' term,
       summed over devices.
     widest: the largest design width d.
-    segments: S at that peak.
+    copies: float64 d x d per device at that peak.
     peak: data + statistics + RUNTIME.
   """
 
   data: int
   statistics: int
   widest: int
-  segments: int
+  copies: int
   peak: int
 
   def describe(self) -> str:
     return (
         f"expected peak memory {self.peak / GIB:.2f} GB = client blocks "
         f"{self.data / GIB:.2f} GB + statistics {self.statistics / GIB:.2f} "
-        f"GB (widest layer d={self.widest}, {self.segments} sums of d x d "
+        f"GB (widest layer d={self.widest}, {self.copies} float64 d x d "
         f"per device) + runtime {RUNTIME / GIB:.2f} GB"
     )
 
@@ -98,8 +100,8 @@ def estimate(
     block_size: int,
     num_devices: int,
     num_groups: int,
-    num_clients: int = 1,
-    personalization_budget: int = 0,
+    personalized: bool = False,
+    mesh_size: int | None = None,
     rows_per_step: int = 1024,
 ) -> Estimate:
   """The memory model for one run.
@@ -111,26 +113,23 @@ def estimate(
     block_size: samples per block.
     num_devices: devices of the client mesh on this host.
     num_groups: K (1 for FedACnnL).
-    num_clients: C (for personalization's passes).
-    personalization_budget: `pfedacnnl.personalize`'s memory_budget_bytes;
-      0 without personalization.
+    personalized: whether clients personalize (pFedACnnL).
+    mesh_size: devices of the whole mesh (all processes); None: num_devices.
     rows_per_step: design rows per merged step (`fedacnnl.fedacnnl`).
   """
   features = math.prod(input_shape)
   # Train and test blocks on the devices, one host copy while placing.
   data = 3 * num_blocks * block_size * (features * 4 + 4 + 1)
   statistics = 0
-  widest, segments = 0, 1
+  widest, most = 0, 0
   for positions, width in design_shapes(model, input_shape):
     samples_per_step = max(1, rows_per_step // positions, block_size)
     rows = 2 * samples_per_step * positions * width * 4
-    per_pass = personalization_budget and pfedacnnl.clients_per_pass(
-        width, num_clients, personalization_budget
-    )
-    for count in (num_groups, per_pass):
-      term = (2 * count + 3) * width * width * 8 + rows
-      if count and num_devices * term > statistics:
-        statistics, widest, segments = num_devices * term, width, count
-  return Estimate(
-      data, statistics, widest, segments, data + statistics + RUNTIME
-  )
+    counts = [2 * num_groups + 3]
+    if personalized:
+      counts.append(7 + 4 * (mesh_size or num_devices))
+    for copies in counts:
+      term = copies * width * width * 8 + rows
+      if num_devices * term > statistics:
+        statistics, widest, most = num_devices * term, width, copies
+  return Estimate(data, statistics, widest, most, data + statistics + RUNTIME)

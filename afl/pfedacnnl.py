@@ -22,10 +22,11 @@ the exact version of what a hidden encoding gives: with Q ~ N(0, 1) of width
 d >= d_y, Q Q^T ~ d I, so K-means on Q_enc^T p_i sees (up to scale) the
 distances between the label distributions p_i.
 
-Memory: per-client statistics are d x d; personalization computes them for a
-chunk of clients at a time, sized so that the chunk's float64 Grams fit
-`memory_budget_bytes`, then solves that chunk. Memory is
-O(chunk d^2 + C |W|), never O(C d^2) beyond the budget.
+Memory: a client's d x d statistics exist only while they are formed: each
+client's are solved (eq. 13) as soon as its blocks are summed
+(`federated.segment_sum`'s finalize), and only the d x d_y solution is kept.
+All clients personalize in one pass over the data per layer, with memory
+O(devices d^2 + C d d_y), never O(C d^2).
 """
 
 import time
@@ -38,8 +39,6 @@ from sklearn import cluster
 
 from afl import fedacnnl
 from afl import federated
-from afl import layers
-from afl import statistics
 
 DEFAULT_MEMORY_BUDGET = 2**30  # bytes of per-client float64 Grams at once
 
@@ -104,43 +103,26 @@ def grouping_report(groups: np.ndarray, counts: np.ndarray) -> str:
   return "\n".join(lines)
 
 
-def clients_per_pass(width: int, num_clients: int, budget_bytes: int) -> int:
-  """How many clients' float64 d x d Grams fit `budget_bytes` (at least 1)."""
-  return int(max(1, min(num_clients, budget_bytes // (8 * width * width))))
-
-
-def group_sums(
-    stats: statistics.Statistics, client_group: np.ndarray, num_groups: int
-) -> statistics.Statistics:
-  """eq. 10: A^[k] = sum of the statistics of group k's clients, [K, ...]."""
-  membership = jax.nn.one_hot(client_group, num_groups, dtype=jnp.float64).T
-  return jax.tree.map(lambda a: jnp.tensordot(membership, a, 1), stats)
-
-
 def personalize(
     algorithm: fedacnnl.FedACnnL,
     data: federated.FederatedData,
     meta: fedacnnl.TrainResult,
     client_group: np.ndarray,
     eps: float,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     first_round: int = 1,
-    first_layer: statistics.Statistics | None = None,
 ) -> fedacnnl.TrainResult:
   """Local personalization (eq. 13) of every client, layer by layer.
 
   Args:
     algorithm: the FedACnnL functions (statistics, solve, write).
-    data: training blocks, sharded over the algorithm's mesh.
+    data: training blocks, sharded over the algorithm's mesh; each client's
+      blocks next to each other (as `federated.federate` lays them out).
     meta: the meta-models (`fedacnnl.train` over K groups): their params
       [K, ...] start every client, their label-space solutions are the
       priors (M^[k] = P^[k] Q_l, see `solve`).
     client_group: [C] group of each client.
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
-    memory_budget_bytes: bound on the float64 per-client Grams held at once.
     first_round: numbering of the first personalization round.
-    first_layer: every client's statistics of the first layer, [C, ...], if
-      the caller has them (they do not depend on the params).
 
   Returns:
     TrainResult with params stacked [C, ...], one personalized model per
@@ -149,53 +131,33 @@ def personalize(
   if eps <= 0:
     raise ValueError(f"eps must be > 0, got {eps}")
   client_group = np.asarray(client_group, np.int32)
-  num_clients = data.num_clients
   params = jax.tree.map(lambda a: a[client_group], meta.params)
-  client = np.asarray(data.client)
-  # Passes over fewer than all clients take them in layout order (`train`'s
-  # group-by-group layout), so a pass's blocks lie next to each other and
-  # each device scans only them (`federated.segment_sum`): a layer reads the
-  # data about once, however few clients fit in a pass.
-  by_layout = np.argsort(client_group, kind="stable")
+  # A client without training samples has G_i = 0, H_i = 0: eq. 13 gives
+  # its meta-model, which is what it keeps (the pass finalizes only
+  # clients it sees).
+  has_data = jnp.asarray(data.client_sizes() > 0)[:, None, None]
 
   def layer_step(layer, params):
-    width = meta.solutions[layer].shape[-2]
-    chunk = clients_per_pass(width, num_clients, memory_budget_bytes)
-    order = by_layout if chunk < num_clients else np.arange(num_clients)
-    position = np.empty(num_clients, np.int64)
-    position[order] = np.arange(num_clients)
-    block_position = position[client]
-    solutions, stats_s = [], 0.0
-    for start in range(0, num_clients, chunk):
-      members = order[start : start + chunk]
-      segment = np.where(
-          (block_position >= start) & (block_position < start + chunk),
-          block_position - start,
-          -1,
-      ).astype(np.int32)
-      began = time.perf_counter()
-      if layer == 0 and first_layer is not None:
-        stats = first_layer
-      else:
-        stats = jax.block_until_ready(
-            algorithm.client_statistics(
-                layer, params, data, data.client, segment, chunk
-            )
+    began = time.perf_counter()
+    prior = meta.solutions[layer][client_group]  # [C, d, d_y]
+    solution = jax.block_until_ready(
+        algorithm.client_solve(
+            layer,
+            params,
+            data,
+            data.client,
+            data.client,
+            data.num_clients,
+            eps,
+            prior,
         )
-      stats_s += time.perf_counter() - began
-      prior = meta.solutions[layer][client_group[np.resize(members, chunk)]]
-      solutions.append(
-          algorithm.solve(layer, stats, eps, prior)[: len(members)]
-      )
-    solution = (
-        jnp.concatenate(solutions) if len(solutions) > 1 else solutions[0]
     )
-    solution = solution[position]  # pass order -> client order
+    solution = jnp.where(has_data, solution, prior)
     return algorithm.write_layer(layer, params, solution), {
-        "width": int(width),
+        "width": int(prior.shape[-2]),
         "outputs": int(algorithm.encodings[layer].shape[-1]),
-        "statistics_s": stats_s,
-        "clients_per_pass": chunk,
+        # One pass forms and solves every client's statistics.
+        "statistics_s": time.perf_counter() - began,
     }
 
   return fedacnnl.layer_by_layer(
@@ -234,7 +196,6 @@ def train(
     *,
     eps: float = 2500.0,
     personalized: bool = True,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     grouping_s: float = 0.0,
     on_round=None,
 ) -> PFedACnnLResult:
@@ -248,40 +209,13 @@ def train(
     groups: [C] group of each client (K = groups.max() + 1).
     eps: epsilon of eq. 13.
     personalized: False for pFedACnnL-WP.
-    memory_budget_bytes: see `personalize`.
     grouping_s: time of the initialization stage, added to the wall time.
     on_round: per federated round, see `fedacnnl.train` (the simulated
       clock; personalization has no communication and is not timed).
   """
   groups = np.asarray(groups, np.int32)
   num_groups = int(groups.max()) + 1
-  num_clients = data.num_clients
-  # The first layer sees the raw data, so its per-client statistics are the
-  # same in both stages: when they fit the memory budget, they are computed
-  # once, summed per group for the meta-models and kept for personalization.
-  first_layer = {}
-  width = layers.input_width(algorithm.model.stages[0].layer, data.x.shape[2:])
-  reuse = (
-      personalized
-      and clients_per_pass(width, num_clients, memory_budget_bytes)
-      == num_clients
-  )
-
-  def first_layer_group_sums(params):
-    first_layer["clients"] = algorithm.client_statistics(
-        0, params, data, jnp.zeros_like(data.client), data.client, num_clients
-    )
-    return group_sums(first_layer["clients"], groups, num_groups)
-
-  meta = fedacnnl.train(
-      algorithm,
-      data,
-      key,
-      groups,
-      num_groups,
-      first_layer_group_sums if reuse else None,
-      on_round,
-  )
+  meta = fedacnnl.train(algorithm, data, key, groups, num_groups, on_round)
   if not personalized:
     return PFedACnnLResult(
         meta.params,
@@ -293,14 +227,7 @@ def train(
         grouping_s,
     )
   local = personalize(
-      algorithm,
-      data,
-      meta,
-      groups,
-      eps,
-      memory_budget_bytes,
-      algorithm.num_layers + 1,
-      first_layer.pop("clients", None),
+      algorithm, data, meta, groups, eps, algorithm.num_layers + 1
   )
   return PFedACnnLResult(
       local.params,

@@ -131,6 +131,8 @@ def segment_statistics(
     mesh: jax.sharding.Mesh,
     rows_per_step: int = 1024,
     dtype=jnp.float32,
+    finalize=None,
+    finalize_args=(),
 ) -> Statistics:
   """eq. 6 for every block, summed per segment, over a device mesh.
 
@@ -149,9 +151,12 @@ def segment_statistics(
     rows_per_step: design rows per step when blocks can be merged (see
       `federated.segment_sum`); a conv layer has H*W rows per sample.
     dtype: of the per-block products (see the module docstring).
+    finalize, finalize_args: see `federated.segment_sum`: what is kept of
+      each segment's complete Statistics (e.g. its solve) instead of them.
 
   Returns:
-    Statistics with [S, ...] float64 entries, replicated on every device.
+    Statistics with [S, ...] float64 entries, or finalize's results [S, ...],
+    replicated on every device.
   """
   block_fn = functools.partial(
       block_statistics, model, layer, num_classes=num_classes, dtype=dtype
@@ -173,6 +178,8 @@ def segment_statistics(
       num_segments,
       mesh,
       max(1, rows_per_step // positions),
+      finalize,
+      finalize_args,
   )
 
 

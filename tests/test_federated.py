@@ -409,3 +409,58 @@ def test_accuracy_without_test_data_is_zero_overall():
   accuracy = evaluation.Accuracy(np.zeros(2, np.int64), np.zeros(2, np.int64))
   assert accuracy.overall == 0.0
   assert np.isnan(accuracy.per_client).all()
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("blocks_per_step", [1, 16])
+def test_finalize_sees_each_segments_complete_sum(
+    samples, devices, blocks_per_step
+):
+  """A nonlinear finalize of per-client sums, clients straddling devices."""
+  x, y, clients, layouts = samples
+  data, mesh = layouts[devices]
+  num_clients = len(clients)
+  offsets = jnp.arange(num_clients, dtype=jnp.float64) * 10
+
+  def finalize(sums, segment, offsets):
+    return {
+        "squares": sums["sum"] ** 2 + offsets[segment],
+        "ratio": sums["label_sum"] / sums["count"],
+    }
+
+  got = jax.jit(
+      federated.segment_sum, static_argnums=(0, 5, 6, 7, 8)
+  )(
+      scaled_sums,
+      stacked_scales(0.5),
+      data,
+      jnp.zeros_like(data.client),
+      data.client,
+      num_clients,
+      mesh,
+      blocks_per_step * BLOCK,
+      finalize,
+      offsets,
+  )
+  sums = numpy_sums(
+      x, y, clients, [0.5] * num_clients, range(num_clients), num_clients
+  )
+  present = sums["count"] > 0  # a client without samples gives zeros
+  assert not present.all()
+  np.testing.assert_allclose(
+      got["squares"],
+      np.where(
+          present[:, None],
+          sums["sum"] ** 2 + np.asarray(offsets)[:, None],
+          0.0,
+      ),
+      rtol=1e-12,
+  )
+  np.testing.assert_allclose(
+      got["ratio"],
+      np.divide(
+          sums["label_sum"], sums["count"], out=np.zeros(num_clients),
+          where=present,
+      ),
+      rtol=1e-12,
+  )

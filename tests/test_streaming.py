@@ -1,9 +1,9 @@
-"""Streamed statistics: a few clients at a time equals all at once.
+"""Streamed statistics equal materialized ones.
 
 Per-client d x d statistics are never held for all clients: group sums fold
-every block as it is produced, and personalization takes the clients in
-passes that fit a byte budget. Both must give what materialized per-client
-statistics give.
+every block as it is produced, and personalization solves each client's
+statistics as soon as they are complete, also when a client's blocks lie on
+two devices. Both must give what materialized per-client statistics give.
 """
 
 import jax
@@ -59,49 +59,61 @@ def test_group_sums_equal_summed_per_client_statistics(cifar):
   assert isinstance(streamed, statistics.Statistics)
 
 
-def test_personalization_in_passes_equals_all_clients_at_once(cifar):
+def test_personalization_on_8_devices_equals_1_device(cifar):
+  """Clients whose blocks straddle two devices are solved from both parts."""
   model, algorithm, data, groups = cifar
-  key = jax.random.key(0)
-  at_once = pfedacnnl.train(algorithm, data, key, groups)
-  # A budget below one client's d x d: one client per pass at every layer.
-  one_by_one = pfedacnnl.train(
-      algorithm, data, key, groups, memory_budget_bytes=1
+  client = np.asarray(data.client)
+  per_device = client.reshape(8, -1)
+  real = np.asarray(data.mask).any(1).reshape(8, -1)
+  edges = [set(c[r][[0, -1]]) for c, r in zip(per_device, real) if r.any()]
+  assert any(a & b for a, b in zip(edges, edges[1:])), "no client straddles"
+  one = federated.client_mesh(jax.devices()[:1])
+  single = fedacnnl.fedacnnl(
+      model,
+      num_classes=10,
+      input_shape=data.x.shape[2:],
+      mesh=one,
+      statistics_dtype="float64",
   )
-  passes = [
-      (r["clients_per_pass"], s["clients_per_pass"])
-      for r, s in zip(at_once.rounds, one_by_one.rounds)
-      if r["stage"] == "personalization"
-  ]
-  assert passes == [(8, 1)] * 3
+  key = jax.random.key(0)
+  eight = pfedacnnl.train(algorithm, data, key, groups)
+  gathered = jax.device_get(data)
+  alone = pfedacnnl.train(
+      single, federated.shard(gathered, one), key, groups
+  )
   for i in range(data.num_clients):
     for got, want in zip(
-        reference.solved_weights(model, one_by_one.params, i),
-        reference.solved_weights(model, at_once.params, i),
+        reference.solved_weights(model, eight.params, i),
+        reference.solved_weights(model, alone.params, i),
     ):
       assert reference.relative_error(got, want) <= 1e-10
 
 
 def test_memory_model_grows_with_groups_and_width_not_clients():
-  def expected(width=1.0, clients=100, groups=10, budget=2**30):
+  def expected(width=1.0, blocks=256, groups=10, personalized=True, mesh=1):
     return memory.estimate(
         models.dcnn(10, width),
         (32, 32, 3),
-        num_blocks=256,
+        num_blocks=blocks,
         block_size=8,
         num_devices=1,
         num_groups=groups,
-        num_clients=clients,
-        personalization_budget=budget,
+        personalized=personalized,
+        mesh_size=mesh,
     )
 
   full = expected()
   assert full.widest == 3 * 3 * 2048 + 1
   # 2 K + 3 = 23 float64 d x d at the widest layer: about 58 GB.
+  assert full.copies == 23
   assert (
       23 * full.widest**2 * 8
       <= full.statistics
       <= 1.1 * 23 * (full.widest**2 * 8)
   )
-  assert expected(clients=10_000).statistics == full.statistics
-  assert expected(groups=1).statistics < full.statistics / 4
+  # Personalization: 7 + 4 D copies, whatever the number of clients.
+  assert expected(groups=1).copies == 11
+  assert expected(groups=1, mesh=8).copies == 39
+  assert expected(groups=1, personalized=False).copies == 5
+  assert expected(blocks=10_000).statistics == full.statistics
   assert expected(width=0.0625).widest == 3 * 3 * 128 + 1
