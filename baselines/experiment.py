@@ -329,7 +329,9 @@ def run_experiment(
       num_shards=mesh.size,
       num_lanes=config.num_lanes
       or local_lib.default_num_lanes(
-          local_lib.tree_bytes(baseline.local.init(params, key)),
+          local_lib.step_bytes(
+              baseline.local, params, x.shape[1:], step_rows(config)
+          ),
           config.num_clients,
           mesh.size,
       ),

@@ -52,6 +52,19 @@ def test_estimates_approach_the_gradient(estimate):
   assert errors[2] < 0.1, errors
 
 
+def test_normal_draws_independent_standard_normals():
+  """`zeroth_order.normal` (Threefry with explicit counters) against N(0, 1):
+  Kolmogorov-Smirnov per row, uncorrelated rows, different keys differ."""
+  scipy_stats = pytest.importorskip("scipy.stats")
+  draws = np.asarray(zeroth_order.normal(jax.random.key(0), 4, 50_000))
+  for row in draws:
+    assert scipy_stats.kstest(row, "norm").pvalue > 1e-3
+  correlation = np.corrcoef(draws) - np.eye(4)
+  assert np.abs(correlation).max() < 0.02, correlation
+  other = np.asarray(zeroth_order.normal(jax.random.key(1), 4, 50_000))
+  assert np.abs(np.corrcoef(draws[0], other[0])[0, 1]) < 0.02
+
+
 def tiny_federation(num_clients=5, seed=0, dim=6, classes=3):
   """Uneven clients (2 .. 40 samples) of a separable problem."""
   rng = np.random.default_rng(seed)
