@@ -252,3 +252,33 @@ def test_run_experiment_writes_the_baseline_results(tmp_path):
       split["computation_s"] + split["communication_s"] + split["idle_s"]
   )
   assert results["accuracy"] == on_disk["best_accuracy"] > 0.3
+
+
+def test_pfedme_tested_local_is_the_uploaded_local_model():
+  """tested="local" tests what a client uploads (w_i), tested="theta" its
+  personalized model; both from the same round."""
+  x, y, indices = tiny_federation(num_clients=2)
+  indices = indices[1:2]  # one client
+  model = models.get_model("lr", 3)
+  params = models.init_params(model, jax.random.key(0), (6,))
+  data = local_lib.client_data(x, y, indices)
+  schedule = local_lib.make_schedule(np.asarray(data.size), 4, local_steps=3)
+  mesh = federated.client_mesh(jax.devices()[:1])
+  out = {}
+  for tested in algorithms.MOREAU_TESTED:
+    baseline = algorithms.pfedme(model.apply, 0.05, 0.05, 15.0, 5, 1.0, tested)
+    out[tested] = local_lib.round_fn(
+        baseline.local, schedule, np.ones(1), mesh
+    )(params, data, jax.random.key(0))
+  first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      first(out["local"].personal),
+      out["local"].upload,
+  )
+  gaps = jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()),
+      first(out["theta"].personal),
+      out["theta"].upload,
+  )
+  assert max(jax.tree.leaves(gaps)) > 1e-3, gaps
