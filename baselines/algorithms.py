@@ -18,7 +18,11 @@ FedAvg / FedZO and pFedMe / pFedZO are one function each.
   personalized model of the Moreau-envelope problem
   theta <- theta - personal_lr (grad f_i(theta) + lam (theta - w_i)), then
   w_i <- w_i - lr lam (w_i - theta); the server mixes
-  w <- (1 - beta) w + beta mean(w_i). Each client is tested with its theta.
+  w <- (1 - beta) w + beta mean(w_i). Each client is tested with its theta
+  (the paper's personalized model) or, with tested="local", with its w_i:
+  what the authors' code (CharlieDinh/pFedMe) tests, because its
+  `persionalized_model_bar` aliases the model's parameters, which hold w_i
+  when the test runs.
 * pFedZO: pFedMe with the sphere estimate of grad f_i(theta).
 """
 
@@ -33,6 +37,9 @@ from baselines import local as local_lib
 from baselines import zeroth_order
 
 Params = Any
+# pFedMe / pFedZO: which model of the carry (theta, w_i) a client is tested
+# with.
+MOREAU_TESTED = ("theta", "local")
 # (loss_fn: params -> scalar, params, key) -> (loss, gradient estimate)
 Gradient = Callable[[Callable, Params, jax.Array], tuple[jax.Array, Params]]
 
@@ -168,12 +175,16 @@ def moreau(
     lam: float,
     inner_steps: int,
     beta: float,
+    tested: str = "theta",
 ) -> Baseline:
   """pFedMe (first_order) and pFedZO (zeroth_order_sphere).
 
   The carry is (theta, w): the personalized model and the local model, both
-  the server model at the client's first step.
+  the server model at the client's first step. `tested`: "theta" or "local"
+  (w_i), the client model that is tested (module docstring).
   """
+  if tested not in MOREAU_TESTED:
+    raise ValueError(f"tested={tested!r} is not one of {MOREAU_TESTED}")
 
   def init(params, key):
     del key
@@ -202,7 +213,7 @@ def moreau(
           init,
           step,
           upload=lambda carry: carry[1],
-          personal=lambda carry: carry[0],
+          personal=lambda carry: carry[MOREAU_TESTED.index(tested)],
       ),
       server=lambda params, mean: jax.tree.map(
           lambda v, m: (1 - beta) * v + beta * m, params, mean
@@ -210,14 +221,24 @@ def moreau(
   )
 
 
-def pfedme(apply_fn, lr, personal_lr, lam, inner_steps, beta) -> Baseline:
+def pfedme(
+    apply_fn, lr, personal_lr, lam, inner_steps, beta, tested="theta"
+) -> Baseline:
   return moreau(
-      apply_fn, first_order(), lr, personal_lr, lam, inner_steps, beta
+      apply_fn, first_order(), lr, personal_lr, lam, inner_steps, beta, tested
   )
 
 
 def pfedzo(
-    apply_fn, lr, personal_lr, lam, inner_steps, beta, mu, num_directions
+    apply_fn,
+    lr,
+    personal_lr,
+    lam,
+    inner_steps,
+    beta,
+    mu,
+    num_directions,
+    tested="theta",
 ) -> Baseline:
   return moreau(
       apply_fn,
@@ -227,4 +248,5 @@ def pfedzo(
       lam,
       inner_steps,
       beta,
+      tested,
   )

@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
           lam=ml_collections.config_dict.placeholder(float),
           inner_steps=5,  # pFedMe's K
           pfedme_beta=1.0,  # pFedMe's server mixing beta
+          # pFedMe / pFedZO: test each client's theta (the paper) or its
+          # local model w_i (what the authors' code tests; algorithms.moreau)
+          pfedme_tested="theta",
           mu=1e-3,  # FedZO / pFedZO smoothing
           directions=20,  # FedZO / pFedZO b2
           sigma=1e-4,  # BAFFLE perturbation scale
@@ -133,6 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "algorithm": ALGORITHMS,
           "meta_grad": meta_fl.META_GRADIENTS,
           "personalization": ("maml", "me"),
+          "pfedme_tested": algorithms.MOREAU_TESTED,
       },
       positive=(
           "rounds",
@@ -180,12 +184,18 @@ def build(config: ml_collections.ConfigDict, apply_fn) -> algorithms.Baseline:
         apply_fn, config.lr, config.sigma, config.perturbations, config.central
     )
   if config.algorithm == "pfedme":
-    return algorithms.pfedme(apply_fn, *moreau)
+    return algorithms.pfedme(apply_fn, *moreau, tested=config.pfedme_tested)
   if config.algorithm == "meta_fedavg":
     return meta_fl.meta_fedavg(
         apply_fn, config.lr, config.personal_lr, config.nu, config.meta_grad
     )
-  return algorithms.pfedzo(apply_fn, *moreau, config.mu, config.directions)
+  return algorithms.pfedzo(
+      apply_fn,
+      *moreau,
+      config.mu,
+      config.directions,
+      tested=config.pfedme_tested,
+  )
 
 
 def step_rows(config: ml_collections.ConfigDict) -> int:
@@ -329,7 +339,9 @@ def run_experiment(
       num_shards=mesh.size,
       num_lanes=config.num_lanes
       or local_lib.default_num_lanes(
-          local_lib.tree_bytes(baseline.local.init(params, key)),
+          local_lib.step_bytes(
+              baseline.local, params, x.shape[1:], step_rows(config)
+          ),
           config.num_clients,
           mesh.size,
       ),

@@ -141,27 +141,50 @@ def _pack(steps: np.ndarray, num_lanes: int) -> list[list[int]]:
 
 
 # On a CPU the lanes of a device together keep about this many bytes of
-# client state: every step streams each lane's model through memory, so
-# beyond the cache many lanes are memory-bound (MNIST-MLP, 436 KB a model:
-# 2-4 lanes per device beat 8 and 100; `experiments.benchmark_baselines
-# --lanes`), while small models (LR) gain from many lanes, which cut the
-# number of scan steps and their fixed cost.
+# client state and step temporaries: every step streams each lane's model
+# (and, for the zeroth-order steps, its b2 x d or K x d perturbations)
+# through memory, so beyond the cache many lanes are memory-bound
+# (MNIST-MLP, 436 KB a model: 2-4 lanes per device beat 8 and 100;
+# `experiments.benchmark_baselines --lanes`), while small models (LR) gain
+# from many lanes, which cut the number of scan steps and their fixed cost.
 CPU_LANE_BYTES = 2**21
 
 
 def default_num_lanes(
-    carry_bytes: int, num_clients: int, num_shards: int = 1
+    lane_bytes: int, num_clients: int, num_shards: int = 1
 ) -> int:
-  """Lanes for a client state of `carry_bytes`: one per client on
-  accelerators; on CPU as many per device as fit CPU_LANE_BYTES (>= 2)."""
+  """Lanes for a lane that keeps `lane_bytes` (`step_bytes`): one per client
+  on accelerators; on CPU as many per device as fit CPU_LANE_BYTES (>= 2)."""
   if jax.default_backend() != "cpu":
     return num_clients
-  per_device = max(2, CPU_LANE_BYTES // max(carry_bytes, 1))
+  per_device = max(2, CPU_LANE_BYTES // max(lane_bytes, 1))
   return min(num_clients, per_device * num_shards)
 
 
 def tree_bytes(tree) -> int:
   return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def step_bytes(
+    local: LocalTraining, params, feature_shape: tuple[int, ...], rows: int
+) -> int:
+  """Bytes a lane keeps at a step: its carry and the temporaries of the
+  jitted step on a batch of `rows` (XLA's memory analysis; FedZO's b2 x d
+  directions are 27 MB on MNIST-MLP against a 0.4 MB carry)."""
+  key = jax.random.key(0)
+  carry = local.init(params, key)
+  compiled = (
+      jax.jit(local.step)
+      .lower(
+          carry,
+          jax.ShapeDtypeStruct((rows,) + tuple(feature_shape), jnp.float32),
+          jax.ShapeDtypeStruct((rows,), jnp.int32),
+          jax.ShapeDtypeStruct((rows,), jnp.bool_),
+          key,
+      )
+      .compile()
+  )
+  return tree_bytes(carry) + compiled.memory_analysis().temp_size_in_bytes
 
 
 def make_schedule(

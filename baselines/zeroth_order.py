@@ -17,20 +17,47 @@ perturbations are drawn at once and the perturbed losses evaluated with one
   once (`stein_gradient`); `gaussian_gradient` does both on one batch.
 
 pFedZO uses the sphere estimate inside pFedMe's inner problem.
+
+Drawing the perturbations is most of an estimate's cost (b2 d or K d normals
+per step against b2 or K forward passes of a small batch), so `normal` draws
+them from Threefry-2x32 directly, with one counter per number: on a CPU this
+is about 3x faster than `jax.random.normal`, whose default (partitionable)
+Threefry derives every counter from a 64-bit index and keeps one of the two
+output words, and which XLA fuses poorly into the estimate (a FedZO step on
+MNIST-MLP: 20 ms instead of 71 ms).
 """
 
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.extend import random as jax_random
 from jax.flatten_util import ravel_pytree
+import numpy as np
 
 LossFn = Callable[..., jax.Array]  # params pytree -> scalar
 
 
+def normal(key: jax.Array, num: int, dim: int) -> jax.Array:
+  """[num, dim] float32 standard normals: Threefry-2x32 under `key` of the
+  counters 0 .. num dim - 1, each word made uniform on (-1, 1) (23 bits, as
+  `jax.random.uniform`) and mapped through sqrt(2) erfinv, as
+  `jax.random.normal` does."""
+  if num * dim >= 2**32:
+    raise ValueError(f"{num} x {dim} normals exceed the 2^32 counters")
+  counters = jax.lax.iota(jnp.uint32, num * dim)
+  bits = jax_random.threefry_2x32(jax.random.key_data(key), counters)
+  one_two = jax.lax.bitcast_convert_type(  # [1, 2)
+      (bits.reshape(num, dim) >> 9) | np.uint32(0x3F800000), jnp.float32
+  )
+  low = np.nextafter(np.float32(-1), np.float32(0))
+  uniform = jnp.maximum(low, 2 * one_two - 3)  # (-1, 1)
+  return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
 def sphere_directions(key: jax.Array, num: int, dim: int) -> jax.Array:
   """[num, dim] directions uniform on the unit sphere (normalized Gaussians)."""
-  u = jax.random.normal(key, (num, dim), jnp.float32)
+  u = normal(key, num, dim)
   return u / jnp.linalg.norm(u, axis=1, keepdims=True)
 
 
@@ -61,7 +88,7 @@ def gaussian_perturbations(
     key: jax.Array, num: int, dim: int, sigma: float
 ) -> jax.Array:
   """[num, dim] BAFFLE perturbations delta_k ~ N(0, sigma^2 I)."""
-  return sigma * jax.random.normal(key, (num, dim), jnp.float32)
+  return sigma * normal(key, num, dim)
 
 
 def gaussian_differences(

@@ -70,7 +70,12 @@ def main(argv):
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
   default = local_lib.default_num_lanes(
-      local_lib.tree_bytes(baseline.local.init(params, jax.random.key(0))),
+      local_lib.step_bytes(
+          baseline.local,
+          params,
+          x.shape[1:],
+          baselines_experiment.step_rows(config),
+      ),
       len(sizes),
       mesh.size,
   )

@@ -157,6 +157,13 @@ flags.DEFINE_float(
     _DEFAULTS.pfedme_beta,
     "pFedMe/pFedZO server mixing beta; persafl: the server step beta.",
 )
+flags.DEFINE_enum(
+    "pfedme_tested",
+    _DEFAULTS.pfedme_tested,
+    ["theta", "local"],
+    "pFedMe/pFedZO: test each client's theta (the paper's personalized "
+    "model) or its local model w_i (what the authors' code tests).",
+)
 flags.DEFINE_float("mu", _DEFAULTS.mu, "FedZO/pFedZO smoothing radius.")
 flags.DEFINE_integer(
     "directions", _DEFAULTS.directions, "FedZO/pFedZO directions b2."

@@ -52,6 +52,19 @@ def test_estimates_approach_the_gradient(estimate):
   assert errors[2] < 0.1, errors
 
 
+def test_normal_draws_independent_standard_normals():
+  """`zeroth_order.normal` (Threefry with explicit counters) against N(0, 1):
+  Kolmogorov-Smirnov per row, uncorrelated rows, different keys differ."""
+  scipy_stats = pytest.importorskip("scipy.stats")
+  draws = np.asarray(zeroth_order.normal(jax.random.key(0), 4, 50_000))
+  for row in draws:
+    assert scipy_stats.kstest(row, "norm").pvalue > 1e-3
+  correlation = np.corrcoef(draws) - np.eye(4)
+  assert np.abs(correlation).max() < 0.02, correlation
+  other = np.asarray(zeroth_order.normal(jax.random.key(1), 4, 50_000))
+  assert np.abs(np.corrcoef(draws[0], other[0])[0, 1]) < 0.02
+
+
 def tiny_federation(num_clients=5, seed=0, dim=6, classes=3):
   """Uneven clients (2 .. 40 samples) of a separable problem."""
   rng = np.random.default_rng(seed)
@@ -239,3 +252,33 @@ def test_run_experiment_writes_the_baseline_results(tmp_path):
       split["computation_s"] + split["communication_s"] + split["idle_s"]
   )
   assert results["accuracy"] == on_disk["best_accuracy"] > 0.3
+
+
+def test_pfedme_tested_local_is_the_uploaded_local_model():
+  """tested="local" tests what a client uploads (w_i), tested="theta" its
+  personalized model; both from the same round."""
+  x, y, indices = tiny_federation(num_clients=2)
+  indices = indices[1:2]  # one client
+  model = models.get_model("lr", 3)
+  params = models.init_params(model, jax.random.key(0), (6,))
+  data = local_lib.client_data(x, y, indices)
+  schedule = local_lib.make_schedule(np.asarray(data.size), 4, local_steps=3)
+  mesh = federated.client_mesh(jax.devices()[:1])
+  out = {}
+  for tested in algorithms.MOREAU_TESTED:
+    baseline = algorithms.pfedme(model.apply, 0.05, 0.05, 15.0, 5, 1.0, tested)
+    out[tested] = local_lib.round_fn(
+        baseline.local, schedule, np.ones(1), mesh
+    )(params, data, jax.random.key(0))
+  first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      first(out["local"].personal),
+      out["local"].upload,
+  )
+  gaps = jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()),
+      first(out["theta"].personal),
+      out["theta"].upload,
+  )
+  assert max(jax.tree.leaves(gaps)) > 1e-3, gaps
