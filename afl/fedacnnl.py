@@ -131,9 +131,15 @@ def fedacnnl(
         lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), params
     )
 
-  @functools.partial(jax.jit, static_argnames=("layer", "num_segments"))
-  def client_statistics(
-      layer, params, data, param_index, segment_index, num_segments
+  def segment_sums(
+      layer,
+      params,
+      data,
+      param_index,
+      segment_index,
+      num_segments,
+      finalize=None,
+      finalize_args=(),
   ):
     return statistics.segment_statistics(
         model,
@@ -147,7 +153,13 @@ def fedacnnl(
         mesh,
         rows_per_step,
         statistics_dtype,
+        finalize,
+        finalize_args,
     )
+
+  client_statistics = functools.partial(
+      jax.jit, static_argnames=("layer", "num_segments")
+  )(segment_sums)
 
   @functools.partial(jax.jit, static_argnames="layer")
   def solve_layer(layer, stats, reg):
@@ -182,18 +194,13 @@ def fedacnnl(
           stats.full_gram(), stats.labels(), reg, prior[segment]
       )
 
-    return statistics.segment_statistics(
-        model,
+    return segment_sums(
         layer,
         params,
         data,
         param_index,
         segment_index,
         num_segments,
-        num_classes,
-        mesh,
-        rows_per_step,
-        statistics_dtype,
         finalize,
         (reg, prior),
     )

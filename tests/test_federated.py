@@ -169,7 +169,7 @@ def scaled_sums(params, x, y, mask):
   }
 
 
-segment_sum = jax.jit(federated.segment_sum, static_argnums=(0, 5, 6, 7))
+segment_sum = jax.jit(federated.segment_sum, static_argnums=(0, 5, 6, 7, 8))
 
 
 def stacked_scales(*scales):
@@ -428,9 +428,7 @@ def test_finalize_sees_each_segments_complete_sum(
         "ratio": sums["label_sum"] / sums["count"],
     }
 
-  got = jax.jit(
-      federated.segment_sum, static_argnums=(0, 5, 6, 7, 8)
-  )(
+  got = segment_sum(
       scaled_sums,
       stacked_scales(0.5),
       data,
