@@ -145,7 +145,7 @@ def run(config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
     return experiment.run_experiment(config, path)
   results = json.loads(saved.read_text())
   names = set(COMPARED) | {
-      name for name, _ in (s for m in METHODS.values() for s in m[1].items())
+      name for _, settings in METHODS.values() for name in settings
   }
   differ = {
       name: (results["config"].get(name), config[name])
