@@ -19,6 +19,16 @@ the client models weighted by their sample counts, as FedAvg.
 * first_order: the inner gradients are constants (`stop_gradient`), so
   d phi^nu / dw = I and the meta-gradient is grad f_i(phi^nu) (FO-MAML).
 
+Cost of a local step, in FedAvg steps (one gradient on b rows; measured by
+`experiments.benchmark_meta`): first order nu + 1 gradients; exact nu + 1
+gradients and nu Hessian-vector products, 3.13 / 5.25 / 11.63 x in FLOPs
+for nu = 1 / 2 / 5 on MNIST-MLP. No formulation gets under (nu + 2) x for
+nu >= 2: each product H v needs the first layer's tangent products
+X_t v_W1 and X_t^T d(dY_1), 0.86 of a FedAvg step by themselves, so the
+floor is 2.81 / 4.65 / 10.2 x (the benchmark's docstring has the argument
+and the alternatives tried: forward-over-reverse with stored
+linearizations, recomputation, `jax.checkpoint`).
+
 nu = 1 with exact gradients is Per-FedAvg (Fallah et al., 2020) with its
 three independent batches reduced to two: the Hessian-vector product is
 taken on the inner batch D_0, as exact differentiation of the one-step

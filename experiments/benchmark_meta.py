@@ -10,8 +10,34 @@ samples). A FedAvg step is one gradient on b rows; a meta_fedavg step
 or first order. All rounds run on the same lane driver
 (`baselines.local.round_fn`), are compiled once, then timed `--repeats`
 times interleaved (the same machine load) on one round key; prints each
-median, its ratio to FedAvg's, the target (nu + 2) x, and the ratio of the
-steps' FLOPs (XLA cost analysis), which does not depend on the machine.
+median, its ratio to FedAvg's, the target (nu + 2) x, the ratio of the
+steps' FLOPs (XLA cost analysis), which does not depend on the machine, and
+the time ratio per training sample processed (a meta step reads nu + 1
+batches, FedAvg's one).
+
+What is compared: a round is every client's R local steps from the server
+model (the same R, b, lanes and driver for both; DESIGN.md section 4: "a
+FedAvg variant: clients take local steps on this meta-objective"); a local
+step is one update of the client's model: FedAvg's one gradient on b rows,
+meta_fedavg's nu inner gradients on b rows each and one outer gradient.
+
+Why exact differentiation cannot meet (nu + 2) x for nu >= 2 (FLOPs; the
+CPU runs are compute-bound, time tracks FLOPs): the meta-gradient
+prod_t (I - alpha H(phi^t)) grad f(phi^nu) needs nu + 1 gradients (the nu
+inner steps and the outer one, each as costly as FedAvg's step) and nu
+Hessian-vector products. For the [128, 64] MLP the first layer holds 92% of
+the weights, and a product H v must form its tangent X_t v_W1 (forward) and
+X_t^T d(dY_1) (backward): two [b, 784] x [784, 128] products, 8.0 MFLOP at
+b = 20, 0.86 of FedAvg's whole step (9.33 MFLOP; one gradient 9.11). So a
+step costs at least (nu + 1) 0.977 + 0.86 nu FedAvg steps: 2.81 / 4.65 /
+10.2 x for nu = 1 / 2 / 5, above nu + 2 for nu >= 2 whatever the
+formulation. JAX's reverse-over-reverse through the `lax.scan`
+(`baselines.meta_fl`) costs 3.13 / 5.25 / 11.63 x, 11-14% above that floor;
+an explicit backward recursion v <- v - alpha H(phi^t) v with stored
+linearizations (`jax.linearize`, forward-over-reverse) has the same FLOPs
+(within 1%) and no lower time; recomputing the forward (jvp of
+grad at stored phi^t, or `jax.checkpoint` per inner step) adds a gradient per
+step and was 1.4-2x slower (README "Meta-FL and PersA-FL").
 """
 
 import json
@@ -68,7 +94,7 @@ def main(argv):
       variants[f"nu={nu} {meta_grad}"] = dict(
           algorithm="meta_fedavg", nu=nu, meta_grad=meta_grad
       )
-  rounds, targets, flops = {}, {}, {}
+  rounds, targets, flops, rows = {}, {}, {}, {}
   key = jax.random.key(1)
   for name, settings in variants.items():
     variant = config.copy_and_resolve_references()
@@ -87,14 +113,14 @@ def main(argv):
             mesh.size,
         ),
     )
-    rows = schedule.batch_size
+    rows[name] = schedule.batch_size
     flops[name] = (
         jax.jit(local.step)
         .lower(
             local.init(params, None),
-            jax.ShapeDtypeStruct((rows,) + x.shape[1:], np.float32),
-            jax.ShapeDtypeStruct((rows,), np.int32),
-            jax.ShapeDtypeStruct((rows,), np.bool_),
+            jax.ShapeDtypeStruct((rows[name],) + x.shape[1:], np.float32),
+            jax.ShapeDtypeStruct((rows[name],), np.int32),
+            jax.ShapeDtypeStruct((rows[name],), np.bool_),
             key,
         )
         .cost_analysis()["flops"]
@@ -114,6 +140,9 @@ def main(argv):
   medians = {name: float(np.median(t)) for name, t in times.items()}
   ratios = {name: m / medians["fedavg"] for name, m in medians.items()}
   flop_ratios = {name: f / flops["fedavg"] for name, f in flops.items()}
+  per_sample = {
+      name: ratios[name] * rows["fedavg"] / rows[name] for name in ratios
+  }
   print(
       f"MNIST-MLP, {FLAGS.num_clients} clients, {FLAGS.local_steps} local "
       f"steps of batch 20 per client, {mesh.size} device(s), median of "
@@ -124,7 +153,8 @@ def main(argv):
     print(
         f"  {name:20s} {median:8.4f} s   {ratios[name]:5.2f} x FedAvg"
         f"   (target <= {targets[name]} x: {verdict}); FLOPs per step "
-        f"{flop_ratios[name]:5.2f} x"
+        f"{flop_ratios[name]:5.2f} x; time per sample "
+        f"{per_sample[name]:5.2f} x"
     )
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
@@ -134,6 +164,7 @@ def main(argv):
               times_s=times,
               ratios=ratios,
               flop_ratios=flop_ratios,
+              per_sample_ratios=per_sample,
               targets=targets,
               local_steps=FLAGS.local_steps,
               devices=mesh.size,

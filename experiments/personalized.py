@@ -7,11 +7,13 @@ and FedAvg's global model, against simulated training time.
 Runs every method of `METHODS` on each dataset with the [128, 64] MLP, 100
 clients, seeds 0..S-1 (fixed data: --data_seed), each through
 `afl.experiment.run_experiment` into OUTPUT_DIR/DATASET/METHOD/seed_S/
-(a run whose results.json exists is read back: the study resumes), and
-writes
+(a run whose results.json exists is read back, so an interrupted study
+resumes; one saved with other settings, e.g. another --rounds, stops the
+study instead of being mixed in or overwritten), and writes
 
-  OUTPUT_DIR/personalized.md    best and last test accuracy, mean +- std over
-                                seeds, and the simulated time of the run;
+  OUTPUT_DIR/personalized.md    best and last test accuracy, mean +- std
+                                (ddof 0) over seeds, and the seed-mean
+                                simulated time of the run;
   OUTPUT_DIR/personalized.json  every seed's numbers and curves;
   OUTPUT_DIR/DATASET.png        seed-mean accuracy against simulated time.
 
@@ -33,6 +35,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import ml_collections
 import numpy as np
 
 from afl import experiment
@@ -76,22 +79,39 @@ METHODS = {
     ),
 }
 
-flags.DEFINE_string("output_dir", None, "Where the runs go.", required=True)
-flags.DEFINE_string("data_dir", None, "Folder with mnist/.")
-flags.DEFINE_list("datasets", ["mnist", "synthetic"], "Datasets (MLP model).")
-flags.DEFINE_list("methods", list(METHODS), "Methods of METHODS.")
-flags.DEFINE_integer("seeds", 5, "Seeds 0..S-1.")
-flags.DEFINE_integer("data_seed", 0, "Seed of the data; -1: each seed's.")
-flags.DEFINE_integer("num_clients", 100, "Clients.")
-flags.DEFINE_integer(
-    "rounds",
-    0,
-    "Rounds of the iterative methods; 0: 20 (mnist), 100 (synthetic).",
-)
-flags.DEFINE_integer("eval_every", 1, "Rounds between tests.")
+def define_flags():
+  """The command line's flags (defined only when run as a program, so that
+  the study can be imported next to other entry points)."""
+  flags.DEFINE_string("output_dir", None, "Where the runs go.", required=True)
+  flags.DEFINE_string("data_dir", None, "Folder with mnist/.")
+  flags.DEFINE_list("datasets", ["mnist", "synthetic"], "Datasets (MLP model).")
+  flags.DEFINE_list("methods", list(METHODS), "Methods of METHODS.")
+  flags.DEFINE_integer("seeds", 5, "Seeds 0..S-1.")
+  flags.DEFINE_integer("data_seed", 0, "Seed of the data; -1: each seed's.")
+  flags.DEFINE_integer("num_clients", 100, "Clients.")
+  flags.DEFINE_integer(
+      "rounds",
+      0,
+      "Rounds of the iterative methods; 0: 20 (mnist), 100 (synthetic).",
+  )
+  flags.DEFINE_integer("eval_every", 1, "Rounds between tests.")
+
+
 FLAGS = flags.FLAGS
 
 DEFAULT_ROUNDS = {"mnist": 20, "cifar10": 20, "synthetic": 100}
+# Settings of a saved run that must equal the requested ones for it to be
+# read back (data_dir may be spelled differently).
+COMPARED = (
+    "algorithm",
+    "dataset",
+    "model",
+    "num_clients",
+    "seed",
+    "data_seed",
+    "rounds",
+    "eval_every",
+)
 
 
 def simulated_times(results: dict) -> list[float]:
@@ -105,28 +125,50 @@ def simulated_times(results: dict) -> list[float]:
   return [results["timing"]["makespan_s"]]
 
 
-def run(dataset: str, method: str, seed: int, output_dir: pathlib.Path):
-  """One run's results (read back when they exist)."""
-  path = output_dir / dataset / method / f"seed_{seed}"
-  if (path / "results.json").exists():
-    return json.loads((path / "results.json").read_text())
+def method_config(
+    dataset: str, method: str, seed: int, **settings
+) -> ml_collections.ConfigDict:
+  """The run of `method` on `dataset` for `seed`: baselines' defaults, then
+  `settings` (num_clients, rounds, ...), then the method's own."""
   config = baselines_experiment.default_config()
-  config.update(
-      dataset=dataset,
-      model="mlp",
-      num_clients=FLAGS.num_clients,
-      seed=seed,
-      data_seed=FLAGS.data_seed,
-      data_dir=FLAGS.data_dir,
-      rounds=FLAGS.rounds or DEFAULT_ROUNDS[dataset],
-      eval_every=FLAGS.eval_every,
-  )
+  config.update(dataset=dataset, seed=seed, **settings)
   config.update(METHODS[method][1])
-  logging.info("running %s on %s, seed %d", method, dataset, seed)
-  return experiment.run_experiment(config, path)
+  return config
+
+
+def run(config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
+  """One run's results, read back from path/results.json when it exists.
+
+  Raises:
+    FileExistsError: the saved run differs from `config` in a `COMPARED`
+      or method setting (a changed --rounds, say): it is neither reused
+      nor overwritten.
+  """
+  saved = path / "results.json"
+  if not saved.exists():
+    logging.info("running %s", path)
+    return experiment.run_experiment(config, path)
+  results = json.loads(saved.read_text())
+  names = set(COMPARED) | {
+      name for _, settings in METHODS.values() for name in settings
+  }
+  differ = {
+      name: (results["config"].get(name), config[name])
+      for name in sorted(names)
+      if config[name] is not None  # None: resolved from the defaults
+      and results["config"].get(name) != config[name]
+  }
+  if differ:
+    raise FileExistsError(
+        f"{saved} was run with other settings (saved, requested): {differ};"
+        " choose another --output_dir"
+    )
+  return results
 
 
 def summarize(runs: list[dict]) -> dict:
+  """Mean and (population, ddof 0) standard deviation over the seeds of the
+  best and the last test accuracy (%) and the final simulated time."""
   best = [100 * r["accuracy"] for r in runs]
   last = [100 * r.get("last_accuracy", r["accuracy"]) for r in runs]
   curves = [
@@ -146,9 +188,10 @@ def summarize(runs: list[dict]) -> dict:
   }
 
 
-def plot(dataset: str, table: dict, path: pathlib.Path) -> None:
+def plot(title: str, table: dict, path: pathlib.Path) -> None:
+  """Seed-mean test accuracy against simulated time, one line per method."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for method, row in table.items():
+  for row in table.values():
     curves = row["curves"]
     length = min(len(c["time_s"]) for c in curves)
     times = np.mean([c["time_s"][:length] for c in curves], 0)
@@ -166,7 +209,7 @@ def plot(dataset: str, table: dict, path: pathlib.Path) -> None:
   ax.set_xscale("log")
   ax.set_xlabel("simulated training time (s, shared clock)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"{dataset}-MLP, {FLAGS.num_clients} clients")
+  ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -174,39 +217,97 @@ def plot(dataset: str, table: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def markdown(title: str, table: dict) -> list[str]:
+  lines = [
+      f"### {title}",
+      "",
+      "| method | best accuracy (%) | last accuracy (%) | simulated time (s) |",
+      "|---|---|---|---|",
+  ]
+  for row in table.values():
+    lines.append(
+        f"| {row['label']} | {row['best_mean']:.2f} +- {row['best_std']:.2f}"
+        f" | {row['last_mean']:.2f} +- {row['last_std']:.2f} |"
+        f" {row['simulated_s_mean']:.4g} |"
+    )
+  return lines + [""]
+
+
+def study(
+    output_dir,
+    datasets,
+    methods,
+    seeds: int,
+    rounds: int = 0,
+    **settings,
+) -> dict:
+  """Runs (or reads back) every method on every dataset for seeds
+  0..seeds-1 and writes the table, JSON and figures (module docstring).
+
+  Args:
+    output_dir: where the runs and the summaries go.
+    datasets: names (afl.data).
+    methods: keys of METHODS.
+    seeds: S.
+    rounds: rounds of the iterative methods; 0: DEFAULT_ROUNDS.
+    **settings: config settings of every run (num_clients, data_seed,
+      data_dir, eval_every; model: "mlp" unless given).
+
+  Returns:
+    {dataset: {method: summarize(...) with its label}}.
+  """
+  output_dir = pathlib.Path(output_dir)
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)}; see METHODS")
+  settings.setdefault("model", "mlp")
+  tables, lines = {}, []
+  for dataset in datasets:
+    table = {}
+    for method in methods:
+      runs = [
+          run(
+              method_config(
+                  dataset,
+                  method,
+                  seed,
+                  rounds=rounds or DEFAULT_ROUNDS[dataset],
+                  **settings,
+              ),
+              output_dir / dataset / method / f"seed_{seed}",
+          )
+          for seed in range(seeds)
+      ]
+      table[method] = dict(label=METHODS[method][0], **summarize(runs))
+    tables[dataset] = table
+    title = (
+        f"{dataset}-{settings['model'].upper()}, "
+        f"{runs[0]['num_clients']} clients, {seeds} seed(s)"
+    )
+    plot(title, table, output_dir / f"{dataset}.png")
+    lines += markdown(title, table)
+  (output_dir / "personalized.md").write_text("\n".join(lines))
+  (output_dir / "personalized.json").write_text(json.dumps(tables, indent=1))
+  return tables
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  output_dir = pathlib.Path(FLAGS.output_dir)
-  unknown = set(FLAGS.methods) - set(METHODS)
-  if unknown:
-    raise ValueError(f"unknown --methods {sorted(unknown)}; see METHODS")
-  tables, lines = {}, []
-  for dataset in FLAGS.datasets:
-    table = {}
-    for method in FLAGS.methods:
-      runs = [run(dataset, method, s, output_dir) for s in range(FLAGS.seeds)]
-      table[method] = dict(label=METHODS[method][0], **summarize(runs))
-    tables[dataset] = table
-    plot(dataset, table, output_dir / f"{dataset}.png")
-    lines += [
-        f"### {dataset}-MLP, {FLAGS.num_clients} clients, "
-        f"{FLAGS.seeds} seed(s)",
-        "",
-        "| method | best accuracy (%) | last accuracy (%) | simulated time (s) |",
-        "|---|---|---|---|",
-    ]
-    for row in table.values():
-      lines.append(
-          f"| {row['label']} | {row['best_mean']:.2f} +- {row['best_std']:.2f}"
-          f" | {row['last_mean']:.2f} +- {row['last_std']:.2f} |"
-          f" {row['simulated_s_mean']:.4g} |"
-      )
-    lines.append("")
-  (output_dir / "personalized.md").write_text("\n".join(lines))
-  (output_dir / "personalized.json").write_text(json.dumps(tables, indent=1))
-  print("\n".join(lines))
+  study(
+      FLAGS.output_dir,
+      FLAGS.datasets,
+      FLAGS.methods,
+      FLAGS.seeds,
+      rounds=FLAGS.rounds,
+      num_clients=FLAGS.num_clients,
+      data_seed=FLAGS.data_seed,
+      data_dir=FLAGS.data_dir,
+      eval_every=FLAGS.eval_every,
+  )
+  print((pathlib.Path(FLAGS.output_dir) / "personalized.md").read_text())
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

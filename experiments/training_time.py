@@ -3,19 +3,23 @@ r"""The training-time study of the paper (Figs. 4 and 5), one command.
   python -m experiments.training_time --data_dir=../shared/data \
       --output_dir=runs/training_time
 
-Runs FedACnnL, FedACnnL-WA, FedAvg, FedZO and BAFFLE on MNIST-MLP
-(Dirichlet 0.1, 20 rounds for the iterative methods, as the paper after
-BAFFLE) and on synthetic(0.5, 0.5)-MLP (600 rounds, after pFedMe), 100
-clients, one seed, each through `afl.experiment.run_experiment` (its
-results.json under OUTPUT_DIR/SETTING/ALGORITHM/; an interrupted study
-resumes). Every run is timed on the one simulated clock (afl.clock: the
-same client device profiles from the seed, the cost model calibrated on
-this host).
+Runs FedACnnL, FedACnnL-WA, FedAvg, FedZO and BAFFLE, and the personalized
+systems meta-FedAvg (nu = 1, exact: Per-FedAvg) and PersA-FL (MAML and
+Moreau envelope, staleness bound 2), on MNIST-MLP (Dirichlet 0.1, 20 rounds
+for the iterative methods, as the paper after BAFFLE) and on
+synthetic(0.5, 0.5)-MLP (600 rounds, after pFedMe), 100 clients, one seed,
+each through `afl.experiment.run_experiment` (its results.json under
+OUTPUT_DIR/SETTING/ALGORITHM/; an interrupted study resumes). Every run is
+timed on the one simulated clock (afl.clock: the same client device
+profiles from the seed, the cost model calibrated on this host).
+PersA-FL's server is asynchronous: its "round" is C applied updates, and
+its idle time is the clients' waiting for the staleness bound (no round
+barrier), its computation and communication those of its applied updates.
 
 Writes OUTPUT_DIR/training_time.json (per setting and algorithm: test
 accuracy per round, the per-client averaged total training time split into
-computation / idle / communication, how much less FedACnnL's total is, the
-real wall time of the simulation)
+computation / idle / communication, how much less FedACnnL's total is
+(`fedacnnl_time_reduction`), the real wall time of the simulation)
 and two figures like the paper's: fig4_time.png (stacked bars of the
 average client's computation, idle and communication time, per setting)
 and fig5_accuracy.png (test accuracy against round).
@@ -38,59 +42,66 @@ from afl import experiment
 from baselines import experiment as baselines_experiment
 
 SETTINGS = {"mnist-mlp": 20, "synthetic-mlp": 600}  # rounds of the paper
-ALGORITHMS = ("fedacnnl", "fedacnnl_wa", "fedavg", "fedzo", "baffle")
-TITLES = dict(
-    fedacnnl="FedACnnL",
-    fedacnnl_wa="FedACnnL-WA",
-    fedavg="FedAvg",
-    fedzo="FedZO",
-    baffle="BAFFLE",
-)
+# name -> (title, settings over the defaults).
+ALGORITHMS = {
+    "fedacnnl": ("FedACnnL", dict(algorithm="fedacnnl")),
+    "fedacnnl_wa": ("FedACnnL-WA", dict(algorithm="fedacnnl_wa")),
+    "fedavg": ("FedAvg", dict(algorithm="fedavg")),
+    "fedzo": ("FedZO", dict(algorithm="fedzo")),
+    "baffle": ("BAFFLE", dict(algorithm="baffle")),
+    "meta_fedavg": ("Per-FedAvg", dict(algorithm="meta_fedavg", nu=1)),
+    "persafl_maml": (
+        "PersA-FL MAML",
+        dict(algorithm="persafl", personalization="maml"),
+    ),
+    # lr 0.05 as in experiments.personalized: pFedMe's 0.005 loses accuracy.
+    "persafl_me": (
+        "PersA-FL ME",
+        dict(algorithm="persafl", personalization="me", lr=0.05),
+    ),
+}
 SPLIT = ("computation_s", "idle_s", "communication_s")
 
-flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
-flags.DEFINE_string("output_dir", "runs/training_time", "Where results go.")
-flags.DEFINE_list("settings", list(SETTINGS), "DATASET-MODEL settings.")
-flags.DEFINE_list("algorithms", list(ALGORITHMS), "Algorithms.")
-flags.DEFINE_integer(
-    "rounds", 0, "Rounds of the iterative methods; 0: paper's."
-)
-flags.DEFINE_integer("num_clients", 100, "Clients.")
-flags.DEFINE_integer("seed", 0, "Seed.")
+def define_flags():
+  """The command line's flags (defined only when run as a program, so that
+  the study can be imported next to other entry points)."""
+  flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
+  flags.DEFINE_string("output_dir", "runs/training_time", "Where results go.")
+  flags.DEFINE_list("settings", list(SETTINGS), "DATASET-MODEL settings.")
+  flags.DEFINE_list("algorithms", list(ALGORITHMS), "Names of ALGORITHMS.")
+  flags.DEFINE_integer(
+      "rounds", 0, "Rounds of the iterative methods; 0: paper's."
+  )
+  flags.DEFINE_integer("num_clients", 100, "Clients.")
+  flags.DEFINE_integer("seed", 0, "Seed.")
+
+
 FLAGS = flags.FLAGS
 
 
-def run_one(setting: str, algorithm: str, split, output_dir: pathlib.Path):
+def run_one(config, path: pathlib.Path, split):
   """One run's results, or its saved results.json."""
-  saved = output_dir / setting / algorithm / "results.json"
+  saved = path / "results.json"
   if saved.exists():
     return json.loads(saved.read_text())
-  dataset, model = setting.split("-")
-  config = baselines_experiment.default_config()
-  config.update(
-      algorithm=algorithm,
-      dataset=dataset,
-      model=model,
-      num_clients=FLAGS.num_clients,
-      seed=FLAGS.seed,
-      data_dir=FLAGS.data_dir,
-      rounds=FLAGS.rounds or SETTINGS[setting],
-  )
-  return experiment.run_experiment(config, saved.parent, split)
+  return experiment.run_experiment(config, path, split)
 
 
 def summary(results: dict) -> dict:
   """What the figures need from one results.json."""
-  if results["algorithm"] in experiment.BASELINES:
+  iterative = results["algorithm"] in experiment.BASELINES
+  if iterative:
     accuracy = results["accuracy_per_round"]
   else:  # the analytic model is tested after its last layer-round
     accuracy = [None] * (len(results["rounds"]) - 1) + [results["accuracy"]]
   valid = [a for a in accuracy if a is not None]
   return {
+      "iterative": iterative,
       "accuracy_per_round": accuracy,
       "best_accuracy": max(valid),
       "last_accuracy": valid[-1],
       "time_per_client_s": results["timing"]["mean_per_client"],
+      "makespan_s": results["timing"]["makespan_s"],
       "wall_time_s": results["wall_time_s"],
       "compile_time_s": results["compile_time_s"],
   }
@@ -110,25 +121,21 @@ def plot(study: dict, output_dir: pathlib.Path) -> None:
           ]
       )
       rounds = np.arange(1, len(accuracy) + 1)
-      if algorithm in experiment.BASELINES:
+      title = ALGORITHMS[algorithm][0]
+      if values["iterative"]:
         keep = ~np.isnan(accuracy)
-        axis.plot(rounds[keep], accuracy[keep], label=TITLES[algorithm])
+        axis.plot(rounds[keep], accuracy[keep], label=title)
       else:  # reached after L rounds, then constant
         longest = max(
             len(v["accuracy_per_round"]) for v in study[setting].values()
         )
-        axis.hlines(
-            accuracy[-1],
-            len(accuracy),
-            longest,
-            colors="k",
-            label=TITLES[algorithm],
-        )
+        axis.hlines(accuracy[-1], len(accuracy), longest, colors="k", label=title)
     axis.set(title=setting, xlabel="training round", ylabel="test accuracy (%)")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(output_dir / "fig5_accuracy.png", dpi=120)
+  plt.close(figure)
 
   figure, axes = plt.subplots(
       1, len(settings), figsize=(6 * len(settings), 4), squeeze=False
@@ -141,63 +148,98 @@ def plot(study: dict, output_dir: pathlib.Path) -> None:
           [study[setting][n]["time_per_client_s"][part] for n in names]
       )
       axis.bar(
-          [TITLES[n] for n in names],
+          [ALGORITHMS[n][0] for n in names],
           values,
           bottom=bottom,
           label=part[:-2],
       )
       bottom += values
     axis.set(title=setting, ylabel="average training time per client (s)")
+    axis.tick_params(axis="x", labelrotation=30, labelsize=7)
     axis.legend()
   figure.tight_layout()
   figure.savefig(output_dir / "fig4_time.png", dpi=120)
+  plt.close(figure)
+
+
+def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
+  """Runs (or reads back) every algorithm in every DATASET-MODEL setting,
+  writes training_time.json and the two figures.
+
+  Args:
+    output_dir: where the runs and the summaries go.
+    settings: DATASET-MODEL names (SETTINGS gives the paper's rounds; others
+      need `rounds`).
+    algorithms: names of ALGORITHMS.
+    rounds: rounds of the iterative methods; 0: SETTINGS'.
+    **config: settings of every run (num_clients, seed, data_dir, ...).
+
+  Returns:
+    {setting: {algorithm: summary(...)}}.
+  """
+  output_dir = pathlib.Path(output_dir)
+  unknown = set(algorithms) - set(ALGORITHMS)
+  if unknown:
+    raise ValueError(f"unknown algorithms {sorted(unknown)}; see ALGORITHMS")
+  results, start = {}, time.perf_counter()
+  for setting in settings:
+    dataset, model = setting.split("-")
+    base = baselines_experiment.default_config()
+    base.update(
+        dataset=dataset, model=model, rounds=rounds or SETTINGS[setting]
+    )
+    base.update(config)
+    split = experiment.prepare_split(base)
+    results[setting] = {}
+    for algorithm in algorithms:
+      run_config = base.copy_and_resolve_references()
+      run_config.update(ALGORITHMS[algorithm][1])
+      values = summary(
+          run_one(run_config, output_dir / setting / algorithm, split)
+      )
+      results[setting][algorithm] = values
+      print(
+          f"[{time.perf_counter() - start:7.1f}s] {setting} {algorithm}: "
+          f"best {100 * values['best_accuracy']:.2f}, simulated total per "
+          f"client {values['time_per_client_s']['total_s']:.4f}s, wall "
+          f"{values['wall_time_s']:.1f}s",
+          flush=True,
+      )
+    if "fedacnnl" in results[setting]:
+      # The paper's claim: FedACnnL's total time is >= 88% / 98% / 99% less
+      # than FedAvg's / FedZO's / BAFFLE's.
+      ours = results[setting]["fedacnnl"]["time_per_client_s"]["total_s"]
+      for algorithm, values in results[setting].items():
+        reduction = 1 - ours / values["time_per_client_s"]["total_s"]
+        values["fedacnnl_time_reduction"] = reduction
+        print(f"  FedACnnL's time vs {algorithm}: {100 * reduction:.2f}% less")
+  output_dir.mkdir(parents=True, exist_ok=True)
+  (output_dir / "training_time.json").write_text(json.dumps(results, indent=2))
+  plot(results, output_dir)
+  return results
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  output_dir = pathlib.Path(FLAGS.output_dir)
-  study, start = {}, time.perf_counter()
   for setting in FLAGS.settings:
     if setting not in SETTINGS:
       raise app.UsageError(f"--settings: {setting!r} not in {list(SETTINGS)}")
-    dataset, _ = setting.split("-")
-    config = experiment.default_config()
-    config.update(
-        dataset=dataset,
-        seed=FLAGS.seed,
-        num_clients=FLAGS.num_clients,
-        data_dir=FLAGS.data_dir,
-    )
-    split = experiment.prepare_split(config)
-    study[setting] = {}
-    for algorithm in FLAGS.algorithms:
-      study[setting][algorithm] = summary(
-          run_one(setting, algorithm, split, output_dir)
-      )
-      print(
-          f"[{time.perf_counter() - start:7.1f}s] {setting} {algorithm}: "
-          f"best {100 * study[setting][algorithm]['best_accuracy']:.2f}, "
-          f"simulated total per client "
-          f"{study[setting][algorithm]['time_per_client_s']['total_s']:.4f}s, "
-          f"wall {study[setting][algorithm]['wall_time_s']:.1f}s",
-          flush=True,
-      )
-    if "fedacnnl" in study[setting]:
-      # The paper's claim: FedACnnL's total time is >= 88% / 98% / 99% less
-      # than FedAvg's / FedZO's / BAFFLE's.
-      ours = study[setting]["fedacnnl"]["time_per_client_s"]["total_s"]
-      for algorithm, values in study[setting].items():
-        reduction = 1 - ours / values["time_per_client_s"]["total_s"]
-        values["fedacnnl_time_reduction"] = reduction
-        print(f"  FedACnnL's time vs {algorithm}: {100 * reduction:.2f}% less")
-  output_dir.mkdir(parents=True, exist_ok=True)
-  (output_dir / "training_time.json").write_text(json.dumps(study, indent=2))
-  plot(study, output_dir)
+  study(
+      FLAGS.output_dir,
+      FLAGS.settings,
+      FLAGS.algorithms,
+      FLAGS.rounds,
+      num_clients=FLAGS.num_clients,
+      seed=FLAGS.seed,
+      data_dir=FLAGS.data_dir,
+  )
   print(
-      f"wrote {output_dir}/training_time.json, fig4_time.png, fig5_accuracy.png"
+      f"wrote {FLAGS.output_dir}/training_time.json, fig4_time.png, "
+      "fig5_accuracy.png"
   )
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
