@@ -467,7 +467,9 @@ def loop_round(
     weights: np.ndarray,
 ):
   """The same round as `round_fn`, one client after the other, one jitted
-  step call per local step (how most simulators run clients).
+  step call per local step (how most simulators run clients). Each call
+  takes the client's batch from the device data and adds its loss to the
+  running sums on the device, so a step costs one dispatch.
 
   Returns:
     (server model, data, round key) -> RoundOutput.
@@ -476,12 +478,13 @@ def loop_round(
   total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
 
   @jax.jit
-  def step(carry, data, perm, c, k, key):
+  def step(carry, sums, data, perm, c, k, key):
     x, y, mask = client_batch(
         data, perm, c, k, schedule.batch_size, schedule.cycle
     )
     new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
-    return new, loss * mask.sum(), mask.sum()
+    n = mask.sum()
+    return new, (sums[0] + loss * n, sums[1] + n)
 
   init = jax.jit(local.init)
   upload = jax.jit(local.upload)
@@ -490,13 +493,13 @@ def loop_round(
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
     perm = perms(perm_root, data.size, data.x.shape[0])
-    total, personal, loss_sum, count = None, [], 0.0, 0.0
+    total, personal = None, []
+    sums = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     for c in range(data.num_clients):
       key = jax.random.fold_in(client_root, c)
       carry = init(params, key)
       for k in range(schedule.steps[c]):
-        carry, loss, n = step(carry, data, perm, c, k, key)
-        loss_sum, count = loss_sum + loss, count + n
+        carry, sums = step(carry, sums, data, perm, c, k, key)
       if local.personal is not None:
         personal.append(local.personal(carry))
       if schedule.steps[c]:
@@ -505,6 +508,7 @@ def loop_round(
     upload_mean = jax.tree.map(lambda t: t / total_weight, total)
     if personal:
       personal = jax.tree.map(lambda *a: jnp.stack(a), *personal)
-    return RoundOutput(upload_mean, personal or None, loss_sum / max(count, 1))
+    loss = sums[0] / jnp.maximum(sums[1], 1)
+    return RoundOutput(upload_mean, personal or None, loss)
 
   return run
