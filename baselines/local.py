@@ -7,9 +7,12 @@ packed into a `Schedule` of L lanes x S steps; the lane axis is sharded over
 the 'clients' device mesh (`shard_map`), each device scans over the steps
 with its lanes vmapped inside. A lane runs its clients one after the other:
 at a client's first step its carry is reset to `init(server model)`, at its
-last step the client's weighted upload is added to the lane's sum and its
+last step the client's weighted upload is added to the device's sum and its
 personal model written to a per-client table (carry switching), so uneven
-clients share a lane with almost no padding and a round compiles once.
+clients share a lane with almost no padding and a round compiles once. The
+switching is a while loop over the lanes that switch at that step, so the
+(many) steps where no lane switches touch no model besides the step's own
+work, and a client's upload and personal model are computed once.
 `loop_round` is the sequential per-client loop over the same jitted step:
 the reference the lanes are tested against, and the benchmark's baseline.
 
@@ -281,8 +284,28 @@ def client_batch(
   return data.x[rows], data.y[rows], mask
 
 
-def _where(condition, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+def _lanes_where(condition, new, old):
+  """Per lane (condition [L]), `new` where True, else `old` (leaves [L, ...])."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(
+          condition.reshape(condition.shape + (1,) * (a.ndim - 1)), a, b
+      ),
+      new,
+      old,
+  )
+
+
+def _for_each_lane(condition, update, state):
+  """update(lane, state) for each lane where condition [L]: a while loop,
+  so at the (most) steps where no lane needs it, nothing touches the
+  lanes' models."""
+
+  def body(args):
+    pending, state = args
+    lane = jnp.argmax(pending)
+    return pending.at[lane].set(False), update(lane, state)
+
+  return jax.lax.while_loop(lambda a: a[0].any(), body, (condition, state))[1]
 
 
 class RoundOutput(NamedTuple):
@@ -308,12 +331,14 @@ def round_fn(
 ):
   """The round: jitted (server model, data, round key) -> RoundOutput.
 
-  Each device scans over the steps, its lanes vmapped inside the step. The
-  clients' personal models (if `local.personal`): with fixed steps all lanes
-  switch clients together, every R steps, so an outer scan over these slots
-  stacks the lanes' models ([slots, L, ...]) and one gather picks each
-  client's; with epochs a finished client's model is scattered into a
-  per-client table at its last step.
+  Each device scans over the steps; a scan step takes one local step on
+  every lane (`vmap`: each matmul of the step becomes one batched matmul
+  over the lanes). The per-client bookkeeping touches a lane's model only
+  when that lane switches clients (`_for_each_lane`), never at every step:
+  at a client's first step its carry is set to `init`, at its last its
+  weighted upload is added to the device's sum and its personal model
+  written to a per-client table; padding steps (only at a lane's end) keep
+  the carry.
 
   Args:
     local: what a client computes.
@@ -329,17 +354,6 @@ def round_fn(
   trained = schedule.steps > 0
   total_weight = float(weights[trained].sum()) or 1.0
   num_clients = len(schedule.steps)
-  personal = local.personal is not None
-  # Fixed steps: every lane's clients start at multiples of R.
-  slot_length = int(schedule.steps.max()) if schedule.cycle else 0
-  slotted = personal and slot_length > 0
-  if slotted:
-    lane, start = np.nonzero(schedule.first)
-    position = np.zeros(num_clients, np.int64)  # client -> slot * L + lane
-    position[schedule.client[lane, start]] = (
-        start // slot_length * schedule.num_lanes + lane
-    )
-    position = jnp.asarray(position)
   # Steps on the scan axis: [S, L].
   lanes = tuple(
       jnp.asarray(a.T)
@@ -352,45 +366,47 @@ def round_fn(
       )
   )
   weights = jnp.asarray(weights, jnp.float32)
+  batch = jax.vmap(client_batch, in_axes=(None, None, 0, 0, None, None))
 
   def device_lanes(params, data, perm, client_root, *lanes):
     def key_of(c):
       return jax.random.fold_in(client_root, c)
 
-    def lane_step(carry, total, c, k, v, f, l):
-      key = key_of(c)
-      carry = _where(f, local.init(params, key), carry)
-      x, y, mask = client_batch(
-          data, perm, c, k, schedule.batch_size, schedule.cycle
-      )
-      mask = mask & v
-      new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
-      carry = _where(v, new, carry)
-      scale = jnp.where(l & v, weights[c], 0.0)
-      total = jax.tree.map(
-          lambda t, u: t + scale * u, total, local.upload(carry)
-      )
-      n = mask.sum()
-      return carry, total, loss * n, n
-
     def body(state, inputs):
-      carries, totals, table, loss_sum, count = state
-      carries, totals, losses, counts = jax.vmap(lane_step)(
-          carries, totals, *inputs
-      )
-      if table is not None:
-        c, _, v, _, l = inputs
-        rows = jnp.where(l & v, c, num_clients)  # out of range: dropped
-        table = jax.tree.map(
-            lambda t, m: t.at[rows].set(m, mode="drop"),
-            table,
-            local.personal(carries),
+      carries, total, table, loss_sum, count = state
+      c, k, v, f, l = inputs
+
+      def start(lane, carries):
+        fresh = local.init(params, key_of(c[lane]))
+        return jax.tree.map(lambda a, u: a.at[lane].set(u), carries, fresh)
+
+      def finish(lane, sums):
+        total, table = sums
+        carry = jax.tree.map(lambda a: a[lane], carries)
+        total = jax.tree.map(
+            lambda t, u: t + weights[c[lane]] * u, total, local.upload(carry)
         )
+        if table is not None:
+          table = jax.tree.map(
+              lambda t, m: t.at[c[lane]].set(m), table, local.personal(carry)
+          )
+        return total, table
+
+      carries = _for_each_lane(f & v, start, carries)
+      x, y, mask = batch(data, perm, c, k, schedule.batch_size, schedule.cycle)
+      mask = mask & v[:, None]
+      keys = jax.vmap(lambda c, k: jax.random.fold_in(key_of(c), k))(c, k)
+      new, losses = jax.vmap(local.step)(carries, x, y, mask, keys)
+      carries = jax.lax.cond(
+          v.all(), lambda: new, lambda: _lanes_where(v, new, carries)
+      )
+      total, table = _for_each_lane(l & v, finish, (total, table))
+      counts = mask.sum(1)
       state = (
           carries,
-          totals,
+          total,
           table,
-          loss_sum + losses.sum(),
+          loss_sum + (losses * counts).sum(),
           count + counts.sum(),
       )
       return state, None
@@ -398,45 +414,30 @@ def round_fn(
     carries = jax.vmap(local.init, in_axes=(None, 0))(
         params, jax.vmap(key_of)(lanes[0][0])
     )
-    totals = jax.tree.map(jnp.zeros_like, jax.vmap(local.upload)(carries))
+    one = local.init(params, key_of(0))
+    total = jax.tree.map(jnp.zeros_like, local.upload(one))
     table = None
-    if personal and not slotted:
+    if local.personal is not None:
       table = jax.tree.map(
           lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype),
-          local.personal(local.init(params, key_of(0))),
+          local.personal(one),
       )
     zero = jnp.zeros((), jnp.float32)
-    state = (carries, totals, table, zero, zero)
-    if slotted:
-
-      def slot(state, inputs):
-        state, _ = jax.lax.scan(body, state, inputs)
-        return state, local.personal(state[0])
-
-      slots = jax.tree.map(
-          lambda a: a.reshape((-1, slot_length) + a.shape[1:]), lanes
-      )
-      state, table = jax.lax.scan(slot, state, slots)  # [slots, L, ...]
-    else:
-      state, _ = jax.lax.scan(body, state, lanes)
-      table = jax.lax.psum(table, federated.CLIENTS)
-    _, totals, _, loss_sum, count = state
-    totals, loss_sum, count = jax.lax.psum(
-        (jax.tree.map(lambda t: t.sum(0), totals), loss_sum, count),
-        federated.CLIENTS,
+    state, _ = jax.lax.scan(
+        body, (carries, total, table, zero, zero), lanes
     )
-    return totals, table, loss_sum / jnp.maximum(count, 1)
+    _, total, table, loss_sum, count = state
+    total, table, loss_sum, count = jax.lax.psum(
+        (total, table, loss_sum, count), federated.CLIENTS
+    )
+    return total, table, loss_sum / jnp.maximum(count, 1)
 
   lane_spec = PartitionSpec(None, federated.CLIENTS)
   mapped = jax.shard_map(
       device_lanes,
       mesh=mesh,
       in_specs=(PartitionSpec(),) * 4 + (lane_spec,) * 5,
-      out_specs=(
-          PartitionSpec(),
-          lane_spec if slotted else PartitionSpec(),
-          PartitionSpec(),
-      ),
+      out_specs=(PartitionSpec(),) * 3,
       check_vma=False,
   )
   trained = jnp.asarray(trained)
@@ -445,14 +446,10 @@ def round_fn(
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
     perm = permutations(perm_root, data.size, data.x.shape[0])
-    totals, table, loss = mapped(params, data, perm, client_root, *lanes)
-    upload = jax.tree.map(lambda t: t / total_weight, totals)
+    total, table, loss = mapped(params, data, perm, client_root, *lanes)
+    upload = jax.tree.map(lambda t: t / total_weight, total)
     models = None
-    if personal:  # clients without data keep the server model
-      if slotted:
-        table = jax.tree.map(
-            lambda t: t.reshape((-1,) + t.shape[2:])[position], table
-        )
+    if local.personal is not None:  # clients without data keep the server's
       server = local.personal(local.init(params, client_root))
       models = jax.tree.map(
           lambda t, g: jnp.where(trained.reshape((-1,) + (1,) * g.ndim), t, g),
@@ -470,7 +467,9 @@ def loop_round(
     weights: np.ndarray,
 ):
   """The same round as `round_fn`, one client after the other, one jitted
-  step call per local step (how most simulators run clients).
+  step call per local step (how most simulators run clients). Each call
+  takes the client's batch from the device data and adds its loss to the
+  running sums on the device, so a step costs one dispatch.
 
   Returns:
     (server model, data, round key) -> RoundOutput.
@@ -479,12 +478,13 @@ def loop_round(
   total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
 
   @jax.jit
-  def step(carry, data, perm, c, k, key):
+  def step(carry, sums, data, perm, c, k, key):
     x, y, mask = client_batch(
         data, perm, c, k, schedule.batch_size, schedule.cycle
     )
     new, loss = local.step(carry, x, y, mask, jax.random.fold_in(key, k))
-    return new, loss * mask.sum(), mask.sum()
+    n = mask.sum()
+    return new, (sums[0] + loss * n, sums[1] + n)
 
   init = jax.jit(local.init)
   upload = jax.jit(local.upload)
@@ -493,13 +493,13 @@ def loop_round(
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)
     perm = perms(perm_root, data.size, data.x.shape[0])
-    total, personal, loss_sum, count = None, [], 0.0, 0.0
+    total, personal = None, []
+    sums = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     for c in range(data.num_clients):
       key = jax.random.fold_in(client_root, c)
       carry = init(params, key)
       for k in range(schedule.steps[c]):
-        carry, loss, n = step(carry, data, perm, c, k, key)
-        loss_sum, count = loss_sum + loss, count + n
+        carry, sums = step(carry, sums, data, perm, c, k, key)
       if local.personal is not None:
         personal.append(local.personal(carry))
       if schedule.steps[c]:
@@ -508,6 +508,7 @@ def loop_round(
     upload_mean = jax.tree.map(lambda t: t / total_weight, total)
     if personal:
       personal = jax.tree.map(lambda *a: jnp.stack(a), *personal)
-    return RoundOutput(upload_mean, personal or None, loss_sum / max(count, 1))
+    loss = sums[0] / jnp.maximum(sums[1], 1)
+    return RoundOutput(upload_mean, personal or None, loss)
 
   return run

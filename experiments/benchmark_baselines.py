@@ -5,11 +5,10 @@ r"""One baseline round in lanes against a sequential loop over the clients.
       --data_dir=../shared/data
 
 MNIST-MLP, 100 clients, Dirichlet 0.1, batch 20. FedAvg: one local epoch
-over each client's data (packed lanes, `baselines.local.make_schedule`);
-pFedMe: K = 5 inner steps, R = 20 local steps per client (one client per
-lane). The loop is `baselines.local.loop_round`: the same jitted client step
-called once per local step, client after client, as most simulators run
-clients. Each is compiled once, then all are timed `--repeats` times
+over each client's data; pFedMe: K = 5 inner steps, R = 20 local steps
+per client; both in packed lanes (`baselines.local.make_schedule`). The loop
+is `baselines.local.loop_round`: the same jitted client step called once per
+local step, client after client, as most simulators run clients. Each is compiled once, then all are timed `--repeats` times
 interleaved (so they see the same machine load) on the same round key;
 prints the medians and the loop's median over each (targets: FedAvg >= 2x,
 pFedMe >= 4x). `--lanes=2,8,100` times several lane counts side by side. `--output`
