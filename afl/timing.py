@@ -11,6 +11,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -53,3 +54,23 @@ def timed(fn) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn())
   return time.perf_counter() - start
+
+
+def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict, float]:
+  """Runs every `fns[name]()` once (compiling it), then times them all
+  `repeats` times interleaved, so that each sees the same machine load.
+
+  Returns:
+    ({name: median seconds}, {name: [seconds of each repeat]}, seconds of
+    the first, compiling, runs).
+  """
+  start = time.perf_counter()
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  warmup = time.perf_counter() - start
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      times[name].append(timed(fn))
+  medians = {name: float(np.median(t)) for name, t in times.items()}
+  return medians, times, warmup

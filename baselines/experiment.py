@@ -299,6 +299,46 @@ def prepare(
   return Prepared(split, model, x, mesh, train_blocks, test_blocks, data)
 
 
+def run_results(
+    config: ml_collections.ConfigDict,
+    best: tuple[float, int],
+    accuracy,
+    rounds: list,
+    train_sizes: np.ndarray,
+    mesh,
+    times: dict,
+) -> dict:
+  """The results.json fields every iterative run shares (the baselines,
+  meta-FL and PersA-FL): what was trained, its accuracies (best over the
+  tested rounds, last, per client) and the per-round records, the times
+  (`times`: wall_time_s, compile_time_s, data_time_s, eval_time_s), memory
+  and the config."""
+  return {
+      "dataset": config.dataset,
+      "model": config.model,
+      "num_clients": int(len(train_sizes)),
+      "seed": config.seed,
+      "accuracy": best[0],
+      "best_accuracy": best[0],
+      "best_round": best[1],
+      "last_accuracy": accuracy.overall,
+      "accuracy_per_round": [r.get("accuracy") for r in rounds],
+      "train_loss_per_round": [r.get("train_loss") for r in rounds],
+      "per_client_accuracy": [
+          None if np.isnan(a) else float(a) for a in accuracy.per_client
+      ],
+      "per_client_test_samples": accuracy.count.tolist(),
+      "per_client_train_samples": train_sizes.tolist(),
+      "rounds": rounds,
+      **times,
+      "peak_memory_gb": afl_experiment.peak_memory_gb(),
+      "num_devices": mesh.size,
+      "params_file": "params.msgpack",
+      "jax_version": jax.__version__,
+      "config": config.to_dict(),
+  }
+
+
 def run_experiment(
     config: ml_collections.ConfigDict,
     output_dir,
@@ -452,22 +492,20 @@ def run_experiment(
   )
   results = {
       "algorithm": config.algorithm,
-      "dataset": config.dataset,
-      "model": config.model,
-      "num_clients": config.num_clients,
-      "seed": config.seed,
-      "accuracy": best[0],
-      "best_accuracy": best[0],
-      "best_round": best[1],
-      "last_accuracy": accuracy.overall,
-      "accuracy_per_round": [r.get("accuracy") for r in rounds],
-      "train_loss_per_round": [r.get("train_loss") for r in rounds],
-      "per_client_accuracy": [
-          None if np.isnan(a) else float(a) for a in accuracy.per_client
-      ],
-      "per_client_test_samples": accuracy.count.tolist(),
-      "per_client_train_samples": sizes.tolist(),
-      "rounds": rounds,
+      **run_results(
+          config,
+          best,
+          accuracy,
+          rounds,
+          sizes,
+          mesh,
+          dict(
+              wall_time_s=train_time,
+              compile_time_s=compile_time,
+              data_time_s=data_time,
+              eval_time_s=eval_time,
+          ),
+      ),
       "client_work": {
           "steps": schedule.steps.tolist(),
           "samples": work.num_samples.tolist(),
@@ -483,15 +521,6 @@ def run_experiment(
           "busy": float(schedule.valid.mean()),
       },
       "timing": clock.summary(),
-      "wall_time_s": train_time,
-      "compile_time_s": compile_time,
-      "data_time_s": data_time,
-      "eval_time_s": eval_time,
-      "peak_memory_gb": afl_experiment.peak_memory_gb(),
-      "num_devices": mesh.size,
-      "params_file": "params.msgpack",
-      "jax_version": jax.__version__,
-      "config": config.to_dict(),
   }
   afl_experiment._write_atomically(  # pylint: disable=protected-access
       results_path, json.dumps(results, indent=2).encode("utf-8")

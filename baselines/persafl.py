@@ -559,23 +559,21 @@ def run_experiment(
       "algorithm": "persafl",
       "personalization": config.personalization,
       "max_staleness": config.max_staleness,
-      "dataset": config.dataset,
-      "model": config.model,
-      "num_clients": num_clients,
-      "seed": config.seed,
-      "accuracy": best[0],
-      "best_accuracy": best[0],
-      "best_round": best[1],
-      "last_accuracy": accuracy.overall,
-      "accuracy_per_round": [r.get("accuracy") for r in rounds],
+      **baselines_experiment.run_results(
+          config,
+          best,
+          accuracy,
+          rounds,
+          sizes,
+          mesh,
+          dict(
+              wall_time_s=train_time,
+              compile_time_s=compile_time,
+              data_time_s=data_time,
+              eval_time_s=eval_time,
+          ),
+      ),
       "time_per_round_s": [r["time_s"] for r in rounds],
-      "train_loss_per_round": [r.get("train_loss") for r in rounds],
-      "per_client_accuracy": [
-          None if np.isnan(a) else float(a) for a in accuracy.per_client
-      ],
-      "per_client_test_samples": accuracy.count.tolist(),
-      "per_client_train_samples": sizes.tolist(),
-      "rounds": rounds,
       "timing": {
           "asynchronous": True,
           "makespan_s": float(trace.time_s[-1]),
@@ -605,15 +603,6 @@ def run_experiment(
           "latency_s": clock.profiles.latency_s.tolist(),
           "calibration": clock.cost_model.calibration._asdict(),
       },
-      "wall_time_s": train_time,
-      "compile_time_s": compile_time,
-      "data_time_s": data_time,
-      "eval_time_s": eval_time,
-      "peak_memory_gb": afl_experiment.peak_memory_gb(),
-      "num_devices": mesh.size,
-      "params_file": "params.msgpack",
-      "jax_version": jax.__version__,
-      "config": config.to_dict(),
   }
   afl_experiment._write_atomically(  # pylint: disable=protected-access
       results_path, json.dumps(results, indent=2).encode("utf-8")

@@ -16,7 +16,6 @@ also writes the numbers as JSON.
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -98,17 +97,13 @@ def main(argv):
   schedule = next(iter(schedules.values()))
   rounds["loop"] = local_lib.loop_round(baseline.local, schedule, sizes)
   key = jax.random.key(1)
-  compile_start = time.perf_counter()
-  for fn in rounds.values():
-    jax.block_until_ready(fn(params, data, key).upload)
-  warmup = time.perf_counter() - compile_start
-  times = {name: [] for name in rounds}
-  for _ in range(FLAGS.repeats):
-    for name, fn in rounds.items():
-      times[name].append(
-          timing.timed(lambda fn=fn: fn(params, data, key).upload)
-      )
-  medians = {name: float(np.median(t)) for name, t in times.items()}
+  medians, times, warmup = timing.interleaved_medians(
+      {
+          name: lambda fn=fn: fn(params, data, key).upload
+          for name, fn in rounds.items()
+      },
+      FLAGS.repeats,
+  )
   speedups = {name: medians["loop"] / m for name, m in medians.items()}
   steps = int(schedule.steps.sum())
   print(

@@ -41,7 +41,6 @@ step and was 1.4-2x slower (README "Meta-FL and PersA-FL").
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -127,17 +126,13 @@ def main(argv):
     )
     rounds[name] = local_lib.round_fn(local, schedule, sizes, mesh)
     targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1
-  compile_start = time.perf_counter()
-  for fn in rounds.values():
-    jax.block_until_ready(fn(params, data, key).upload)
-  warmup = time.perf_counter() - compile_start
-  times = {name: [] for name in rounds}
-  for _ in range(FLAGS.repeats):
-    for name, fn in rounds.items():
-      times[name].append(
-          timing.timed(lambda fn=fn: fn(params, data, key).upload)
-      )
-  medians = {name: float(np.median(t)) for name, t in times.items()}
+  medians, times, warmup = timing.interleaved_medians(
+      {
+          name: lambda fn=fn: fn(params, data, key).upload
+          for name, fn in rounds.items()
+      },
+      FLAGS.repeats,
+  )
   ratios = {name: m / medians["fedavg"] for name, m in medians.items()}
   flop_ratios = {name: f / flops["fedavg"] for name, f in flops.items()}
   per_sample = {
