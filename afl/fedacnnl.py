@@ -190,9 +190,7 @@ def fedacnnl(
   ):
     def finalize(stats, segment, args):
       reg, prior = args
-      return solve.ridge_solve(
-          stats.full_gram(), stats.labels(), reg, prior[segment]
-      )
+      return solve.segment_solve(stats, reg, prior[segment])
 
     return segment_sums(
         layer,

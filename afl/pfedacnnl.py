@@ -40,8 +40,6 @@ from sklearn import cluster
 from afl import fedacnnl
 from afl import federated
 
-DEFAULT_MEMORY_BUDGET = 2**30  # bytes of per-client float64 Grams at once
-
 
 def encoded_label_vectors(
     label_counts: np.ndarray, label_encoding: np.ndarray
