@@ -549,3 +549,142 @@ def segment_sum(
       in_specs=(PartitionSpec(),) + (blocks,) * 5 + (PartitionSpec(),),
       out_specs=PartitionSpec(),
   )(params, data.x, data.y, data.mask, param_index, segment_index, finalize_args)
+
+
+def segment_apply(
+    fn,
+    params,
+    data: FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    num_segments: int,
+    mesh: Mesh,
+    max_blocks: int,
+    fn_args=(),
+):
+  """Applies `fn` to all of a segment's data at once, for small segments.
+
+  The companion of `segment_sum` for what is not a sum over blocks (the dual
+  form of a client's ridge solve needs its rows together). Each device
+  takes the segments that lie wholly inside its part of the block axis (all
+  but its first and last, which may go on on a neighbour) and span at most
+  `max_blocks` blocks; one at a time (a while loop over just those), it
+  slices the segment's blocks into one batch of a static size (1 ..
+  max_blocks blocks, chosen at run time, the extra blocks masked out) and
+  calls `fn` on it. Each segment's blocks must lie next to each other and
+  use one model (as `federate` lays out clients).
+
+  Args:
+    fn: (params, x [m * B, ...], y [m * B], mask [m * B], segment,
+      fn_args) -> pytree; masked rows are zero in x and must not count.
+    params, data, param_index, segment_index, num_segments, mesh: as for
+      `segment_sum`.
+    max_blocks: the largest segment taken, in blocks.
+    fn_args: a pytree that fn reads, replicated.
+
+  Returns:
+    (fn's pytree stacked [S, ...], zeros for the segments not taken,
+    replicated; [num_blocks] bool, True on the blocks of the segments
+    taken, sharded like the blocks).
+  """
+  param_index = jnp.asarray(param_index, jnp.int32)
+  segment_index = jnp.asarray(segment_index, jnp.int32)
+  sizes = tuple(range(1, max_blocks + 1))
+  out_shapes = jax.eval_shape(
+      lambda p, x, y, m: fn(
+          p,
+          x.reshape((-1,) + x.shape[2:]),
+          y.reshape(-1),
+          m.reshape(-1),
+          0,
+          fn_args,
+      ),
+      _take(params, 0),
+      data.x[:1],
+      data.y[:1],
+      data.mask[:1],
+  )
+
+  def local(params, x, y, mask, param_index, segment_index, fn_args):
+    num = x.shape[0]
+    position = jnp.arange(num, dtype=jnp.int32)
+    counts = mask.any(axis=1) & (segment_index >= 0)
+    segment = jnp.where(counts, segment_index, -1)
+    previous = jnp.concatenate([jnp.array([-1], jnp.int32), segment[:-1]])
+    following = jnp.append(segment[1:], -1)
+    starts = counts & (segment != previous)
+    ends = counts & (segment != following)
+    # Blocks of the run that begins at each start: the next end from there.
+    end_at = jax.lax.cummin(jnp.where(ends, position, num), reverse=True)
+    length = end_at - position + 1
+    # The device's first and last segments may go on on a neighbour.
+    first = segment[jnp.minimum(jnp.min(jnp.where(counts, position, num)), num - 1)]
+    last = segment[jnp.maximum(jnp.max(jnp.where(counts, position, -1)), 0)]
+    take = (
+        starts
+        & (length <= max_blocks)
+        & (segment != first)
+        & (segment != last)
+    )
+    chosen = jnp.nonzero(take, size=num, fill_value=num)[0]
+    acc = jax.tree.map(
+        lambda s: jax.lax.pcast(
+            jnp.zeros((num_segments,) + s.shape, s.dtype), CLIENTS, to="varying"
+        ),
+        out_shapes,
+    )
+
+    def branch(blocks):
+      def apply(start):
+        n = length[start]
+        begin = jnp.minimum(start, num - blocks)  # dynamic_slice would clamp
+        inside = (begin + jnp.arange(blocks) >= start) & (
+            begin + jnp.arange(blocks) < start + n
+        )
+        x_, y_, mask_ = (
+            jax.lax.dynamic_slice_in_dim(a, begin, blocks)
+            for a in (x, y, mask)
+        )
+        mask_ = mask_ & inside[:, None]
+        x_ = x_ * mask_.reshape(mask_.shape + (1,) * (x_.ndim - 2))
+        return fn(
+            _take(params, param_index[start]),
+            x_.reshape((-1,) + x_.shape[2:]),
+            (y_ * mask_).reshape(-1),
+            mask_.reshape(-1),
+            segment[start],
+            fn_args,
+        )
+
+      return apply
+
+    def body(j, acc):
+      start = chosen[j]
+      out = jax.lax.switch(
+          length[start] - 1, [branch(b) for b in sizes], start
+      )
+      return jax.tree.map(
+          lambda total, value: jax.lax.dynamic_update_index_in_dim(
+              total, value.astype(total.dtype), segment[start], 0
+          ),
+          acc,
+          out,
+      )
+
+    acc = jax.lax.fori_loop(0, take.sum(), body, acc)
+    # A block is taken with its run: mark the runs that begin at a take.
+    taken_start = jax.lax.cummax(jnp.where(take, position, -1))
+    taken = (
+        counts
+        & (taken_start >= 0)
+        & (position <= end_at[jnp.maximum(taken_start, 0)])
+    )
+    return jax.lax.psum(acc, CLIENTS), taken
+
+  blocks = PartitionSpec(CLIENTS)
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(PartitionSpec(),) + (blocks,) * 5 + (PartitionSpec(),),
+      out_specs=(PartitionSpec(), blocks),
+  )(params, data.x, data.y, data.mask, param_index, segment_index, fn_args)

@@ -25,6 +25,10 @@ distances between the label distributions p_i.
 Memory: a client's d x d statistics exist only while they are formed: each
 client's are solved (eq. 13) as soon as its blocks are summed
 (`federated.segment_sum`'s finalize), and only the d x d_y solution is kept.
+A client with fewer rows than half the layer's width is solved in the dual
+form, P + X^T (X X^T + eps I)^-1 (Y - X P), an n x n system
+(`solve.dual_solve`): on MNIST's first layer (d = 785, blocks of 128) the
+clients of at most 384 samples, 44 of 100 under Dirichlet(0.1).
 All clients personalize in one pass over the data per layer, with memory
 O(devices d^2 + C d d_y), never O(C d^2).
 """

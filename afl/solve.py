@@ -68,6 +68,36 @@ def segment_solve(
   return _solve(lambda s: (s.full_gram(), s.labels()), stats, reg, prior)
 
 
+def dual_solve(
+    rows: jax.Array, labels: jax.Array, reg: float, prior: jax.Array
+) -> jax.Array:
+  """eq. 13 in its dual (kernel) form, for a client with fewer rows than
+  features:
+
+    (X^T X + reg I)^-1 (X^T Y + reg P) = P + X^T (X X^T + reg I)^-1 (Y - X P)
+
+  (push-through identity, (X^T X + reg I)^-1 X^T = X^T (X X^T + reg I)^-1).
+  An n x n system instead of d x d: for n << d both the products (n^2 d
+  instead of n d^2) and the factorization (n^3 instead of d^3) shrink.
+  The kernel's trace is the gram's, so `ridge_solve` picks the same
+  precision.
+
+  Args:
+    rows: [n, d] design rows X with the bias column; zero rows (padding)
+      drop out.
+    labels: [n, k] Y (one-hot rows), zero where rows are.
+    reg: eps (> 0).
+    prior: [d, k] float64, P.
+
+  Returns:
+    [d, k] float64.
+  """
+  kernel = (rows @ rows.T).astype(jnp.float64)
+  wide = rows.astype(jnp.float64)
+  residual = labels.astype(jnp.float64) - wide @ prior
+  return prior + wide.T @ ridge_solve(kernel, residual, reg)
+
+
 def _solve(assemble, system, reg, prior):
   """ridge_solve of the (gram, cross) that `assemble(system)` gives."""
 

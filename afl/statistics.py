@@ -119,6 +119,19 @@ def block_statistics(
   )
 
 
+def design_shape(
+    model: models.LayerwiseNet, layer: int, params, data: federated.FederatedData
+) -> tuple[int, int, int]:
+  """(block size, design rows per sample, d - 1) of layer `layer`'s rows."""
+  return jax.eval_shape(
+      lambda p, x: layers.design_rows(
+          model.stages[layer].layer, model.apply(p, x, upto=layer), None
+      ),
+      jax.tree.map(lambda a: a[0], params),
+      data.x[0],
+  ).shape
+
+
 def segment_statistics(
     model: models.LayerwiseNet,
     layer: int,
@@ -161,14 +174,7 @@ def segment_statistics(
   block_fn = functools.partial(
       block_statistics, model, layer, num_classes=num_classes, dtype=dtype
   )
-  rows = jax.eval_shape(
-      lambda p, x: layers.design_rows(
-          model.stages[layer].layer, model.apply(p, x, upto=layer), None
-      ),
-      jax.tree.map(lambda a: a[0], params),
-      data.x[0],
-  )
-  positions = rows.shape[1]  # design rows per sample
+  positions = design_shape(model, layer, params, data)[1]
   return federated.segment_sum(
       block_fn,
       params,

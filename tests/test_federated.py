@@ -462,3 +462,73 @@ def test_finalize_sees_each_segments_complete_sum(
       ),
       rtol=1e-12,
   )
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("max_blocks", [1, 3])
+def test_segment_apply_sees_each_small_interior_segment_whole(
+    samples, devices, max_blocks
+):
+  """fn gets all of a client's rows at once; only small clients that lie
+  inside one device (not its first or last) are taken, and marked."""
+  x, y, clients, layouts = samples
+  data, mesh = layouts[devices]
+  num_clients = len(clients)
+  offsets = jnp.arange(num_clients, dtype=jnp.float64) * 10
+
+  def whole(params, x, y, mask, segment, offsets):
+    rows = (x * mask[:, None]).astype(jnp.float64)
+    return {
+        "squares": (params["scale"] * rows.sum(0)) ** 2 + offsets[segment],
+        "count": mask.sum().astype(jnp.float64),
+        "label_sum": (y * mask).sum().astype(jnp.float64),
+    }
+
+  got, taken = jax.jit(
+      federated.segment_apply, static_argnums=(0, 5, 6, 7)
+  )(
+      whole,
+      stacked_scales(0.5),
+      data,
+      jnp.zeros_like(data.client),
+      data.client,
+      num_clients,
+      mesh,
+      max_blocks,
+      offsets,
+  )
+  # Which clients are taken, from the layout: whole on one device, not its
+  # first or last client, at most max_blocks blocks.
+  owner = np.asarray(data.client)
+  real = np.asarray(data.mask).any(1)
+  device = np.arange(data.num_blocks) // (data.num_blocks // mesh.size)
+  expected = np.zeros(num_clients, bool)
+  for i in range(num_clients):
+    where = np.flatnonzero(real & (owner == i))
+    if not len(where) or len(where) > max_blocks:
+      continue
+    on = device[where]
+    mine = np.flatnonzero(real & (device == on[0]))
+    ends = {owner[mine[0]], owner[mine[-1]]}
+    expected[i] = (on == on[0]).all() and i not in ends
+  assert expected.any() and not expected.all()
+  np.testing.assert_array_equal(
+      np.asarray(taken), real & expected[owner]
+  )
+  sums = numpy_sums(
+      x, y, clients, [0.5] * num_clients, range(num_clients), num_clients
+  )
+  np.testing.assert_array_equal(
+      got["squares"],
+      np.where(
+          expected[:, None],
+          sums["sum"] ** 2 + np.asarray(offsets)[:, None],
+          0.0,
+      ),
+  )
+  np.testing.assert_array_equal(
+      got["count"], np.where(expected, sums["count"], 0)
+  )
+  np.testing.assert_array_equal(
+      got["label_sum"], np.where(expected, sums["label_sum"], 0)
+  )

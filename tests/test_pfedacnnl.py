@@ -199,3 +199,61 @@ def test_bad_settings_are_rejected(synthetic):
         np.zeros(len(clients), np.int32),
         eps=0.0,
     )
+
+
+def test_small_clients_dual_form_equals_their_primal_solve(mnist, monkeypatch):
+  """eq. 13 through X X^T for clients of at most d / 2 rows equals the
+  d x d solve, on every layer, with clients straddling devices."""
+  x, y, _ = mnist
+  sizes = [300, 40, 20, 500, 90, 10, 130, 60, 700, 50, 5, 400, 30]
+  clients = np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])
+  model = models.mlp(10)
+  mesh = federated.client_mesh()  # 8 devices
+  data = federated.shard(
+      federated.federate(x, y, clients, 16, num_shards=mesh.size), mesh
+  )
+  groups = np.zeros(len(clients), np.int32)
+  solved = []
+  for max_blocks in (fedacnnl.MAX_DUAL_BLOCKS, 0):  # dual where it fits; never
+    monkeypatch.setattr(fedacnnl, "MAX_DUAL_BLOCKS", max_blocks)
+    algorithm = fedacnnl.fedacnnl(
+        model,
+        num_classes=10,
+        input_shape=x.shape[1:],
+        mesh=mesh,
+        gamma=GAMMA,
+        statistics_dtype="float64",
+    )
+    meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
+    params = jax.tree.map(lambda a: a[groups], meta.params)
+    solved.append([
+        algorithm.client_solve(
+            layer,
+            params,
+            data,
+            data.client,
+            data.client,
+            len(clients),
+            EPS,
+            meta.solutions[layer][groups],
+        )
+        for layer in range(algorithm.num_layers)
+    ])
+  for dual, primal in zip(*solved):
+    # Both are mixed-precision solves (float32 factorizations refined once).
+    assert reference.relative_error(dual, primal) < 1e-7
+  # Some clients did take the dual form: at most 8 blocks of 16 rows on the
+  # first layer (d = 785), inside one device.
+  taken = jax.jit(
+      federated.segment_apply, static_argnums=(0, 5, 6, 7)
+  )(
+      lambda p, x, y, m, s, a: m.sum(),
+      params,
+      data,
+      data.client,
+      data.client,
+      len(clients),
+      mesh,
+      8,
+  )[0]
+  assert 0 < int((taken > 0).sum()) < len(clients)

@@ -58,3 +58,23 @@ def test_mixed_precision_runs_inside_jit_and_map():
   for a, out in zip(np.asarray(grams), np.asarray(got)):
     want = np.linalg.solve(a + 1e3 * np.eye(30), cross + 1e3 * prior)
     assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-10
+
+
+def test_dual_form_equals_eq_13_and_ignores_zero_rows():
+  """P + X^T (X X^T + eps I)^-1 (Y - X P) is eq. 13's solution; padding
+  rows (zero in X and Y) change nothing."""
+  rng = np.random.default_rng(3)
+  rows = rng.standard_normal((30, 100))
+  labels = np.eye(10)[rng.integers(0, 10, 30)]
+  prior = rng.standard_normal((100, 10))
+  eps = 25.0
+  want = np.linalg.solve(
+      rows.T @ rows + eps * np.eye(100), rows.T @ labels + eps * prior
+  )
+  padded = np.zeros((48, 100))
+  padded[5:35] = rows
+  padded_labels = np.zeros((48, 10))
+  padded_labels[5:35] = labels
+  for x, y in ((rows, labels), (padded, padded_labels)):
+    got = solve.dual_solve(jnp.asarray(x), jnp.asarray(y), eps, prior)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
