@@ -315,9 +315,10 @@ def segment_sum(
   traffic of a float64 sum), which is then added to the segment's float64
   sum; this bounds the float32 rounding by that of 8 full steps (measured
   1.3e-7 relative on MNIST's grams). A step touches nothing but its product
-  and the running sum: the segment's sum and the [S, ...] results change
-  once per chunk, outside any conditional over large arrays, which XLA would
-  copy every time. (A vmap over the blocks of a step was measured 2-4x
+  and the running sum; the segment's sum changes once per chunk, and the
+  [S, ...] results once per segment (a loop over a device's segments, each
+  summed by a loop over its chunks), with no conditional over large arrays,
+  which XLA would copy every time. (A vmap over the blocks of a step was measured 2-4x
   slower than this loop on CPU: XLA's batched small dots are slow there.)
 
   With `finalize`, what is kept of a segment is finalize(its sum), computed
@@ -453,56 +454,51 @@ def segment_sum(
       return jax.tree.map(add_leaf, acc, value)
 
     # The device's first segment (it may have begun on the device before)
-    # and its last (it may go on after) are edges; every segment in between
-    # is complete here and is kept as soon as the next one begins.
+    # and its last (it may go on after) are edges, summed but not kept here;
+    # every segment in between is complete here: it is summed, kept
+    # (finalized) and written once, with no conditional over large arrays.
     first_id = segment_at[next_[0]]
+    last_block = jnp.max(jnp.where(counts, position, -1))
+    last_id = segment_at[jnp.where(last_block >= 0, last_block, num)]
+    # The last run (of last_id) begins after the last block of another
+    # segment; if that is the first run, there is no separate last edge.
+    other = jnp.max(jnp.where(counts & (segment_index != last_id), position, -1))
+    tail = next_[other + 1]
+    last_id = jnp.where(tail > next_[0], last_id, -1)
 
-    def first_chunk(carry):
-      index, total = carry
-      index, running = chunk(next_[index])
-      return index, jax.tree.map(jnp.add, total, running)
+    def segment_total(index, segment):
+      """Sums the segment's blocks from `index` on (a run that counts).
 
-    index, first = jax.lax.while_loop(
-        lambda carry: (segment_at[next_[carry[0]]] == first_id)
-        & (first_id >= 0),
-        first_chunk,
-        (
-            jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying"),
-            varying_zeros(sum_shapes),
-        ),
-    )
+      Returns (the block after them, their float64 sum).
+      """
 
-    def middle_chunk(carry):
-      index, acc, total, current = carry
-      index = next_[index]
-      segment = segment_index[index]
-      index, running = chunk(index)
-      change = segment != current
-      done = change & (current >= 0)
-      if finalize is None:
-        value = jax.tree.map(lambda t: jnp.where(done, t, 0), total)
-      else:
-        value = jax.lax.cond(
-            done,
-            lambda: finalize(total, current, finalize_args),
-            lambda: varying_zeros(kept_shapes),
-        )
-      acc = write(acc, value, jnp.maximum(current, 0))
-      total = jax.tree.map(
-          lambda t, r: jnp.where(change, r, t + r), total, running
+      def more(carry):
+        index, total = carry
+        index, running = chunk(next_[index])
+        return index, jax.tree.map(jnp.add, total, running)
+
+      return jax.lax.while_loop(
+          lambda carry: segment_at[next_[carry[0]]] == segment,
+          more,
+          (index, varying_zeros(sum_shapes)),
       )
-      return index, acc, total, segment
 
-    _, acc, last, last_id = jax.lax.while_loop(
-        lambda carry: next_[carry[0]] < num,
-        middle_chunk,
-        (
-            index,
-            varying_zeros(kept_shapes, (num_segments,)),
-            varying_zeros(sum_shapes),
-            jax.lax.pcast(jnp.int32(-1), CLIENTS, to="varying"),
-        ),
+    zero = jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying")
+    index, first = segment_total(zero, jnp.where(first_id >= 0, first_id, -2))
+
+    def middle_segment(carry):
+      index, acc = carry
+      segment = segment_at[next_[index]]
+      index, total = segment_total(index, segment)
+      kept = finalize(total, segment, finalize_args) if finalize else total
+      return index, write(acc, kept, segment)
+
+    index, acc = jax.lax.while_loop(
+        lambda carry: next_[carry[0]] < tail,
+        middle_segment,
+        (index, varying_zeros(kept_shapes, (num_segments,))),
     )
+    _, last = segment_total(index, jnp.where(last_id >= 0, last_id, -2))
     if finalize is None:
       for edge, edge_id in ((first, first_id), (last, last_id)):
         acc = write(
