@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from afl import solve
+from afl import statistics
 
 
 def _system(n, d, k, seed=0):
@@ -77,4 +78,28 @@ def test_dual_form_equals_eq_13_and_ignores_zero_rows():
   padded_labels[5:35] = labels
   for x, y in ((rows, labels), (padded, padded_labels)):
     got = solve.dual_solve(jnp.asarray(x), jnp.asarray(y), eps, prior)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_statistics_are_solved_like_their_assembled_gram():
+  """segment_solve assembles G and X^T Y from the segment's sums, in both
+  precisions."""
+  rng = np.random.default_rng(4)
+  rows = rng.standard_normal((300, 40))
+  labels = rng.integers(0, 10, 300)
+  onehot = np.eye(10)[labels]
+  stats = statistics.Statistics(
+      jnp.asarray(rows.T @ rows),
+      jnp.asarray(rows.T @ onehot),
+      jnp.asarray(onehot.sum(0)),
+  )
+  prior = rng.standard_normal((41, 10))
+  gram = np.block([  # with the bias row and column
+      [rows.T @ rows, rows.sum(0)[:, None]],
+      [rows.sum(0)[None], np.full((1, 1), 300.0)],
+  ])
+  cross = np.concatenate([rows.T @ onehot, onehot.sum(0)[None]])
+  for reg in (2500.0, 1.0):  # float32 refined, float64 direct
+    want = np.linalg.solve(gram + reg * np.eye(41), cross + reg * prior)
+    got = solve.segment_solve(stats, reg, prior)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
