@@ -12,9 +12,7 @@ perturbations are drawn at once and the perturbed losses evaluated with one
       forward:  g = 1 / (K sigma^2) sum_k (f(x + delta_k) - f(x)) delta_k,
       central:  g = 1 / (2 K sigma^2) sum_k (f(x + delta_k) - f(x - delta_k))
                 delta_k.
-  BAFFLE's difference sums are additive over samples, so a client can
-  accumulate them batch by batch (`gaussian_differences`) and combine them
-  once (`stein_gradient`); `gaussian_gradient` does both on one batch.
+  f is a batch's mean loss, as in the authors' code.
 
 pFedZO uses the sphere estimate inside pFedMe's inner problem.
 
@@ -84,40 +82,6 @@ def sphere_gradient(
   return loss, unravel(scale * (perturbed - loss) @ directions)
 
 
-def gaussian_perturbations(
-    key: jax.Array, num: int, dim: int, sigma: float
-) -> jax.Array:
-  """[num, dim] BAFFLE perturbations delta_k ~ N(0, sigma^2 I)."""
-  return sigma * normal(key, num, dim)
-
-
-def gaussian_differences(
-    loss_fn: LossFn, params, perturbations: jax.Array, central: bool
-) -> jax.Array:
-  """[K] loss differences f(x + delta_k) - f(x) (forward) or
-  f(x + delta_k) - f(x - delta_k) (central); additive over samples when
-  loss_fn is a sum."""
-  flat, unravel = ravel_pytree(params)
-  plus = jax.vmap(lambda p: loss_fn(unravel(flat + p)))(perturbations)
-  if central:
-    return plus - jax.vmap(lambda p: loss_fn(unravel(flat - p)))(perturbations)
-  return plus - loss_fn(params)
-
-
-def stein_gradient(
-    differences: jax.Array,
-    perturbations: jax.Array,
-    sigma: float,
-    central: bool,
-    like,
-):
-  """Stein's-identity estimate from `gaussian_differences`, shaped like
-  the pytree `like`."""
-  scale = 1.0 / (perturbations.shape[0] * sigma**2 * (2.0 if central else 1.0))
-  _, unravel = ravel_pytree(like)
-  return unravel(scale * differences @ perturbations)
-
-
 def gaussian_gradient(
     loss_fn: LossFn,
     params,
@@ -126,15 +90,19 @@ def gaussian_gradient(
     num_perturbations: int,
     central: bool = False,
 ):
-  """BAFFLE's estimate of grad loss_fn(params) on one batch.
+  """BAFFLE's estimate of grad loss_fn(params) from K = num_perturbations
+  perturbations delta_k ~ N(0, sigma^2 I), forward or central differences.
 
   Returns:
     (loss_fn(params), estimate with the structure of params).
   """
-  flat, _ = ravel_pytree(params)
-  perturbations = gaussian_perturbations(
-      key, num_perturbations, flat.size, sigma
-  )
-  differences = gaussian_differences(loss_fn, params, perturbations, central)
-  estimate = stein_gradient(differences, perturbations, sigma, central, params)
-  return loss_fn(params), estimate
+  flat, unravel = ravel_pytree(params)
+  deltas = sigma * normal(key, num_perturbations, flat.size)  # [K, d]
+  loss = loss_fn(params)
+  plus = jax.vmap(lambda p: loss_fn(unravel(flat + p)))(deltas)  # [K]
+  if central:
+    differences = plus - jax.vmap(lambda p: loss_fn(unravel(flat - p)))(deltas)
+  else:
+    differences = plus - loss
+  scale = 1.0 / (num_perturbations * sigma**2 * (2.0 if central else 1.0))
+  return loss, unravel(scale * differences @ deltas)

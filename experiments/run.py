@@ -142,7 +142,7 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "lr",
     None,
-    "Local (FedAvg, FedZO, pFedMe) or server (BAFFLE) learning rate.",
+    "Local learning rate (BAFFLE: Adam's).",
 )
 flags.DEFINE_float(
     "personal_lr",
