@@ -216,14 +216,7 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist, monkeypatch):
   solved = []
   for max_blocks in (fedacnnl.MAX_DUAL_BLOCKS, 0):  # dual where it fits; never
     monkeypatch.setattr(fedacnnl, "MAX_DUAL_BLOCKS", max_blocks)
-    algorithm = fedacnnl.fedacnnl(
-        model,
-        num_classes=10,
-        input_shape=x.shape[1:],
-        mesh=mesh,
-        gamma=GAMMA,
-        statistics_dtype="float64",
-    )
+    algorithm, _, _ = build(model, x, clients)
     meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
     params = jax.tree.map(lambda a: a[groups], meta.params)
     solved.append([
