@@ -214,8 +214,11 @@ def fedacnnl(
 
       def dual_one(params, x, y, mask, segment, args):
         reg, prior = args
+        # As in `statistics.block_statistics`: raw padding rows are zero.
         rows = layers.design_rows(
-            model.stages[layer].layer, model.apply(params, x, upto=layer), mask
+            model.stages[layer].layer,
+            model.apply(params, x, upto=layer),
+            None if layer == 0 else mask,
         )  # [n, positions, d - 1]
         row_mask = jnp.broadcast_to(mask[:, None], rows.shape[:2]).reshape(-1)
         design = jnp.concatenate(  # X [n * positions, d], bias last

@@ -283,6 +283,20 @@ def _take(tree, index):
   return jax.tree.map(lambda a: a[index], tree)
 
 
+def _edge_segments(counts: jax.Array, segment_index: jax.Array):
+  """The segments of a device's first and last counting blocks (-1 if none
+  counts): the ones that may go on on a neighbouring device."""
+  num = counts.shape[0]
+  position = jnp.arange(num, dtype=jnp.int32)
+  segment_at = jnp.append(segment_index, -1)  # -1 past the end
+  first_block = jnp.min(jnp.where(counts, position, num))
+  last_block = jnp.max(jnp.where(counts, position, -1))
+  return (
+      segment_at[first_block],
+      segment_at[jnp.where(last_block >= 0, last_block, num)],
+  )
+
+
 def segment_sum(
     block_fn,
     params,
@@ -457,9 +471,7 @@ def segment_sum(
     # and its last (it may go on after) are edges, summed but not kept here;
     # every segment in between is complete here: it is summed, kept
     # (finalized) and written once, with no conditional over large arrays.
-    first_id = segment_at[next_[0]]
-    last_block = jnp.max(jnp.where(counts, position, -1))
-    last_id = segment_at[jnp.where(last_block >= 0, last_block, num)]
+    first_id, last_id = _edge_segments(counts, segment_index)
     # The last run (of last_id) begins after the last block of another
     # segment; if that is the first run, there is no separate last edge.
     other = jnp.max(jnp.where(counts & (segment_index != last_id), position, -1))
@@ -613,9 +625,7 @@ def segment_apply(
     # Blocks of the run that begins at each start: the next end from there.
     end_at = jax.lax.cummin(jnp.where(ends, position, num), reverse=True)
     length = end_at - position + 1
-    # The device's first and last segments may go on on a neighbour.
-    first = segment[jnp.minimum(jnp.min(jnp.where(counts, position, num)), num - 1)]
-    last = segment[jnp.maximum(jnp.max(jnp.where(counts, position, -1)), 0)]
+    first, last = _edge_segments(counts, segment_index)
     take = (
         starts
         & (length <= max_blocks)
