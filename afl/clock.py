@@ -651,22 +651,31 @@ def analytic_round_hook(
     statistics_dtype,
     client_sizes: np.ndarray,
 ) -> Callable[..., dict]:
-  """The per-round callback of `fedacnnl.train`: (layer, statistics, params)
-  -> timing record. Every client processes its |D_i| samples in batches of
+  """The per-round callback of `fedacnnl.train`: (layer, statistics) ->
+  timing record. Every client processes its |D_i| samples in batches of
   `clock.batch_size`, uploads its statistics (the [d - 1, d - 1] Gram, the
   [d - 1, d_y] label sums and the [d_y] label counts, float64 as this
-  implementation sums them) and downloads the layer's weights and its next
-  batch size. (The paper uploads H = X^T Z, d x d_l; uploading X^T Y
-  instead carries the same information in fewer bytes when d_y <= d_l.)"""
+  implementation sums them) and downloads the layer's weights (the full
+  W_l, as the paper's server sends it) and its next batch size. (The paper
+  uploads H = X^T Z, d x d_l; uploading X^T Y instead carries the same
+  information in fewer bytes when d_y <= d_l.) The clients' computation is
+  costed as the paper's: the forward pass through the full W_l, not the
+  factored pass this implementation runs (`fedacnnl`)."""
 
   sizes = np.asarray(client_sizes, np.int64)
   ones = np.ones_like(sizes)
+  params = jax.eval_shape(
+      lambda: models.init_params(model, jax.random.key(0), input_shape)
+  )["params"]
 
-  def on_round(layer, stats, params) -> dict:
+  def on_round(layer, stats) -> dict:
     flops = statistics_step_flops(
         model, layer, tuple(input_shape), num_classes, statistics_dtype
     )
-    layer_params = params["params"][models.layer_name(layer)]
+    layer_bytes = sum(
+        a.size * a.dtype.itemsize
+        for a in jax.tree.leaves(params[models.layer_name(layer)])
+    )
     return clock.round(
         ClientWork(
             sizes,
@@ -674,7 +683,7 @@ def analytic_round_hook(
             flops.fixed,
             flops.per_sample,
             ones * per_model_bytes(stats),
-            ones * (per_model_bytes(layer_params) + BATCH_SIZE_BYTES),
+            ones * (layer_bytes + BATCH_SIZE_BYTES),
         )
     )
 

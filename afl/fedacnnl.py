@@ -14,6 +14,15 @@ group meta-models (eq. 10, 11): `train` takes an optional client -> group map.
 Params are stacked on a leading axis, one entry per model in use (1 for
 FedACnnL, K for K groups).
 
+Every solved layer is W_l = P_l Q_l, P_l = (A_0 + gamma I)^-1 X^T Y of width
+d_y (see `solve`), so the rounds push data through the factors: the
+algorithm's functions take *factored* params (`models.LayerwiseNet` with
+`encodings`: layer l is P_l, d_y wide, followed by Q_l), the same function
+as the full model at d_y / d_l of the cost per layer (on MNIST-MLP the
+784 x 128 first layer becomes 784 x 10 and 10 x 128, which makes the
+rounds after it about twice as fast). `train` returns the full model's
+ordinary Flax params, W_l = P_l Q_l formed once at the end (`expand`).
+
 The builder `fedacnnl` returns the algorithm's pure functions, jitted, with
 its configuration (model, gamma, label encodings, mesh) in the closure;
 `train` runs the L rounds and times them.
@@ -51,8 +60,8 @@ class FedACnnL(NamedTuple):
   """FedACnnL's pure functions (see `fedacnnl`).
 
   Attributes:
-    init: key -> params stacked [num_models, ...]: any initialization; every
-      layer is overwritten before it is used.
+    init: key -> factored params stacked [num_models, ...]: any
+      initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
     solve: (layer, Statistics, reg) -> P_l [S, d, d_y], the label-space
@@ -67,8 +76,12 @@ class FedACnnL(NamedTuple):
       client with at most d / 2 (padded) design rows lying on one device is
       solved in the dual form instead, from its rows
       (`federated.segment_apply`, `solve.dual_solve`): no d x d system.
-    write_layer: (layer, params, P_l [num_models, d, d_y]) -> params with
-      W_l = P_l Q_l.
+    write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
+      params with layer l set to P_l.
+    factored: (P_l [num_models, d, d_y] for every layer) -> factored params
+      with those layers.
+    expand: (P_l [num_models, d, d_y] for every layer) -> the model's Flax
+      params [num_models, ...], W_l = P_l Q_l (float32).
     model: the network.
     encodings: Q_l per layer (identity for the output layer).
     num_layers: L.
@@ -80,6 +93,8 @@ class FedACnnL(NamedTuple):
   solve: Callable[..., jax.Array]
   client_solve: Callable[..., jax.Array]
   write_layer: Callable[..., Params]
+  factored: Callable[..., Params]
+  expand: Callable[..., Params]
   model: models.LayerwiseNet
   encodings: tuple[jax.Array, ...]
   num_layers: int
@@ -137,7 +152,7 @@ def fedacnnl(
   )
   def init(key: jax.Array, num_models: int = 1) -> Params:
     # Computed on every device of the mesh (which may span processes).
-    params = models.init_params(model, key, input_shape)
+    params = models.init_params(model, key, input_shape, encodings)
     return jax.tree.map(
         lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), params
     )
@@ -166,6 +181,7 @@ def fedacnnl(
         statistics_dtype,
         finalize,
         finalize_args,
+        encodings,
     )
 
   client_statistics = functools.partial(
@@ -203,7 +219,7 @@ def fedacnnl(
     # together, `solve.dual_solve`); the others are summed and solved as
     # soon as their statistics are complete.
     block, positions, width = statistics.design_shape(
-        model, layer, params, data
+        model, layer, params, data, encodings
     )
     small = min(
         MAX_DUAL_BLOCKS,
@@ -217,7 +233,7 @@ def fedacnnl(
         # As in `statistics.block_statistics`: raw padding rows are zero.
         rows = layers.design_rows(
             model.stages[layer].layer,
-            model.apply(params, x, upto=layer),
+            model.apply(params, x, upto=layer, encodings=encodings),
             None if layer == 0 else mask,
         )  # [n, positions, d - 1]
         row_mask = jnp.broadcast_to(mask[:, None], rows.shape[:2]).reshape(-1)
@@ -258,16 +274,34 @@ def fedacnnl(
         (reg, prior),
     )
 
+  def layer_params(layer, solution, factored):
+    """Flax params of layer `layer` from P_l [..., d, d_y]: the factor, or
+    the full W_l = P_l Q_l."""
+    stage = model.stages[layer].layer
+    channels = input_shapes[layer][-1]
+    if factored:
+      return layers.to_params(
+          models.factored_layer(stage, encodings[layer]), solution, channels
+      )
+    return layers.to_params(stage, solution, channels, encodings[layer])
+
   @functools.partial(jax.jit, static_argnames="layer", donate_argnums=1)
   def write_layer(layer, params, solution):
-    new = layers.to_params(
-        model.stages[layer].layer,
-        solution @ encodings[layer],
-        input_shapes[layer][-1],
-    )
     inner = dict(params["params"])
-    inner[models.layer_name(layer)] = new
+    inner[models.layer_name(layer)] = layer_params(layer, solution, True)
     return {**params, "params": inner}
+
+  def all_layers(factored):
+    @jax.jit
+    def params_of(solutions):
+      return {
+          "params": {
+              models.layer_name(layer): layer_params(layer, solution, factored)
+              for layer, solution in enumerate(solutions)
+          }
+      }
+
+    return params_of
 
   return FedACnnL(
       init,
@@ -275,6 +309,8 @@ def fedacnnl(
       solve_layer,
       client_solve,
       write_layer,
+      all_layers(True),
+      all_layers(False),
       model,
       encodings,
       len(model.stages),
@@ -286,19 +322,19 @@ class TrainResult(NamedTuple):
   """Output of `train`.
 
   Attributes:
-    params: Flax params stacked [num_models, ...].
+    params: the model's Flax params stacked [num_models, ...].
     rounds: one record per round (layer): widths and times in seconds.
     wall_time_s: training time without compilation.
     compile_time_s: time spent tracing and compiling during training.
     solutions: the label-space solutions P_l [num_models, d, d_y] of every
-      layer (W_l = P_l Q_l), from `train`: the priors of eq. 13.
+      layer (W_l = P_l Q_l); those of `train` are the priors of eq. 13.
   """
 
   params: Params
   rounds: list[dict[str, Any]]
   wall_time_s: float
   compile_time_s: float
-  solutions: tuple[jax.Array, ...] = ()
+  solutions: tuple[jax.Array, ...]
 
 
 def layer_by_layer(
@@ -312,23 +348,28 @@ def layer_by_layer(
 
   Args:
     algorithm: from `fedacnnl`.
-    params: stacked params to start from.
+    params: stacked factored params to start from.
     stage: a name for the records ("federated", "personalization").
-    layer_step: (layer, params) -> (params, record) where record holds
-      "width", "outputs" and "statistics_s" (seconds until the statistics
-      were ready); the rest of the round is counted as solving.
+    layer_step: (layer, params) -> (params, P_l, record): the factored
+      params with layer l solved, its solution [num_models, d, d_y], and a
+      record that holds "width", "outputs" and "statistics_s" (seconds until
+      the statistics were ready); the rest of the round is counted as
+      solving. The last round also forms the full model (`expand`).
     first_round: number of the first round (rounds continue across stages).
 
   Returns:
-    TrainResult with the final params.
+    TrainResult with the model's params and every layer's solution.
   """
-  rounds = []
+  rounds, solutions = [], []
   with timing.CompileClock() as compile_clock:
     start = time.perf_counter()
     for layer in range(algorithm.num_layers):
       round_start = time.perf_counter()
       compile_before = compile_clock.seconds
-      params, record = layer_step(layer, params)
+      params, solution, record = layer_step(layer, params)
+      solutions.append(solution)
+      if layer + 1 == algorithm.num_layers:
+        params = algorithm.expand(tuple(solutions))
       jax.block_until_ready(params)
       record = {
           "round": first_round + layer,
@@ -355,7 +396,11 @@ def layer_by_layer(
       )
     total = time.perf_counter() - start
   return TrainResult(
-      params, rounds, total - compile_clock.seconds, compile_clock.seconds
+      params,
+      rounds,
+      total - compile_clock.seconds,
+      compile_clock.seconds,
+      tuple(solutions),
   )
 
 
@@ -375,9 +420,9 @@ def train(
     key: initializes the (overwritten) weights.
     client_group: [C] group of each client, or None for one global model.
     num_groups: K.
-    on_round: (layer, Statistics, params) -> dict, called after every round
-      with what was uploaded and the updated params; its dict joins the
-      round's record (the simulated time of `clock.analytic_round_hook`).
+    on_round: (layer, Statistics) -> dict, called after every round with
+      what was uploaded; its dict joins the round's record (the simulated
+      time of `clock.analytic_round_hook`).
 
   Returns:
     TrainResult with params stacked [num_groups, ...].
@@ -394,17 +439,14 @@ def train(
     )
     jax.block_until_ready(stats)
     stats_s = time.perf_counter() - start
-    solutions.append(algorithm.solve(layer, stats, algorithm.gamma))
-    params = algorithm.write_layer(layer, params, solutions[-1])
-    return params, {
-        "width": int(solutions[-1].shape[-2]),
+    solution = algorithm.solve(layer, stats, algorithm.gamma)
+    return algorithm.write_layer(layer, params, solution), solution, {
+        "width": int(solution.shape[-2]),
         "outputs": int(algorithm.encodings[layer].shape[-1]),
         "statistics_s": stats_s,
-        **(on_round(layer, stats, params) if on_round else {}),
+        **(on_round(layer, stats) if on_round else {}),
     }
 
-  solutions = []
-  result = layer_by_layer(
+  return layer_by_layer(
       algorithm, algorithm.init(key, num_groups), "federated", layer_step
   )
-  return result._replace(solutions=tuple(solutions))

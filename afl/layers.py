@@ -63,12 +63,22 @@ def to_params(
     layer: models.Dense | models.Conv,
     weights: jax.Array,
     input_channels: int | None = None,
+    encoding: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-  """Flax {'kernel', 'bias'} from a solved W_l [..., d, d_out].
+  """Flax {'kernel', 'bias'} (float32) from a solved W_l [..., d, d_out].
 
-  Leading axes (e.g. one per group or client) are kept.
+  Leading axes (e.g. one per group or client) are kept. With `encoding`
+  Q [k, d_out], `weights` is the label-space P [..., d, k] and the params
+  are those of W = P Q, multiplied in float32 (what is stored) after the
+  kernel and bias rows are split: no [..., d, d_out] float64 product to
+  slice and convert (for pFedACnnL's 100 first layers, 80 MB: 0.07 s
+  against 0.01 s measured).
   """
   kernel, bias = weights[..., :-1, :], weights[..., -1, :]
+  if encoding is not None:
+    encoding = encoding.astype(jnp.float32)
+    kernel = kernel.astype(jnp.float32) @ encoding
+    bias = bias.astype(jnp.float32) @ encoding
   if isinstance(layer, models.Conv):
     k = layer.kernel_size
     lead = kernel.shape[:-2]

@@ -119,9 +119,9 @@ def personalize(
     algorithm: the FedACnnL functions (statistics, solve, write).
     data: training blocks, sharded over the algorithm's mesh; each client's
       blocks next to each other (as `federated.federate` lays them out).
-    meta: the meta-models (`fedacnnl.train` over K groups): their params
-      [K, ...] start every client, their label-space solutions are the
-      priors (M^[k] = P^[k] Q_l, see `solve`).
+    meta: the meta-models (`fedacnnl.train` over K groups): their
+      label-space solutions start every client and are the priors
+      (M^[k] = P^[k] Q_l, see `solve`).
     client_group: [C] group of each client.
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
     first_round: numbering of the first personalization round.
@@ -133,7 +133,7 @@ def personalize(
   if eps <= 0:
     raise ValueError(f"eps must be > 0, got {eps}")
   client_group = np.asarray(client_group, np.int32)
-  params = jax.tree.map(lambda a: a[client_group], meta.params)
+  priors = tuple(s[client_group] for s in meta.solutions)  # [C, d, d_y] each
   # A client without training samples has G_i = 0, H_i = 0: eq. 13 gives
   # its meta-model, which is what it keeps (the pass finalizes only
   # clients it sees).
@@ -141,7 +141,7 @@ def personalize(
 
   def layer_step(layer, params):
     began = time.perf_counter()
-    prior = meta.solutions[layer][client_group]  # [C, d, d_y]
+    prior = priors[layer]
     solution = jax.block_until_ready(
         algorithm.client_solve(
             layer,
@@ -155,7 +155,7 @@ def personalize(
         )
     )
     solution = jnp.where(has_data, solution, prior)
-    return algorithm.write_layer(layer, params, solution), {
+    return algorithm.write_layer(layer, params, solution), solution, {
         "width": int(prior.shape[-2]),
         "outputs": int(algorithm.encodings[layer].shape[-1]),
         # One pass forms and solves every client's statistics.
@@ -163,7 +163,11 @@ def personalize(
     }
 
   return fedacnnl.layer_by_layer(
-      algorithm, params, "personalization", layer_step, first_round
+      algorithm,
+      algorithm.factored(priors),
+      "personalization",
+      layer_step,
+      first_round,
   )
 
 

@@ -85,23 +85,26 @@ def block_statistics(
     mask: jax.Array,
     num_classes: int,
     dtype=jnp.float32,
+    encodings=None,
 ) -> Statistics:
   """One client's batch: eq. 6's summand for layer `layer`.
 
   Args:
     model: the network.
     layer: index l of the layer being trained (0-based).
-    params: Flax params whose layers 0..l-1 are solved (the rest unused).
+    params: Flax params whose layers 0..l-1 are solved (the rest unused);
+      factored with `encodings` (see `models.LayerwiseNet`).
     x: [B, *feature_shape] float32 raw inputs.
     y: [B] int32 labels.
     mask: [B] bool.
     num_classes: d_y.
     dtype: of the products (float32 or float64).
+    encodings: None, or the Q_l of factored params.
 
   Returns:
     Statistics of this batch (no segment axis), in `dtype`.
   """
-  inputs = model.apply(params, x, upto=layer)
+  inputs = model.apply(params, x, upto=layer, encodings=encodings)
   # Padding samples of the raw input are zero (`FederatedData`); deeper
   # inputs are not (the bias), so only they need masking. Skipping it at
   # layer 0 saves a pass over the largest array.
@@ -120,12 +123,18 @@ def block_statistics(
 
 
 def design_shape(
-    model: models.LayerwiseNet, layer: int, params, data: federated.FederatedData
+    model: models.LayerwiseNet,
+    layer: int,
+    params,
+    data: federated.FederatedData,
+    encodings=None,
 ) -> tuple[int, int, int]:
   """(block size, design rows per sample, d - 1) of layer `layer`'s rows."""
   return jax.eval_shape(
       lambda p, x: layers.design_rows(
-          model.stages[layer].layer, model.apply(p, x, upto=layer), None
+          model.stages[layer].layer,
+          model.apply(p, x, upto=layer, encodings=encodings),
+          None,
       ),
       jax.tree.map(lambda a: a[0], params),
       data.x[0],
@@ -146,6 +155,7 @@ def segment_statistics(
     dtype=jnp.float32,
     finalize=None,
     finalize_args=(),
+    encodings=None,
 ) -> Statistics:
   """eq. 6 for every block, summed per segment, over a device mesh.
 
@@ -166,15 +176,21 @@ def segment_statistics(
     dtype: of the per-block products (see the module docstring).
     finalize, finalize_args: see `federated.segment_sum`: what is kept of
       each segment's complete Statistics (e.g. its solve) instead of them.
+    encodings: None, or the Q_l of factored params.
 
   Returns:
     Statistics with [S, ...] float64 entries, or finalize's results [S, ...],
     replicated on every device.
   """
   block_fn = functools.partial(
-      block_statistics, model, layer, num_classes=num_classes, dtype=dtype
+      block_statistics,
+      model,
+      layer,
+      num_classes=num_classes,
+      dtype=dtype,
+      encodings=encodings,
   )
-  positions = design_shape(model, layer, params, data)[1]
+  positions = design_shape(model, layer, params, data, encodings)[1]
   return federated.segment_sum(
       block_fn,
       params,

@@ -175,9 +175,9 @@ def test_block_statistics_match_numpy_per_client(mnist):
       federated.federate(x, y, clients, 32, num_shards=mesh.size), mesh
   )
   layer = 1  # statistics of a hidden layer, through the solved layer 0
-  mapped = algorithm.client_statistics(
+  mapped = algorithm.client_statistics(  # through the factored layer 0
       layer,
-      result.params,
+      algorithm.factored(result.solutions),
       blocks,
       jax.numpy.zeros_like(blocks.client),
       blocks.client,

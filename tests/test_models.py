@@ -130,6 +130,51 @@ def test_upto_returns_each_layers_input(name, input_shape, expected):
     model.apply(params, x, upto=len(expected))
 
 
+@pytest.mark.parametrize(
+    "name,input_shape",
+    [("lr", (28, 28, 1)), ("mlp", (28, 28, 1)), ("dcnn", (32, 32, 3))],
+)
+def test_factored_params_compute_the_full_model(name, input_shape):
+  """Layers P_l followed by Q_l (`encodings`) == the model with W_l = P_l Q_l,
+  logits and every layer's input; to_params with the encoding == of P Q."""
+  model, full_params = model_and_params(name, input_shape)
+  rng = np.random.default_rng(6)
+  encodings = [
+      rng.standard_normal((3, stage.layer.features)) for stage in model.stages
+  ]
+  factored_shapes = models.init_params(
+      model, jax.random.key(0), input_shape, encodings
+  )["params"]
+  factored, full = {}, {}
+  for index, stage in enumerate(model.stages):
+    name_l = models.layer_name(index)
+    channels = full_params["params"][name_l]["kernel"].shape[-2]
+    width = factored_shapes[name_l]["kernel"].size // 3 + 1
+    solution = random_weights(rng, (width, 3)) / np.sqrt(width)
+    factored[name_l] = layers.to_params(
+        models.factored_layer(stage.layer, encodings[index]), solution, channels
+    )
+    full[name_l] = layers.to_params(
+        stage.layer, solution, channels, encodings[index]
+    )
+    expected = layers.to_params(
+        stage.layer, solution @ encodings[index], channels
+    )
+    for key in ("kernel", "bias"):
+      assert factored[name_l][key].shape == factored_shapes[name_l][key].shape
+      np.testing.assert_allclose(
+          full[name_l][key], expected[key], rtol=1e-6, atol=1e-6
+      )
+  x = rng.random((2,) + input_shape, np.float32)
+  for upto in list(range(len(model.stages))) + [None]:
+    np.testing.assert_allclose(
+        model.apply({"params": factored}, x, upto=upto, encodings=encodings),
+        model.apply({"params": full}, x, upto=upto),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 LAYERS = [
     (models.Dense(7), (12,)),
     (models.Conv(4, 3), (6, 5, 1)),

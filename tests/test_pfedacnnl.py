@@ -218,7 +218,7 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist, monkeypatch):
     monkeypatch.setattr(fedacnnl, "MAX_DUAL_BLOCKS", max_blocks)
     algorithm, _, _ = build(model, x, clients)
     meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
-    params = jax.tree.map(lambda a: a[groups], meta.params)
+    params = algorithm.factored(tuple(s[groups] for s in meta.solutions))
     solved.append([
         algorithm.client_solve(
             layer,
