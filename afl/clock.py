@@ -83,6 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afl import memory
 from afl import models
 from afl import statistics
 
@@ -634,12 +635,6 @@ def _statistics_step_flops(
   )
 
 
-def per_model_bytes(tree) -> int:
-  """Bytes of one entry of a pytree stacked on a leading (segment or model)
-  axis: one client's statistics, or one model's layer."""
-  return sum(a.nbytes // a.shape[0] for a in jax.tree.leaves(tree))
-
-
 BATCH_SIZE_BYTES = 4  # the next round's batch size, sent as an int32
 
 
@@ -651,8 +646,7 @@ def analytic_round_hook(
     statistics_dtype,
     client_sizes: np.ndarray,
 ) -> Callable[..., dict]:
-  """The per-round callback of `fedacnnl.train`: (layer, statistics) ->
-  timing record. Every client processes its |D_i| samples in batches of
+  """The per-round callback of `fedacnnl.train`: layer -> timing record. Every client processes its |D_i| samples in batches of
   `clock.batch_size`, uploads its statistics (the [d - 1, d - 1] Gram, the
   [d - 1, d_y] label sums and the [d_y] label counts, float64 as this
   implementation sums them) and downloads the layer's weights (the full
@@ -666,24 +660,37 @@ def analytic_round_hook(
   ones = np.ones_like(sizes)
   params = jax.eval_shape(
       lambda: models.init_params(model, jax.random.key(0), input_shape)
-  )["params"]
+  )
+  sample = (
+      jax.ShapeDtypeStruct((1, *input_shape), np.float32),
+      jax.ShapeDtypeStruct((1,), np.int32),
+      jax.ShapeDtypeStruct((1,), np.bool_),
+  )
 
-  def on_round(layer, stats) -> dict:
+  def on_round(layer) -> dict:
     flops = statistics_step_flops(
         model, layer, tuple(input_shape), num_classes, statistics_dtype
     )
-    layer_bytes = sum(
-        a.size * a.dtype.itemsize
-        for a in jax.tree.leaves(params[models.layer_name(layer)])
+    uploaded = jax.eval_shape(
+        functools.partial(
+            statistics.block_statistics,
+            model,
+            layer,
+            num_classes=num_classes,
+            dtype=jnp.float64,
+        ),
+        params,
+        *sample,
     )
+    layer_params = params["params"][models.layer_name(layer)]
     return clock.round(
         ClientWork(
             sizes,
             clock.batch_size,
             flops.fixed,
             flops.per_sample,
-            ones * per_model_bytes(stats),
-            ones * (layer_bytes + BATCH_SIZE_BYTES),
+            ones * memory.tree_bytes(uploaded),
+            ones * (memory.tree_bytes(layer_params) + BATCH_SIZE_BYTES),
         )
     )
 

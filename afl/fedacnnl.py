@@ -64,17 +64,17 @@ class FedACnnL(NamedTuple):
       initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
-    solve: (layer, Statistics, reg) -> P_l [S, d, d_y], the label-space
-      solution (W_l = P_l Q_l, see `solve`) of eq. 5 per segment: the
-      server's, reg = gamma.
-    client_solve: (layer, params, data, param_index, segment_index,
-      num_segments, reg, prior [S, d, d_y]) -> P_l [S, d, d_y]: eq. 13 for
-      every segment (client) on its own statistics, reg = eps and the
-      meta-model's P as prior; each segment's statistics are solved as soon
-      as they are complete and never stored (`federated.segment_sum`'s
-      finalize), so a client's d x d Gram exists only while it is formed. A
-      client with at most d / 2 (padded) design rows lying on one device is
-      solved in the dual form instead, from its rows
+    solve: (layer, params, data, param_index, segment_index, num_segments,
+      reg, prior [S, d, d_y] or None) -> P_l [S, d, d_y], the label-space
+      solution (W_l = P_l Q_l, see `solve`) of every segment's statistics
+      (eq. 6 summed per segment): the server's eq. 5 / 11 (segments: all
+      clients or a group, reg = gamma, no prior) or a client's eq. 13
+      (reg = eps, the meta-model's P as prior). Each segment's statistics
+      are solved as soon as they are complete and never stored
+      (`federated.segment_sum`'s finalize), so a d x d sum exists only
+      while it is formed; every device solves the segments it completes. A
+      segment with at most d / 2 (padded) design rows lying on one device
+      is solved in the dual form instead, from its rows
       (`federated.segment_apply`, `solve.dual_solve`): no d x d system.
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
@@ -91,7 +91,6 @@ class FedACnnL(NamedTuple):
   init: Callable[..., Params]
   client_statistics: Callable[..., statistics.Statistics]
   solve: Callable[..., jax.Array]
-  client_solve: Callable[..., jax.Array]
   write_layer: Callable[..., Params]
   factored: Callable[..., Params]
   expand: Callable[..., Params]
@@ -188,32 +187,16 @@ def fedacnnl(
       jax.jit, static_argnames=("layer", "num_segments")
   )(segment_sums)
 
-  @functools.partial(jax.jit, static_argnames="layer")
-  def solve_layer(layer, stats, reg):
-    prior = jnp.zeros_like(stats.labels())
-    count = prior.shape[0]
-    if count == 1 or mesh.size == 1:
-      return solve.solve_statistics(stats, reg, prior)
-    # Several systems (groups): each device solves its share instead of
-    # every device solving all of them.
-    pad = -count % mesh.size
-    stats, prior = jax.tree.map(
-        lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)),
-        (stats, prior),
-    )
-    by_device = jax.sharding.PartitionSpec(federated.CLIENTS)
-    solved = jax.shard_map(
-        lambda s, p: solve.solve_statistics(s, reg, p),
-        mesh=mesh,
-        in_specs=(by_device, by_device),
-        out_specs=by_device,
-    )(stats, prior)
-    # Every process gets every solution (the server's result reaches all).
-    return jax.lax.with_sharding_constraint(solved[:count], replicated)
-
   @functools.partial(jax.jit, static_argnames=("layer", "num_segments"))
-  def client_solve(
-      layer, params, data, param_index, segment_index, num_segments, reg, prior
+  def solve_segments(
+      layer,
+      params,
+      data,
+      param_index,
+      segment_index,
+      num_segments,
+      reg,
+      prior=None,
   ):
     # A segment of at most `small` blocks takes the dual form (its rows
     # together, `solve.dual_solve`); the others are summed and solved as
@@ -221,6 +204,8 @@ def fedacnnl(
     block, positions, width = statistics.design_shape(
         model, layer, params, data, encodings
     )
+    if prior is None:
+      prior = jnp.zeros((num_segments, width + 1, num_classes), jnp.float64)
     small = min(
         MAX_DUAL_BLOCKS,
         int(DUAL_ROWS_FRACTION * (width + 1)) // (block * positions),
@@ -306,8 +291,7 @@ def fedacnnl(
   return FedACnnL(
       init,
       client_statistics,
-      solve_layer,
-      client_solve,
+      solve_segments,
       write_layer,
       all_layers(True),
       all_layers(False),
@@ -420,9 +404,8 @@ def train(
     key: initializes the (overwritten) weights.
     client_group: [C] group of each client, or None for one global model.
     num_groups: K.
-    on_round: (layer, Statistics) -> dict, called after every round with
-      what was uploaded; its dict joins the round's record (the simulated
-      time of `clock.analytic_round_hook`).
+    on_round: layer -> dict, called after every round; its dict joins the
+      round's record (the simulated time of `clock.analytic_round_hook`).
 
   Returns:
     TrainResult with params stacked [num_groups, ...].
@@ -434,17 +417,23 @@ def train(
 
   def layer_step(layer, params):
     start = time.perf_counter()
-    stats = algorithm.client_statistics(
-        layer, params, data, block_group, block_group, num_groups
+    solution = jax.block_until_ready(
+        algorithm.solve(
+            layer,
+            params,
+            data,
+            block_group,
+            block_group,
+            num_groups,
+            algorithm.gamma,
+        )
     )
-    jax.block_until_ready(stats)
-    stats_s = time.perf_counter() - start
-    solution = algorithm.solve(layer, stats, algorithm.gamma)
     return algorithm.write_layer(layer, params, solution), solution, {
         "width": int(solution.shape[-2]),
         "outputs": int(algorithm.encodings[layer].shape[-1]),
-        "statistics_s": stats_s,
-        **(on_round(layer, stats) if on_round else {}),
+        # One pass forms the statistics (eq. 6) and solves their sums.
+        "statistics_s": time.perf_counter() - start,
+        **(on_round(layer) if on_round else {}),
     }
 
   return layer_by_layer(

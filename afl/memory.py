@@ -73,6 +73,11 @@ class Estimate(NamedTuple):
     )
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of a pytree's arrays (or jax.ShapeDtypeStructs)."""
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
 def design_shapes(model: models.LayerwiseNet, input_shape) -> list:
   """(positions per sample, design width d incl. bias) of every layer."""
   params = jax.eval_shape(

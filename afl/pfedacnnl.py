@@ -143,7 +143,7 @@ def personalize(
     began = time.perf_counter()
     prior = priors[layer]
     solution = jax.block_until_ready(
-        algorithm.client_solve(
+        algorithm.solve(
             layer,
             params,
             data,

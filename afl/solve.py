@@ -64,6 +64,10 @@ def segment_solve(
   precision branch, fused into the conversion that the factorization reads:
   assembled before the branch, it is materialized and copied, which cost
   1.5 ms more per MNIST system (150 ms of pFedACnnL's 100 client solves).
+  Systems are solved one at a time, each as its segment is complete
+  (`federated.segment_sum`'s finalize): jaxlib's batched LAPACK call was
+  measured slower on CPU, and its parallel batch map deadlocks when several
+  virtual CPU devices run it at once.
   """
   return _solve(lambda s: (s.full_gram(), s.labels()), stats, reg, prior)
 
@@ -133,22 +137,3 @@ def _solve(assemble, system, reg, prior):
       bound <= MIXED_PRECISION_BOUND, refined, direct, system, prior
   )
 
-
-def solve_statistics(
-    stats: statistics.Statistics, reg: float, prior: jax.Array
-) -> jax.Array:
-  """eq. 5 / 11 / 13 in label space for every segment: P [S, d, d_y].
-
-  W_l = P Q_l (see the module docstring). One system after another
-  (`lax.map`), each assembled from its segment's sums inside the loop (no
-  [S, d, d] copy with the bias row), rather than jaxlib's batched LAPACK
-  call: measured about 1.5x faster on CPU, and the batched call's parallel
-  batch map deadlocks when several virtual CPU devices run it at once.
-
-  Args:
-    stats: summed statistics, [S, ...].
-    reg: gamma or eps.
-    prior: [S, d, d_y] label-space prior P^[k] (zeros for eq. 5 and 11).
-  """
-
-  return jax.lax.map(lambda s: segment_solve(s[0], reg, s[1]), (stats, prior))

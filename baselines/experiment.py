@@ -35,6 +35,7 @@ from afl import data as data_lib
 from afl import evaluation
 from afl import experiment as afl_experiment
 from afl import federated
+from afl import memory
 from afl import models
 from afl import timing
 from baselines import algorithms
@@ -235,7 +236,7 @@ def client_work(
     samples = steps * schedule.batch_size
   else:
     samples = np.asarray(sizes, np.int64) * epochs
-  model_bytes = np.full(len(steps), local_lib.tree_bytes(params), np.int64)
+  model_bytes = np.full(len(steps), memory.tree_bytes(params), np.int64)
   return clock_lib.ClientWork(
       samples,
       np.full(len(steps), schedule.batch_size, np.int64),

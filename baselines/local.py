@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from afl import federated
+from afl import memory
 
 Params = Any
 Carry = Any
@@ -164,10 +165,6 @@ def default_num_lanes(
   return min(num_clients, per_device * num_shards)
 
 
-def tree_bytes(tree) -> int:
-  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
-
-
 def step_bytes(
     local: LocalTraining, params, feature_shape: tuple[int, ...], rows: int
 ) -> int:
@@ -187,7 +184,7 @@ def step_bytes(
       )
       .compile()
   )
-  return tree_bytes(carry) + compiled.memory_analysis().temp_size_in_bytes
+  return memory.tree_bytes(carry) + compiled.memory_analysis().temp_size_in_bytes
 
 
 def make_schedule(

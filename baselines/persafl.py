@@ -77,6 +77,7 @@ import numpy as np
 from afl import clock as clock_lib
 from afl import evaluation
 from afl import experiment as afl_experiment
+from afl import memory
 from afl import models
 from afl import timing
 from baselines import algorithms
@@ -410,7 +411,7 @@ def run_experiment(
       config.local_steps,
       config.num_lanes
       or local_lib.default_num_lanes(
-          local_lib.tree_bytes(carry), config.num_clients
+          memory.tree_bytes(carry), config.num_clients
       ),
   )
 

@@ -50,6 +50,7 @@ import numpy as np
 from afl import experiment
 from afl import timing
 from afl import federated
+from afl import memory
 from afl import models
 from baselines import experiment as baselines_experiment
 from baselines import local as local_lib
@@ -107,7 +108,7 @@ def main(argv):
         num_shards=mesh.size,
         num_lanes=FLAGS.num_lanes
         or local_lib.default_num_lanes(
-            local_lib.tree_bytes(local.init(params, None)),
+            memory.tree_bytes(local.init(params, None)),
             FLAGS.num_clients,
             mesh.size,
         ),

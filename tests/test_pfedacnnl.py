@@ -220,7 +220,7 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist, monkeypatch):
     meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
     params = algorithm.factored(tuple(s[groups] for s in meta.solutions))
     solved.append([
-        algorithm.client_solve(
+        algorithm.solve(
             layer,
             params,
             data,
