@@ -65,17 +65,21 @@ class FedACnnL(NamedTuple):
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
     solve: (layer, params, data, param_index, segment_index, num_segments,
-      reg, prior [S, d, d_y] or None) -> P_l [S, d, d_y], the label-space
-      solution (W_l = P_l Q_l, see `solve`) of every segment's statistics
-      (eq. 6 summed per segment): the server's eq. 5 / 11 (segments: all
+      reg, prior [S, d, d_y] or None, dual) -> P_l [S, d, d_y], the
+      label-space solution (W_l = P_l Q_l, see `solve`) of every segment's
+      statistics (eq. 6 summed per segment): the server's eq. 5 / 11 (segments: all
       clients or a group, reg = gamma, no prior) or a client's eq. 13
       (reg = eps, the meta-model's P as prior). Each segment's statistics
       are solved as soon as they are complete and never stored
       (`federated.segment_sum`'s finalize), so a d x d sum exists only
-      while it is formed; every device solves the segments it completes. A
-      segment with at most d / 2 (padded) design rows lying on one device
-      is solved in the dual form instead, from its rows
-      (`federated.segment_apply`, `solve.dual_solve`): no d x d system.
+      while it is formed; every device solves the segments it completes.
+      With `dual` (static; the clients' eq. 13), a segment with at most
+      d / 2 (padded) design rows lying on one device is solved in the dual
+      form instead, from its rows (`federated.segment_apply`,
+      `solve.dual_solve`): no d x d system. The server's segments (all
+      clients, or a group) are large, and compiling the dual form's static
+      sizes (one per block count) doubled the compile time of FedACnnL:
+      `train` passes dual=False.
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
     factored: (P_l [num_models, d, d_y] for every layer) -> factored params
@@ -187,7 +191,9 @@ def fedacnnl(
       jax.jit, static_argnames=("layer", "num_segments")
   )(segment_sums)
 
-  @functools.partial(jax.jit, static_argnames=("layer", "num_segments"))
+  @functools.partial(
+      jax.jit, static_argnames=("layer", "num_segments", "dual")
+  )
   def solve_segments(
       layer,
       params,
@@ -197,6 +203,7 @@ def fedacnnl(
       num_segments,
       reg,
       prior=None,
+      dual=True,
   ):
     # A segment of at most `small` blocks takes the dual form (its rows
     # together, `solve.dual_solve`); the others are summed and solved as
@@ -206,11 +213,11 @@ def fedacnnl(
     )
     if prior is None:
       prior = jnp.zeros((num_segments, width + 1, num_classes), jnp.float64)
-    small = min(
+    small = dual and min(
         MAX_DUAL_BLOCKS,
         int(DUAL_ROWS_FRACTION * (width + 1)) // (block * positions),
     )
-    dual = 0.0
+    dual_solutions = 0.0
     if small:
 
       def dual_one(params, x, y, mask, segment, args):
@@ -231,7 +238,7 @@ def fedacnnl(
         ) * row_mask[:, None]
         return solve.dual_solve(design, labels, reg, prior[segment])
 
-      dual, taken = federated.segment_apply(
+      dual_solutions, taken = federated.segment_apply(
           dual_one,
           params,
           data,
@@ -248,7 +255,7 @@ def fedacnnl(
       reg, prior = args
       return solve.segment_solve(stats, reg, prior[segment])
 
-    return dual + segment_sums(
+    return dual_solutions + segment_sums(
         layer,
         params,
         data,
@@ -426,6 +433,7 @@ def train(
             block_group,
             num_groups,
             algorithm.gamma,
+            dual=False,
         )
     )
     return algorithm.write_layer(layer, params, solution), solution, {

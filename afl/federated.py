@@ -297,6 +297,63 @@ def _edge_segments(counts: jax.Array, segment_index: jax.Array):
   )
 
 
+def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
+  """finalize(sums[s], s, finalize_args) for every segment s, segment s on
+  device s mod D; zeros for a segment that is not `present`.
+
+  Args:
+    finalize, finalize_args: as for `segment_sum`.
+    sums: pytree of [S, ...] sums, replicated.
+    present: [S] bool.
+    mesh: mesh with axis 'clients'.
+
+  Returns:
+    finalize's pytree stacked [S, ...], replicated.
+  """
+  num_segments = len(present)
+  kept_shapes = jax.eval_shape(finalize, _take(sums, 0), 0, finalize_args)
+
+  def local(sums, present, finalize_args):
+    device = jax.lax.axis_index(CLIENTS)
+
+    def one(j, acc):
+      segment = device + j * mesh.size
+
+      def write(acc):
+        kept = finalize(_take(sums, segment), segment, finalize_args)
+        return jax.tree.map(
+            lambda total, value: jax.lax.dynamic_update_index_in_dim(
+                total, value.astype(total.dtype), segment, 0
+            ),
+            acc,
+            kept,
+        )
+
+      inside = segment < num_segments
+      return jax.lax.cond(
+          inside & present[jnp.minimum(segment, num_segments - 1)],
+          write,
+          lambda acc: acc,
+          acc,
+      )
+
+    acc = jax.tree.map(
+        lambda s: jax.lax.pcast(
+            jnp.zeros((num_segments,) + s.shape, s.dtype), CLIENTS, to="varying"
+        ),
+        kept_shapes,
+    )
+    acc = jax.lax.fori_loop(0, -(-num_segments // mesh.size), one, acc)
+    return jax.lax.psum(acc, CLIENTS)
+
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(PartitionSpec(),) * 3,
+      out_specs=PartitionSpec(),
+  )(sums, present, finalize_args)
+
+
 def segment_sum(
     block_fn,
     params,
@@ -343,6 +400,9 @@ def segment_sum(
   from all devices, added up per segment and finalized after the loop. Each
   segment's blocks must then lie next to each other (one run per segment,
   as `federate` lays out clients); a segment without blocks gives zeros.
+  With no more segments than edges (S <= 2 devices: the server's global or
+  group sums) the [S, ...] sums are added up instead and each segment is
+  finalized by one device, segment s by device s mod D.
 
   Args:
     block_fn: (params, x [n, ...], y [n], mask [n]) -> pytree of arrays;
@@ -369,6 +429,28 @@ def segment_sum(
   """
   param_index = jnp.asarray(param_index, jnp.int32)
   segment_index = jnp.asarray(segment_index, jnp.int32)
+  if finalize and num_segments <= 2 * mesh.size:
+    # As many segments as edges (two per device) or fewer: their [S, ...]
+    # sums are no larger than the gathered edges, so add them up (psum)
+    # and deal the finalizes out over the devices. (Gathering 2 x 8 edge
+    # grams of 785 x 785 made FedACnnL's rounds on 8 devices 3x slower.)
+    sums = segment_sum(
+        block_fn,
+        params,
+        data,
+        param_index,
+        segment_index,
+        num_segments,
+        mesh,
+        samples_per_step,
+    )
+    counted = data.mask.any(1) & (segment_index >= 0)
+    present = (  # (a negative index would wrap around, not drop)
+        jnp.zeros(num_segments, bool)
+        .at[jnp.where(counted, segment_index, num_segments)]
+        .set(True, mode="drop")
+    )
+    return _finalize_each(finalize, sums, present, finalize_args, mesh)
   # Steps of `largest`, largest / 4, .. 1 blocks: a run of n blocks of one
   # segment and model takes about log4(n) + 3 n / largest steps.
   per_device = data.num_blocks // mesh.size

@@ -413,14 +413,21 @@ def test_accuracy_without_test_data_is_zero_overall():
 
 @pytest.mark.parametrize("devices", [8, 1])
 @pytest.mark.parametrize("blocks_per_step", [1, 16])
+@pytest.mark.parametrize("empty_segments", [0, 11])
 def test_finalize_sees_each_segments_complete_sum(
-    samples, devices, blocks_per_step
+    samples, devices, blocks_per_step, empty_segments
 ):
-  """A nonlinear finalize of per-client sums, clients straddling devices."""
+  """A nonlinear finalize of per-client sums, clients straddling devices.
+
+  Both ways of finalizing: 9 clients on 8 devices (at most 2 segments per
+  device) add up the [S, ...] sums; 9 + 11 segments on 8 devices and 9 or 20
+  on 1 device finalize as they go, gathering the devices' edges. The last
+  client's blocks are left out (segment -1): its segment gives zeros."""
   x, y, clients, layouts = samples
   data, mesh = layouts[devices]
-  num_clients = len(clients)
-  offsets = jnp.arange(num_clients, dtype=jnp.float64) * 10
+  num_clients = len(clients) - 1  # those counted
+  num_segments = len(clients) + empty_segments  # segments past C are empty
+  offsets = jnp.arange(num_segments, dtype=jnp.float64) * 10
 
   def finalize(sums, segment, offsets):
     return {
@@ -433,15 +440,20 @@ def test_finalize_sees_each_segments_complete_sum(
       stacked_scales(0.5),
       data,
       jnp.zeros_like(data.client),
-      data.client,
-      num_clients,
+      jnp.where(data.client == num_clients, -1, data.client),
+      num_segments,
       mesh,
       blocks_per_step * BLOCK,
       finalize,
       offsets,
   )
   sums = numpy_sums(
-      x, y, clients, [0.5] * num_clients, range(num_clients), num_clients
+      x,
+      y,
+      clients[:num_clients],
+      [0.5] * num_clients,
+      range(num_clients),
+      num_segments,
   )
   present = sums["count"] > 0  # a client without samples gives zeros
   assert not present.all()
@@ -457,7 +469,7 @@ def test_finalize_sees_each_segments_complete_sum(
   np.testing.assert_allclose(
       got["ratio"],
       np.divide(
-          sums["label_sum"], sums["count"], out=np.zeros(num_clients),
+          sums["label_sum"], sums["count"], out=np.zeros(num_segments),
           where=present,
       ),
       rtol=1e-12,

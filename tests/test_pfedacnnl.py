@@ -201,7 +201,7 @@ def test_bad_settings_are_rejected(synthetic):
     )
 
 
-def test_small_clients_dual_form_equals_their_primal_solve(mnist, monkeypatch):
+def test_small_clients_dual_form_equals_their_primal_solve(mnist):
   """eq. 13 through X X^T for clients of at most d / 2 rows equals the
   d x d solve, on every layer, with clients straddling devices."""
   x, y, _ = mnist
@@ -213,25 +213,26 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist, monkeypatch):
       federated.federate(x, y, clients, 16, num_shards=mesh.size), mesh
   )
   groups = np.zeros(len(clients), np.int32)
-  solved = []
-  for max_blocks in (fedacnnl.MAX_DUAL_BLOCKS, 0):  # dual where it fits; never
-    monkeypatch.setattr(fedacnnl, "MAX_DUAL_BLOCKS", max_blocks)
-    algorithm, _, _ = build(model, x, clients)
-    meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
-    params = algorithm.factored(tuple(s[groups] for s in meta.solutions))
-    solved.append([
-        algorithm.solve(
-            layer,
-            params,
-            data,
-            data.client,
-            data.client,
-            len(clients),
-            EPS,
-            meta.solutions[layer][groups],
-        )
-        for layer in range(algorithm.num_layers)
-    ])
+  algorithm, _, _ = build(model, x, clients)
+  meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
+  params = algorithm.factored(tuple(s[groups] for s in meta.solutions))
+  solved = [  # dual where it fits; never
+      [
+          algorithm.solve(
+              layer,
+              params,
+              data,
+              data.client,
+              data.client,
+              len(clients),
+              EPS,
+              meta.solutions[layer][groups],
+              dual=dual,
+          )
+          for layer in range(algorithm.num_layers)
+      ]
+      for dual in (True, False)
+  ]
   for dual, primal in zip(*solved):
     # Both are mixed-precision solves (float32 factorizations refined once).
     assert reference.relative_error(dual, primal) < 1e-7
