@@ -1,5 +1,7 @@
 """FedACnnL: federated == centralized float64 ACnnL, and its invariances."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -48,6 +50,21 @@ def small_convnet(num_classes=10):
   )
 
 
+@functools.lru_cache
+def build(model, input_shape, devices, encoding_seed, statistics_dtype):
+  """One algorithm per configuration: its compiled rounds serve every test
+  whose data has the same shapes (compiling is most of these tests' time)."""
+  return fedacnnl.fedacnnl(
+      model,
+      num_classes=10,
+      input_shape=input_shape,
+      mesh=federated.client_mesh(devices),
+      gamma=GAMMA,
+      encoding_seed=encoding_seed,
+      statistics_dtype=statistics_dtype,
+  )
+
+
 def train(
     model,
     x,
@@ -59,18 +76,16 @@ def train(
     encoding_seed=0,
     statistics_dtype=jax.numpy.float32,
 ):
+  algorithm = build(
+      model,
+      x.shape[1:],
+      tuple(jax.devices() if devices is None else devices),
+      encoding_seed,
+      statistics_dtype,
+  )
   mesh = federated.client_mesh(devices)
   blocks = federated.shard(
       federated.federate(x, y, clients, block_size, num_shards=mesh.size), mesh
-  )
-  algorithm = fedacnnl.fedacnnl(
-      model,
-      num_classes=10,
-      input_shape=x.shape[1:],
-      mesh=mesh,
-      gamma=GAMMA,
-      encoding_seed=encoding_seed,
-      statistics_dtype=statistics_dtype,
   )
   result = fedacnnl.train(algorithm, blocks, jax.random.key(seed))
   return algorithm, result

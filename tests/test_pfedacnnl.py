@@ -1,5 +1,7 @@
 """pFedACnnL: grouping, group meta-models and personalization (section IV)."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -29,18 +31,23 @@ def synthetic():
   return x, y, clients
 
 
-def build(model, x, clients, groups=None):
-  mesh = federated.client_mesh()
-  order = None if groups is None else np.argsort(groups, kind="stable")
-  algorithm = fedacnnl.fedacnnl(
+@functools.lru_cache
+def algorithm_for(model, input_shape):
+  """One algorithm per model: its compiled rounds serve every test whose
+  data has the same shapes (compiling is most of these tests' time)."""
+  return fedacnnl.fedacnnl(
       model,
       num_classes=10,
-      input_shape=x.shape[1:],
-      mesh=mesh,
+      input_shape=input_shape,
+      mesh=federated.client_mesh(),
       gamma=GAMMA,
       statistics_dtype="float64",
   )
-  return algorithm, mesh, order
+
+
+def build(model, x, groups=None):
+  order = None if groups is None else np.argsort(groups, kind="stable")
+  return algorithm_for(model, x.shape[1:]), federated.client_mesh(), order
 
 
 def blocks(x, y, clients, mesh, order=None):
@@ -54,7 +61,7 @@ def test_personalization_matches_a_per_client_float64_reference(mnist):
   x, y, clients = mnist
   model = models.mlp(10)
   counts = data_lib.client_label_histograms(clients, y, 10)
-  algorithm, mesh, _ = build(model, x, clients)
+  algorithm, mesh, _ = build(model, x)
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 3, seed=0)
   data = blocks(x, y, clients, mesh, np.argsort(groups, kind="stable"))
   result = pfedacnnl.train(algorithm, data, jax.random.key(0), groups, eps=EPS)
@@ -83,7 +90,7 @@ def test_group_meta_models_equal_fedacnnl_on_each_group_alone(mnist):
   x, y, clients = mnist
   model = models.mlp(10)
   groups = np.arange(len(clients)) % 3
-  algorithm, mesh, order = build(model, x, clients, groups)
+  algorithm, mesh, order = build(model, x, groups)
   meta = pfedacnnl.train(
       algorithm,
       blocks(x, y, clients, mesh, order),
@@ -108,7 +115,7 @@ def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
   x, y, clients = synthetic
   model = models.logistic_regression(10)
   groups = np.zeros(len(clients), np.int32)
-  algorithm, mesh, _ = build(model, x, clients)
+  algorithm, mesh, _ = build(model, x)
   data = blocks(x, y, clients, mesh)
   meta = pfedacnnl.train(
       algorithm, data, jax.random.key(0), groups, personalized=False
@@ -139,7 +146,7 @@ def test_one_group_is_the_wc_variant(mnist):
   x, y, clients = mnist
   model = models.mlp(10)
   counts = data_lib.client_label_histograms(clients, y, 10)
-  algorithm, mesh, _ = build(model, x, clients)
+  algorithm, mesh, _ = build(model, x)
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 1, seed=0)
   np.testing.assert_array_equal(groups, 0)
   data = blocks(x, y, clients, mesh)
@@ -190,7 +197,7 @@ def test_bad_settings_are_rejected(synthetic):
   with pytest.raises(ValueError, match="num_groups"):
     pfedacnnl.group_clients(np.zeros((4, 2)), 5, seed=0)
   model = models.logistic_regression(10)
-  algorithm, mesh, _ = build(model, x, clients)
+  algorithm, mesh, _ = build(model, x)
   with pytest.raises(ValueError, match="eps"):
     pfedacnnl.train(
         algorithm,
@@ -213,7 +220,7 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist):
       federated.federate(x, y, clients, 16, num_shards=mesh.size), mesh
   )
   groups = np.zeros(len(clients), np.int32)
-  algorithm, _, _ = build(model, x, clients)
+  algorithm, _, _ = build(model, x)
   meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
   params = algorithm.factored(tuple(s[groups] for s in meta.solutions))
   solved = [  # dual where it fits; never
