@@ -10,6 +10,9 @@ of its segment as soon as it is produced, so a device holds
   float64)  =  (2 S + 3) d^2 x 8 bytes
 
 with S = 1 for FedACnnL and S = K for the group meta-models (eq. 10, 11).
+With more sums than edges of the devices (K > 2 D), the server solves each
+group as soon as it is complete, as personalization does below: then it
+also holds the edge terms, 7 + 4 D (the model counts the larger).
 Personalization (eq. 12, 13) solves each client's statistics as soon as they
 are complete (`federated.segment_sum`'s finalize) and keeps only its
 d x d_y solution: a device holds the running sums, the segments at its two
@@ -130,9 +133,10 @@ def estimate(
   for positions, width in design_shapes(model, input_shape):
     samples_per_step = max(1, rows_per_step // positions, block_size)
     rows = 2 * samples_per_step * positions * width * 4
+    edges = 7 + 4 * (mesh_size or num_devices)  # finalized as they go
     counts = [2 * num_groups + 3]
-    if personalized:
-      counts.append(7 + 4 * (mesh_size or num_devices))
+    if personalized or num_groups > 2 * (mesh_size or num_devices):
+      counts.append(edges)
     for copies in counts:
       term = copies * width * width * 8 + rows
       if num_devices * term > statistics:

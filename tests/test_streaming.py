@@ -23,12 +23,14 @@ from tests.test_fedacnnl import small_convnet
 
 @pytest.fixture(scope="module")
 def cifar(data_dir):
-  """240 real CIFAR-10 images over 8 clients in 3 groups, on 8 devices."""
+  """240 real CIFAR-10 images over 20 clients in 3 groups, on 8 devices:
+  more clients than the devices' 16 edges, so personalization solves them
+  as they complete (`federated.segment_sum`), gathering the edges."""
   ds = data_lib.load_cifar10(data_dir)
   x = data_lib.preprocess("cifar10", ds.x_train[:240])
   y = ds.y_train[:240]
-  clients = data_lib.dirichlet_partition(y, 8, 0.5, seed=0, min_size=5)
-  groups = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
+  clients = data_lib.dirichlet_partition(y, 20, 0.5, seed=0, min_size=5)
+  groups = np.arange(20, dtype=np.int32) % 3
   mesh = federated.client_mesh()
   model = small_convnet()
   algorithm = fedacnnl.fedacnnl(
@@ -115,5 +117,8 @@ def test_memory_model_grows_with_groups_and_width_not_clients():
   assert expected(groups=1).copies == 11
   assert expected(groups=1, mesh=8).copies == 39
   assert expected(groups=1, personalized=False).copies == 5
+  # Group sums: 2 K + 3, or the edges (7 + 4 D) once K > 2 D.
+  assert expected(groups=3, personalized=False).copies == 11
+  assert expected(groups=3, personalized=False, mesh=2).copies == 9
   assert expected(blocks=10_000).statistics == full.statistics
   assert expected(width=0.0625).widest == 3 * 3 * 128 + 1
