@@ -67,12 +67,13 @@ class FedACnnL(NamedTuple):
     solve: (layer, params, data, param_index, segment_index, num_segments,
       reg, prior [S, d, d_y] or None, dual) -> P_l [S, d, d_y], the
       label-space solution (W_l = P_l Q_l, see `solve`) of every segment's
-      statistics (eq. 6 summed per segment): the server's eq. 5 / 11 (segments: all
-      clients or a group, reg = gamma, no prior) or a client's eq. 13
-      (reg = eps, the meta-model's P as prior). Each segment's statistics
-      are solved as soon as they are complete and never stored
-      (`federated.segment_sum`'s finalize), so a d x d sum exists only
-      while it is formed; every device solves the segments it completes.
+      statistics (eq. 6 summed per segment): the server's eq. 5 / 11
+      (segments: all clients or a group, reg = gamma, no prior) or a
+      client's eq. 13 (reg = eps, the meta-model's P as prior). Each
+      segment's statistics are solved as soon as they are complete and
+      never stored (`federated.segment_sum`'s finalize), so a d x d sum
+      exists only while it is formed; every device solves the segments it
+      completes.
       With `dual` (static; the clients' eq. 13), a segment with at most
       d / 2 (padded) design rows lying on one device is solved in the dual
       form instead, from its rows (`federated.segment_apply`,

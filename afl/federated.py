@@ -297,6 +297,29 @@ def _edge_segments(counts: jax.Array, segment_index: jax.Array):
   )
 
 
+def _varying_zeros(shapes, lead=()):
+  """Zeros shaped like the pytree `shapes` (with leading axes `lead`),
+  varying over the devices like the per-device results they accumulate."""
+  return jax.tree.map(
+      lambda s: jax.lax.pcast(
+          jnp.zeros(lead + s.shape, s.dtype), CLIENTS, to="varying"
+      ),
+      shapes,
+  )
+
+
+def _set_row(acc, value, index):
+  """acc[index] = value for every leaf of the pytrees (a dynamic-slice
+  update: XLA's CPU scatter goes element by element)."""
+  return jax.tree.map(
+      lambda total, v: jax.lax.dynamic_update_index_in_dim(
+          total, v.astype(total.dtype), index, 0
+      ),
+      acc,
+      value,
+  )
+
+
 def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
   """finalize(sums[s], s, finalize_args) for every segment s, segment s on
   device s mod D; zeros for a segment that is not `present`.
@@ -321,13 +344,7 @@ def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
 
       def write(acc):
         kept = finalize(_take(sums, segment), segment, finalize_args)
-        return jax.tree.map(
-            lambda total, value: jax.lax.dynamic_update_index_in_dim(
-                total, value.astype(total.dtype), segment, 0
-            ),
-            acc,
-            kept,
-        )
+        return _set_row(acc, kept, segment)
 
       inside = segment < num_segments
       return jax.lax.cond(
@@ -337,12 +354,7 @@ def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
           acc,
       )
 
-    acc = jax.tree.map(
-        lambda s: jax.lax.pcast(
-            jnp.zeros((num_segments,) + s.shape, s.dtype), CLIENTS, to="varying"
-        ),
-        kept_shapes,
-    )
+    acc = _varying_zeros(kept_shapes, (num_segments,))
     acc = jax.lax.fori_loop(0, -(-num_segments // mesh.size), one, acc)
     return jax.lax.psum(acc, CLIENTS)
 
@@ -469,15 +481,6 @@ def segment_sum(
   )
   flush_blocks = 8 * largest  # the most blocks summed in block_fn's dtype
 
-  def varying_zeros(shapes, lead=()):
-    """Zeros shaped like `shapes` (with leading axes `lead`)."""
-    return jax.tree.map(
-        lambda s: jax.lax.pcast(  # varies over devices, like what it sums
-            jnp.zeros(lead + s.shape, s.dtype), CLIENTS, to="varying"
-        ),
-        shapes,
-    )
-
   def local(params, x, y, mask, param_index, segment_index, finalize_args):
     num = x.shape[0]
     counts = mask.any(axis=1) & (segment_index >= 0)  # [num] blocks that count
@@ -534,7 +537,7 @@ def segment_sum(
         )
 
       _, running = jax.lax.while_loop(
-          lambda carry: carry[0] < stop, step, (index, varying_zeros(one))
+          lambda carry: carry[0] < stop, step, (index, _varying_zeros(one))
       )
       return stop, jax.tree.map(lambda a: a.astype(jnp.float64), running)
 
@@ -574,7 +577,7 @@ def segment_sum(
       return jax.lax.while_loop(
           lambda carry: segment_at[next_[carry[0]]] == segment,
           more,
-          (index, varying_zeros(sum_shapes)),
+          (index, _varying_zeros(sum_shapes)),
       )
 
     zero = jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying")
@@ -590,7 +593,7 @@ def segment_sum(
     index, acc = jax.lax.while_loop(
         lambda carry: next_[carry[0]] < tail,
         middle_segment,
-        (index, varying_zeros(kept_shapes, (num_segments,))),
+        (index, _varying_zeros(kept_shapes, (num_segments,))),
     )
     _, last = segment_total(index, jnp.where(last_id >= 0, last_id, -2))
     if finalize is None:
@@ -715,12 +718,7 @@ def segment_apply(
         & (segment != last)
     )
     chosen = jnp.nonzero(take, size=num, fill_value=num)[0]
-    acc = jax.tree.map(
-        lambda s: jax.lax.pcast(
-            jnp.zeros((num_segments,) + s.shape, s.dtype), CLIENTS, to="varying"
-        ),
-        out_shapes,
-    )
+    acc = _varying_zeros(out_shapes, (num_segments,))
 
     def branch(blocks):
       def apply(start):
@@ -751,13 +749,7 @@ def segment_apply(
       out = jax.lax.switch(
           length[start] - 1, [branch(b) for b in sizes], start
       )
-      return jax.tree.map(
-          lambda total, value: jax.lax.dynamic_update_index_in_dim(
-              total, value.astype(total.dtype), segment[start], 0
-          ),
-          acc,
-          out,
-      )
+      return _set_row(acc, out, segment[start])
 
     acc = jax.lax.fori_loop(0, take.sum(), body, acc)
     # A block is taken with its run: mark the runs that begin at a take.

@@ -130,13 +130,13 @@ def estimate(
   data = 3 * num_blocks * block_size * (features * 4 + 4 + 1)
   statistics = 0
   widest, most = 0, 0
+  mesh = mesh_size or num_devices
+  counts = [2 * num_groups + 3]  # sums added up
+  if personalized or num_groups > 2 * mesh:
+    counts.append(7 + 4 * mesh)  # finalized as they go, edges gathered
   for positions, width in design_shapes(model, input_shape):
     samples_per_step = max(1, rows_per_step // positions, block_size)
     rows = 2 * samples_per_step * positions * width * 4
-    edges = 7 + 4 * (mesh_size or num_devices)  # finalized as they go
-    counts = [2 * num_groups + 3]
-    if personalized or num_groups > 2 * (mesh_size or num_devices):
-      counts.append(edges)
     for copies in counts:
       term = copies * width * width * 8 + rows
       if num_devices * term > statistics:
