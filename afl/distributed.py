@@ -6,7 +6,18 @@ processes' devices), each process fills only its own devices' client blocks
 (`federated.distribute`), the `psum` inside the client map's `shard_map`
 adds the statistics of all processes (gloo collectives on CPU, NCCL on GPU),
 the server solve's result is replicated on every process, and only process 0
-writes files.
+writes files. Every process reads the dataset files (the partition needs all
+labels) and computes the same partition and block layout, but gathers only
+its own clients' samples into device memory; shapes depend on N, C and the
+global device count only, so 2 processes x 2 devices lay out the blocks as
+1 process x 4 devices does (the tests hold 2 processes x 2 devices to one
+process of 8 devices: FedACnnL and pFedACnnL weights equal to 1e-5).
+Host-side decisions that could differ between hosts, pFedACnnL's K-means
+grouping (eq. 9), are broadcast from process 0 (`same_on_all_processes`);
+evaluation counts are summed across processes by the same client map.
+`--num_devices` must stay 0 (all devices) with several processes. The
+gradient baselines (`baselines.experiment`) do not take this path: they
+run on one process's local devices.
 
 `initialize()` joins the runtime when the environment asks for it:
   * `AFL_COORDINATOR_ADDRESS`, `AFL_NUM_PROCESSES`, `AFL_PROCESS_ID` (set by

@@ -16,8 +16,10 @@ chunk of blocks, never O(num_blocks d^2).
 
 Precision: the forward pass is float32 (the model's dtype); each block's
 products are float32 (fast) or float64 (`dtype`), and every block's result
-is converted to float64 before it is accumulated; the server solve is
-float64 (this needs jax_enable_x64, which importing `afl` turns on).
+is converted to float64 before it is accumulated (this needs
+jax_enable_x64, which importing `afl` turns on); the solves are float64, or a
+float32 factorization refined with a float64 residual where the system is
+provably well-conditioned (`afl.solve`).
 Accumulating all blocks in float32 would lose about 1e-5 of relative
 accuracy, which the conditioning of eq. 5 (about 2e4 on MNIST with
 gamma = 100) amplifies in the weights. Measured against a float64 reference:

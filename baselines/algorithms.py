@@ -18,7 +18,14 @@ FedAvg / FedZO and pFedMe / pFedZO are one function each.
   decay 5e-4); the server averages the client models. (The FedSGD form, one
   server step per round from the clients' estimates over all their samples,
   takes 20 steps in the paper's 20 rounds: even the exact gradient at lr 0.05
-  reaches 45% on MNIST-MLP that way.)
+  reaches 45% on MNIST-MLP that way.) Deviations from the authors' code
+  (FengHZ/BAFFLE), for cost or for the shared set-up: batch 200 instead of
+  32 (a step's cost is drawing its K x d normals, about the same at either
+  batch, so an epoch at 32 costs about 5x more; `baselines.experiment`),
+  the pFedACnnL paper's models instead of their Hardswish LeNet,
+  sample-weighted averaging (theirs: equal clients), Adam's moments
+  restarted every round (theirs persist per client) and no EMA of the
+  tested model.
 * pFedMe (T. Dinh et al., 2020): per local step on a batch, K steps on the
   personalized model of the Moreau-envelope problem
   theta <- theta - personal_lr (grad f_i(theta) + lam (theta - w_i)), then

@@ -53,9 +53,10 @@ models, so it is simulated first, deterministically (ties: lower client
 first), and training replays it. Clients whose computations are under way
 at the same time are computed together: a start only records the client's
 copy; at the first arrival whose update is not computed yet, all started,
-uncomputed computations run in one vmapped call (padded to a power of two,
-so a run compiles a few shapes), and their updates are applied one by one
-in arrival order.
+uncomputed computations run in one call (a `lax.map` over them that vmaps
+`lanes` clients at a time, sized as the lane driver sizes its lanes; padded
+to a power of two, so a run compiles about log2 C shapes), and their
+updates are applied one by one in arrival order.
 
 Batches: a client's computation j draws a random permutation of its samples
 (key: root, client, j) and cycles through it, batch k holding positions
