@@ -1,8 +1,13 @@
 """Analytic (gradient-free) personalized federated learning in JAX.
 
 FedACnnL and pFedACnnL (Gu et al., "Analytic Personalized Federated
-Meta-Learning") on Flax models, with the data pipeline and evaluation they
-share with the gradient and zeroth-order baselines.
+Meta-Learning") on Flax models, with the data pipeline, the run loop and
+the evaluation they share with the gradient and zeroth-order baselines
+(`baselines`, registered by `import baselines`).
+
+  config = afl.get_config(algorithm="pfedacnnl", dataset="mnist", ...)
+  results = afl.train_and_evaluate(config, "runs/pfedacnnl")
+  params = afl.load_params("runs/pfedacnnl", client=3)
 
 Importing `afl` enables float64 in JAX (`jax_enable_x64`): client statistics
 are accumulated and solved in float64 (see `afl.statistics`). Models, data and
@@ -24,3 +29,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_enable_x64", True)
+
+# The public API; importing `afl.analytic` registers the analytic algorithms.
+from afl import analytic  # pylint: disable=g-import-not-at-top,wrong-import-position
+from afl.config import get_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from afl.results import load_params  # pylint: disable=g-import-not-at-top,wrong-import-position
+from afl.runtime import run_or_reuse  # pylint: disable=g-import-not-at-top,wrong-import-position
+from afl.runtime import train_and_evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position

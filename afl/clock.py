@@ -638,16 +638,16 @@ def _statistics_step_flops(
 BATCH_SIZE_BYTES = 4  # the next round's batch size, sent as an int32
 
 
-def analytic_round_hook(
-    clock: Clock,
+def analytic_work(
     model,
     input_shape: tuple[int, ...],
     num_classes: int,
     statistics_dtype,
     client_sizes: np.ndarray,
-) -> Callable[..., dict]:
-  """The per-round callback of `fedacnnl.train`: layer -> timing record. Every client processes its |D_i| samples in batches of
-  `clock.batch_size`, uploads its statistics (the [d - 1, d - 1] Gram, the
+) -> Callable[[int, np.ndarray], ClientWork]:
+  """(layer, batch sizes [C]) -> what every client does in FedACnnL's round
+  of that layer. Every client processes its |D_i| samples in batches of the
+  given sizes, uploads its statistics (the [d - 1, d - 1] Gram, the
   [d - 1, d_y] label sums and the [d_y] label counts, float64 as this
   implementation sums them) and downloads the layer's weights (the full
   W_l, as the paper's server sends it) and its next batch size. (The paper
@@ -655,7 +655,6 @@ def analytic_round_hook(
   information in fewer bytes when d_y <= d_l.) The clients' computation is
   costed as the paper's: the forward pass through the full W_l, not the
   factored pass this implementation runs (`fedacnnl`)."""
-
   sizes = np.asarray(client_sizes, np.int64)
   ones = np.ones_like(sizes)
   params = jax.eval_shape(
@@ -667,7 +666,7 @@ def analytic_round_hook(
       jax.ShapeDtypeStruct((1,), np.bool_),
   )
 
-  def on_round(layer) -> dict:
+  def work(layer: int, batch_size: np.ndarray) -> ClientWork:
     flops = statistics_step_flops(
         model, layer, tuple(input_shape), num_classes, statistics_dtype
     )
@@ -683,15 +682,13 @@ def analytic_round_hook(
         *sample,
     )
     layer_params = params["params"][models.layer_name(layer)]
-    return clock.round(
-        ClientWork(
-            sizes,
-            clock.batch_size,
-            flops.fixed,
-            flops.per_sample,
-            ones * memory.tree_bytes(uploaded),
-            ones * (memory.tree_bytes(layer_params) + BATCH_SIZE_BYTES),
-        )
+    return ClientWork(
+        sizes,
+        batch_size,
+        flops.fixed,
+        flops.per_sample,
+        ones * memory.tree_bytes(uploaded),
+        ones * (memory.tree_bytes(layer_params) + BATCH_SIZE_BYTES),
     )
 
-  return on_round
+  return work

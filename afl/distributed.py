@@ -80,3 +80,17 @@ def same_on_all_processes(value: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(value)
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  """Host arrays (the same on every process) placed whole on every device
+  of `mesh`, which may span processes."""
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(leaf):
+    leaf = np.asarray(leaf)
+    return jax.make_array_from_callback(
+        leaf.shape, everywhere, lambda index: leaf[index]
+    )
+
+  return jax.tree.map(place, tree)

@@ -1,4 +1,5 @@
-"""Per-client test accuracy and the overall accuracy (section V-A).
+"""Per-client test accuracy and the overall accuracy (section V-A), and the
+training loss of the tested models.
 
 Each client is tested with its own model (`param_index` picks it among the
 stacked params: one global model for FedACnnL, one per group or client for
@@ -12,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from afl import federated
 
@@ -69,14 +71,44 @@ def evaluate(
   )
 
 
-@functools.lru_cache(maxsize=64)
-def _counter(apply_fn, mesh: jax.sharding.Mesh):
-  """(params, data, param_index) -> per-client (correct, count), jitted once
-  per model and mesh."""
+def mean_cross_entropy(apply_fn, params, x, y, mask) -> jax.Array:
+  """Softmax cross-entropy averaged over the real (masked) samples."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      apply_fn(params, x), y
+  )
+  return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
 
-  def block_fn(params, x, y, mask):
-    hits = (apply_fn(params, x).argmax(-1) == y) & mask
-    return hits.sum(), mask.sum()
+
+def mean_loss(
+    apply_fn,
+    params,
+    data: federated.FederatedData,
+    mesh: jax.sharding.Mesh,
+    client_model: np.ndarray,
+) -> float:
+  """The cross-entropy of every client's model on its samples in `data`,
+  averaged over all samples (the training loss of the tested models)."""
+  param_index = jnp.asarray(client_model, jnp.int32)[data.client]
+  loss_sum, count = _counter(apply_fn, mesh, "loss")(params, data, param_index)
+  return float(np.sum(loss_sum) / max(np.sum(count), 1))
+
+
+def _correct(apply_fn, params, x, y, mask):
+  hits = (apply_fn(params, x).argmax(-1) == y) & mask
+  return hits.sum(), mask.sum()
+
+
+def _loss(apply_fn, params, x, y, mask):
+  loss = mean_cross_entropy(apply_fn, params, x, y, mask)
+  return loss * mask.sum(), mask.sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _counter(apply_fn, mesh: jax.sharding.Mesh, what: str = "correct"):
+  """(params, data, param_index) -> per-client sums of `what` ("correct":
+  (correct, count), "loss": (loss sum, count)), jitted once per model, mesh
+  and what."""
+  block_fn = functools.partial({"correct": _correct, "loss": _loss}[what], apply_fn)
 
   @jax.jit
   def count(params, data, param_index):

@@ -25,17 +25,15 @@ ordinary Flax params, W_l = P_l Q_l formed once at the end (`expand`).
 
 The builder `fedacnnl` returns the algorithm's pure functions, jitted, with
 its configuration (model, gamma, label encodings, mesh) in the closure;
-`train` runs the L rounds and times them.
+`solve_layer` is one round; `afl.analytic` composes the rounds into the
+registered algorithms.
 """
 
 import functools
-import time
 from typing import Any, Callable, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from afl import encoding
 from afl import federated
@@ -43,7 +41,6 @@ from afl import layers
 from afl import models
 from afl import solve
 from afl import statistics
-from afl import timing
 
 Params = Any  # Flax params, stacked on a leading model axis
 
@@ -310,141 +307,36 @@ def fedacnnl(
   )
 
 
-class TrainResult(NamedTuple):
-  """Output of `train`.
-
-  Attributes:
-    params: the model's Flax params stacked [num_models, ...].
-    rounds: one record per round (layer): widths and times in seconds.
-    wall_time_s: training time without compilation.
-    compile_time_s: time spent tracing and compiling during training.
-    solutions: the label-space solutions P_l [num_models, d, d_y] of every
-      layer (W_l = P_l Q_l); those of `train` are the priors of eq. 13.
-  """
-
-  params: Params
-  rounds: list[dict[str, Any]]
-  wall_time_s: float
-  compile_time_s: float
-  solutions: tuple[jax.Array, ...]
-
-
-def layer_by_layer(
-    algorithm: FedACnnL,
-    params: Params,
-    stage: str,
-    layer_step,
-    first_round: int = 1,
-) -> TrainResult:
-  """Runs one round per layer, timing and logging each.
-
-  Args:
-    algorithm: from `fedacnnl`.
-    params: stacked factored params to start from.
-    stage: a name for the records ("federated", "personalization").
-    layer_step: (layer, params) -> (params, P_l, record): the factored
-      params with layer l solved, its solution [num_models, d, d_y], and a
-      record that holds "width", "outputs" and "statistics_s" (seconds until
-      the statistics were ready); the rest of the round is counted as
-      solving. The last round also forms the full model (`expand`).
-    first_round: number of the first round (rounds continue across stages).
-
-  Returns:
-    TrainResult with the model's params and every layer's solution.
-  """
-  rounds, solutions = [], []
-  with timing.CompileClock() as compile_clock:
-    start = time.perf_counter()
-    for layer in range(algorithm.num_layers):
-      round_start = time.perf_counter()
-      compile_before = compile_clock.seconds
-      params, solution, record = layer_step(layer, params)
-      solutions.append(solution)
-      if layer + 1 == algorithm.num_layers:
-        params = algorithm.expand(tuple(solutions))
-      jax.block_until_ready(params)
-      record = {
-          "round": first_round + layer,
-          "stage": stage,
-          "layer": models.layer_name(layer),
-          **record,
-          "solve_s": (
-              time.perf_counter() - round_start - record["statistics_s"]
-          ),
-          "compile_s": compile_clock.seconds - compile_before,
-      }
-      rounds.append(record)
-      logging.info(
-          "round %d (%s) %s: d=%d -> %d, statistics %.3fs, solve %.3fs "
-          "(compile %.3fs)",
-          record["round"],
-          stage,
-          record["layer"],
-          record["width"],
-          record["outputs"],
-          record["statistics_s"],
-          record["solve_s"],
-          record["compile_s"],
-      )
-    total = time.perf_counter() - start
-  return TrainResult(
-      params,
-      rounds,
-      total - compile_clock.seconds,
-      compile_clock.seconds,
-      tuple(solutions),
-  )
-
-
-def train(
+def solve_layer(
     algorithm: FedACnnL,
     data: federated.FederatedData,
-    key: jax.Array,
-    client_group: np.ndarray | None = None,
-    num_groups: int = 1,
-    on_round: Callable[..., dict] | None = None,
-) -> TrainResult:
-  """Runs the L federated rounds (eq. 5, or eq. 11 per group).
+    layer: int,
+    params: Params,
+    block_group: jax.Array,
+    num_groups: int,
+) -> jax.Array:
+  """Round `layer` of FedACnnL: every client's eq. 6 statistics through the
+  solved layers, summed per group and solved (eq. 5, or eq. 11 per group).
 
   Args:
     algorithm: from `fedacnnl`.
     data: training blocks, sharded over the algorithm's mesh.
-    key: initializes the (overwritten) weights.
-    client_group: [C] group of each client, or None for one global model.
+    layer: l (0-based).
+    params: factored params [num_groups, ...] with layers < l solved.
+    block_group: [num_blocks] the group of each block's client (zeros for
+      one global model).
     num_groups: K.
-    on_round: layer -> dict, called after every round; its dict joins the
-      round's record (the simulated time of `clock.analytic_round_hook`).
 
   Returns:
-    TrainResult with params stacked [num_groups, ...].
+    P_l [num_groups, d, d_y].
   """
-  if client_group is None:
-    block_group = jnp.zeros_like(data.client)
-  else:
-    block_group = jnp.asarray(client_group, jnp.int32)[data.client]
-
-  def layer_step(layer, params):
-    start = time.perf_counter()
-    solution = jax.block_until_ready(
-        algorithm.solve(
-            layer,
-            params,
-            data,
-            block_group,
-            block_group,
-            num_groups,
-            algorithm.gamma,
-            dual=False,
-        )
-    )
-    return algorithm.write_layer(layer, params, solution), solution, {
-        "width": int(solution.shape[-2]),
-        "outputs": int(algorithm.encodings[layer].shape[-1]),
-        # One pass forms the statistics (eq. 6) and solves their sums.
-        "statistics_s": time.perf_counter() - start,
-        **(on_round(layer) if on_round else {}),
-    }
-
-  return layer_by_layer(
-      algorithm, algorithm.init(key, num_groups), "federated", layer_step
+  return algorithm.solve(
+      layer,
+      params,
+      data,
+      block_group,
+      block_group,
+      num_groups,
+      algorithm.gamma,
+      dual=False,
   )

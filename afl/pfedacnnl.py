@@ -34,7 +34,6 @@ O(devices d^2 + C d d_y), never O(C d^2).
 """
 
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,145 +104,44 @@ def grouping_report(groups: np.ndarray, counts: np.ndarray) -> str:
   return "\n".join(lines)
 
 
-def personalize(
+def personalize_layer(
     algorithm: fedacnnl.FedACnnL,
     data: federated.FederatedData,
-    meta: fedacnnl.TrainResult,
-    client_group: np.ndarray,
+    layer: int,
+    params: fedacnnl.Params,
+    prior: jax.Array,
     eps: float,
-    first_round: int = 1,
-) -> fedacnnl.TrainResult:
-  """Local personalization (eq. 13) of every client, layer by layer.
+) -> jax.Array:
+  """Personalization round `layer` (eq. 12, 13) of every client at once.
 
   Args:
     algorithm: the FedACnnL functions (statistics, solve, write).
     data: training blocks, sharded over the algorithm's mesh; each client's
       blocks next to each other (as `federated.federate` lays them out).
-    meta: the meta-models (`fedacnnl.train` over K groups): their
-      label-space solutions start every client and are the priors
-      (M^[k] = P^[k] Q_l, see `solve`).
-    client_group: [C] group of each client.
+    layer: l (0-based).
+    params: factored params [C, ...], each client's personalized layers < l
+      and its group's meta-model after.
+    prior: [C, d, d_y] the label-space solution of each client's group
+      meta-model (M^[k] = P^[k] Q_l, see `solve`).
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
-    first_round: numbering of the first personalization round.
 
   Returns:
-    TrainResult with params stacked [C, ...], one personalized model per
-    client.
+    [C, d, d_y] each client's P_l. A client without training samples has
+    G_i = 0, H_i = 0: eq. 13 gives its meta-model, which it keeps (the pass
+    finalizes only clients it sees).
   """
-  if eps <= 0:
-    raise ValueError(f"eps must be > 0, got {eps}")
-  client_group = np.asarray(client_group, np.int32)
-  priors = tuple(s[client_group] for s in meta.solutions)  # [C, d, d_y] each
-  # A client without training samples has G_i = 0, H_i = 0: eq. 13 gives
-  # its meta-model, which is what it keeps (the pass finalizes only
-  # clients it sees).
+  solution = algorithm.solve(
+      layer,
+      params,
+      data,
+      data.client,
+      data.client,
+      data.num_clients,
+      eps,
+      prior,
+  )
   has_data = jnp.asarray(data.client_sizes() > 0)[:, None, None]
-
-  def layer_step(layer, params):
-    began = time.perf_counter()
-    prior = priors[layer]
-    solution = jax.block_until_ready(
-        algorithm.solve(
-            layer,
-            params,
-            data,
-            data.client,
-            data.client,
-            data.num_clients,
-            eps,
-            prior,
-        )
-    )
-    solution = jnp.where(has_data, solution, prior)
-    return algorithm.write_layer(layer, params, solution), solution, {
-        "width": int(prior.shape[-2]),
-        "outputs": int(algorithm.encodings[layer].shape[-1]),
-        # One pass forms and solves every client's statistics.
-        "statistics_s": time.perf_counter() - began,
-    }
-
-  return fedacnnl.layer_by_layer(
-      algorithm,
-      algorithm.factored(priors),
-      "personalization",
-      layer_step,
-      first_round,
-  )
-
-
-class PFedACnnLResult(NamedTuple):
-  """Output of `train`.
-
-  Attributes:
-    params: stacked params: [C, ...] personalized models, or [K, ...] group
-      meta-models without personalization.
-    client_model: [C] index of each client's model in `params`.
-    groups: [C] group of each client.
-    rounds: per-round records of both stages.
-    wall_time_s: all stages, without compilation.
-    compile_time_s: compilation during training.
-    grouping_s: the initialization stage (encoding and K-means).
-  """
-
-  params: fedacnnl.Params
-  client_model: np.ndarray
-  groups: np.ndarray
-  rounds: list
-  wall_time_s: float
-  compile_time_s: float
-  grouping_s: float
-
-
-def train(
-    algorithm: fedacnnl.FedACnnL,
-    data: federated.FederatedData,
-    key: jax.Array,
-    groups: np.ndarray,
-    *,
-    eps: float = 2500.0,
-    personalized: bool = True,
-    grouping_s: float = 0.0,
-    on_round=None,
-) -> PFedACnnLResult:
-  """Stages 2 and 3 of pFedACnnL for a given grouping (see `assign_groups`).
-
-  Args:
-    algorithm: from `fedacnnl.fedacnnl` (its gamma is the meta-models').
-    data: training blocks; laying clients out by group (`federate(...,
-      order=np.argsort(groups, kind="stable"))`) makes the group sums faster.
-    key: initializes the (overwritten) weights.
-    groups: [C] group of each client (K = groups.max() + 1).
-    eps: epsilon of eq. 13.
-    personalized: False for pFedACnnL-WP.
-    grouping_s: time of the initialization stage, added to the wall time.
-    on_round: per federated round, see `fedacnnl.train` (the simulated
-      clock; personalization has no communication and is not timed).
-  """
-  groups = np.asarray(groups, np.int32)
-  num_groups = int(groups.max()) + 1
-  meta = fedacnnl.train(algorithm, data, key, groups, num_groups, on_round)
-  if not personalized:
-    return PFedACnnLResult(
-        meta.params,
-        groups,
-        groups,
-        meta.rounds,
-        meta.wall_time_s + grouping_s,
-        meta.compile_time_s,
-        grouping_s,
-    )
-  local = personalize(
-      algorithm, data, meta, groups, eps, algorithm.num_layers + 1
-  )
-  return PFedACnnLResult(
-      local.params,
-      np.arange(data.num_clients),
-      groups,
-      meta.rounds + local.rounds,
-      meta.wall_time_s + local.wall_time_s + grouping_s,
-      meta.compile_time_s + local.compile_time_s,
-      grouping_s,
-  )
+  return jnp.where(has_data, solution, prior)
 
 
 def assign_groups(

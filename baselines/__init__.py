@@ -1,4 +1,11 @@
-"""Gradient and zeroth-order baselines on the same Flax models: FedAvg, FedZO,
-BAFFLE, pFedMe and pFedZO (local: the client map; zeroth_order: the
-estimators; algorithms; experiment: runs and results), the nu-step meta-FL
-FedAvg (meta_fl) and PersA-FL's asynchronous server (persafl)."""
+"""Gradient and zeroth-order baselines on the same Flax models and run loop:
+FedAvg, FedZO, BAFFLE, pFedMe and pFedZO (algorithms: their local training
+and server updates; zeroth_order: the estimators), the nu-step meta-FL
+FedAvg (meta_fl) and PersA-FL's asynchronous server (persafl).
+
+Importing the package registers them (`iterative`, `persafl`) with
+`afl.registry`, so that `afl.train_and_evaluate` runs them by name.
+"""
+
+from baselines import iterative  # registers the synchronous baselines
+from baselines import persafl  # registers PersA-FL

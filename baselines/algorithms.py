@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from baselines import local as local_lib
+from afl import evaluation
+from afl import lanes
 from baselines import zeroth_order
 
 Params = Any
@@ -64,16 +65,8 @@ class Baseline(NamedTuple):
     server: (server model, mean upload) -> next server model.
   """
 
-  local: local_lib.LocalTraining
+  local: lanes.LocalTraining
   server: Callable[[Params, Any], Params]
-
-
-def mean_cross_entropy(apply_fn, params, x, y, mask) -> jax.Array:
-  """Softmax cross-entropy averaged over the real (masked) samples."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      apply_fn(params, x), y
-  )
-  return jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
 
 
 def first_order() -> Gradient:
@@ -105,13 +98,13 @@ def local_sgd(
   def step(carry, x, y, mask, key):
     params, state = carry
     loss, grads = gradient(
-        lambda p: mean_cross_entropy(apply_fn, p, x, y, mask), params, key
+        lambda p: evaluation.mean_cross_entropy(apply_fn, p, x, y, mask), params, key
     )
     updates, state = optimizer.update(grads, state, params)
     return (optax.apply_updates(params, updates), state), loss
 
   return Baseline(
-      local_lib.LocalTraining(init, step, upload=lambda carry: carry[0]),
+      lanes.LocalTraining(init, step, upload=lambda carry: carry[0]),
       server=lambda params, mean: mean,
   )
 
@@ -210,7 +203,7 @@ def moreau(
 
     def inner(theta, index):
       loss, grads = gradient(
-          lambda p: mean_cross_entropy(apply_fn, p, x, y, mask),
+          lambda p: evaluation.mean_cross_entropy(apply_fn, p, x, y, mask),
           theta,
           jax.random.fold_in(key, index),
       )
@@ -224,7 +217,7 @@ def moreau(
     return (theta, w), losses[-1]
 
   return Baseline(
-      local_lib.LocalTraining(
+      lanes.LocalTraining(
           init,
           step,
           upload=lambda carry: carry[1],

@@ -46,8 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afl import evaluation
+from afl import lanes
 from baselines import algorithms
-from baselines import local as local_lib
 
 META_GRADIENTS = ("exact", "first_order")
 
@@ -92,10 +93,10 @@ def split_batch(x, y, mask, parts: int):
 
 def meta_local(
     apply_fn, lr: float, alpha: float, nu: int, exact: bool
-) -> local_lib.LocalTraining:
+) -> lanes.LocalTraining:
   """A client's local SGD on the nu-step meta-objective (module docstring):
   every step takes one batch of (nu + 1) b rows."""
-  loss_fn = functools.partial(algorithms.mean_cross_entropy, apply_fn)
+  loss_fn = functools.partial(evaluation.mean_cross_entropy, apply_fn)
 
   def init(params, key):
     del key
@@ -109,7 +110,7 @@ def meta_local(
     )
     return jax.tree.map(lambda p, g: p - lr * g, params, grads), loss
 
-  return local_lib.LocalTraining(init, step, upload=lambda params: params)
+  return lanes.LocalTraining(init, step, upload=lambda params: params)
 
 
 def meta_fedavg(
@@ -128,18 +129,18 @@ def meta_fedavg(
   )
 
 
-def fine_tune_local(apply_fn, alpha: float) -> local_lib.LocalTraining:
+def fine_tune_local(apply_fn, alpha: float) -> lanes.LocalTraining:
   """SGD of size alpha from the server model, the result as personal model."""
 
   def step(params, x, y, mask, key):
     del key
-    loss, grads = jax.value_and_grad(algorithms.mean_cross_entropy, argnums=1)(
+    loss, grads = jax.value_and_grad(evaluation.mean_cross_entropy, argnums=1)(
         apply_fn, params, x, y, mask
     )
     return jax.tree.map(lambda p, g: p - alpha * g, params, grads), loss
 
   identity = lambda params: params
-  return local_lib.LocalTraining(
+  return lanes.LocalTraining(
       lambda params, key: params, step, upload=identity, personal=identity
   )
 
@@ -161,14 +162,14 @@ def fine_tuner(
     return lambda params, data, key: jax.tree.map(
         lambda a: jnp.broadcast_to(a, (len(sizes),) + a.shape), params
     )
-  schedule = local_lib.make_schedule(
+  schedule = lanes.make_schedule(
       sizes,
       batch_size,
       local_steps=nu,
       num_shards=mesh.size,
       num_lanes=num_lanes,
   )
-  run = local_lib.round_fn(
+  run = lanes.round_fn(
       fine_tune_local(apply_fn, alpha), schedule, sizes, mesh
   )
   return lambda params, data, key: run(params, data, key).personal

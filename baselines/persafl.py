@@ -63,27 +63,25 @@ Batches: a client's computation j draws a random permutation of its samples
 k B .. (k + 1) B - 1 (modulo its size).
 """
 
+import functools
 import heapq
-import json
 import math
-import time
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from afl import algorithm as algorithm_lib
 from afl import clock as clock_lib
-from afl import evaluation
-from afl import experiment as afl_experiment
+from afl import lanes
 from afl import memory
 from afl import models
-from afl import timing
+from afl import registry
+from afl import rng
 from baselines import algorithms
-from baselines import experiment as baselines_experiment
-from baselines import local as local_lib
+from baselines import iterative
 from baselines import meta_fl
 
 PERSONALIZATIONS = ("maml", "me")
@@ -196,15 +194,15 @@ def schedule_events(
 
 
 def client_updates(
-    local: local_lib.LocalTraining,
-    data: local_lib.ClientData,
+    local: lanes.LocalTraining,
+    data: lanes.ClientData,
     batch_size: int,
     local_steps: int,
-    lanes: int = 0,
+    num_lanes: int = 0,
 ) -> Callable:
   """Jitted (copies [G, ...], clients [G], counters [G], root key) ->
   (delta [G, ...], personal [G, ...] or None, loss [G]): every client's R
-  local steps from its copy, `lanes` clients at a time vmapped (0: all G;
+  local steps from its copy, `num_lanes` clients at a time vmapped (0: all G;
   on a CPU a few lanes win, see `local.default_num_lanes`)."""
   width = max(1, int(np.max(np.asarray(data.size))))
 
@@ -239,114 +237,202 @@ def client_updates(
     return jax.lax.map(
         lambda args: one(*args, root),
         (copies, clients, counters),
-        batch_size=lanes or None,
+        batch_size=num_lanes or None,
     )
 
   return run
 
 
-def build_local(config, apply_fn) -> tuple[local_lib.LocalTraining, int]:
+def build_local(hparams, apply_fn) -> tuple[lanes.LocalTraining, int]:
   """The client's local training and the rows of its batches."""
-  if config.personalization == "maml":
+  if hparams.personalization == "maml":
     local = meta_fl.meta_local(
         apply_fn,
-        config.lr,
-        config.personal_lr,
+        hparams.lr,
+        hparams.personal_lr,
         nu=1,
-        exact=config.meta_grad == "exact",
+        exact=hparams.meta_grad == "exact",
     )
-    return local, 2 * config.batch_size
+    return local, 2 * hparams.batch_size
   moreau = algorithms.pfedme(
       apply_fn,
-      config.lr,
-      config.personal_lr,
-      config.lam,
-      config.inner_steps,
-      config.pfedme_beta,
+      hparams.lr,
+      hparams.personal_lr,
+      hparams.lam,
+      hparams.inner_steps,
+      hparams.pfedme_beta,
   )
-  return moreau.local, config.batch_size
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  return moreau.local, hparams.batch_size
 
 
 @jax.jit
-def _apply(params, deltas, index, scale):
-  return jax.tree.map(lambda w, d: w + scale * d[index], params, deltas)
+def _apply(params, deltas, client, scale):
+  return jax.tree.map(lambda w, d: w + scale * d[client], params, deltas)
 
 
-@jax.jit
-def _set_row(table, rows, index, row):
-  return jax.tree.map(lambda t, r: t.at[row].set(r[index]), table, rows)
+@functools.partial(jax.jit, donate_argnums=0)
+def _put(table, value, client):
+  """table[client] = value (a copy sent to the client)."""
+  return jax.tree.map(lambda t, v: t.at[client].set(v), table, value)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(table, rows, clients):
+  """table[clients[g]] = rows[g] for every g (a group's results)."""
+  return jax.tree.map(lambda t, r: t.at[clients].set(r), table, rows)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _copy_row(table, source, client):
+  return jax.tree.map(lambda t, s: t.at[client].set(s[client]), table, source)
+
+
+class ReplayState(NamedTuple):
+  """The asynchronous server between reports.
+
+  Attributes:
+    params: the server model.
+    personal: [C, ...] latest personal models, or None.
+    copies: [C, ...] the model each client last received.
+    deltas: [C, ...] computed updates not yet applied.
+    rows: [C, ...] their personal models, or None.
+    started: [C] event index of each client's computation under way that
+      is not computed yet (-1: none), host int.
+    counter: [C] index j of each client's latest computation, host int.
+    computed: [C] its update is in `deltas`, host bool.
+    losses: [C] its mean local loss, host float.
+    event: the next event of the trace.
+  """
+
+  params: Any
+  personal: Any
+  copies: Any
+  deltas: Any
+  rows: Any
+  started: np.ndarray
+  counter: np.ndarray
+  computed: np.ndarray
+  losses: np.ndarray
+  event: int
 
 
 class Replay(NamedTuple):
-  """What `replay` reports at the end of every `every` applied updates."""
+  """What a report of `replayer` says."""
 
-  params: Any  # the server model
-  personal: Any  # [C, ...] latest personal models, or None
   loss: float  # mean local loss of the updates applied since the last report
   event: int  # index in the trace of the last applied update
 
 
-def replay(
+def replayer(
     trace: Trace,
     updates: Callable,
-    params,
     weights: np.ndarray,
     beta: float,
     key: jax.Array,
     every: int,
-    personal_init=None,
 ):
-  """Trains along the trace; yields a `Replay` after every `every` applied
-  updates (and after the last one).
+  """Training along the trace as pure steps over a `ReplayState`.
 
   Args:
     trace: from `schedule_events`.
     updates: from `client_updates`.
-    params: the initial server model.
     weights: [C] p_i.
     beta: the server step.
     key: root key of the clients' batches.
-    every: updates between reports.
-    personal_init: [C, ...] personal models before any update (None: the
-      local training has none).
+    every: applied updates between reports.
+
+  Returns:
+    (start, advance): start(params, personal_init) -> the state before any
+    event (personal_init: [C, ...] personal models before any update, or
+    None); advance(state) -> (state, Replay) after the next `every`
+    applied updates (or the trace's last).
   """
   weights = np.asarray(weights, np.float64)
-  copies, pending, results = {}, [], {}
-  personal, losses, applied = personal_init, [], 0
+  num_clients = len(weights)
   total = int(trace.arrival.sum())
-  for index in range(len(trace.client)):
-    i, j = int(trace.client[index]), int(trace.counter[index])
-    if not trace.arrival[index]:
-      copies[i] = params
-      pending.append((i, j))
-      continue
-    if i not in results:
-      size = 2 ** math.ceil(math.log2(len(pending)))
-      padded = pending + [pending[0]] * (size - len(pending))
-      clients = np.array([c for c, _ in padded], np.int32)
-      deltas, rows, loss = updates(
-          _stack([copies[c] for c in clients]),
-          jnp.asarray(clients),
-          jnp.asarray([k for _, k in padded], np.int32),
-          key,
+
+  def start(params, personal_init):
+    table = jax.tree.map(
+        lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype), params
+    )
+    return ReplayState(
+        params,
+        personal_init,
+        table,
+        jax.tree.map(jnp.copy, table),
+        None if personal_init is None else jax.tree.map(jnp.copy, table),
+        np.full(num_clients, -1, np.int64),
+        np.zeros(num_clients, np.int64),
+        np.zeros(num_clients, bool),
+        np.zeros(num_clients),
+        0,
+    )
+
+  def compute(state: ReplayState) -> ReplayState:
+    """Every started, uncomputed computation in one vmapped call (padded to
+    a power of two, so a run compiles a few shapes)."""
+    waiting = np.flatnonzero(state.started >= 0)
+    waiting = waiting[np.argsort(state.started[waiting], kind="stable")]
+    size = 2 ** math.ceil(math.log2(len(waiting)))
+    clients = np.concatenate([waiting, np.repeat(waiting[:1], size - len(waiting))])
+    deltas, rows, loss = updates(
+        jax.tree.map(lambda t: t[clients], state.copies),
+        jnp.asarray(clients, jnp.int32),
+        jnp.asarray(state.counter[clients], jnp.int32),
+        key,
+    )
+    real = jnp.asarray(waiting, jnp.int32)
+    keep = lambda tree: jax.tree.map(lambda a: a[: len(waiting)], tree)
+    losses, computed = state.losses.copy(), state.computed.copy()
+    losses[waiting] = np.asarray(loss)[: len(waiting)]
+    computed[waiting] = True
+    started = state.started.copy()
+    started[waiting] = -1
+    return state._replace(
+        deltas=_scatter(state.deltas, keep(deltas), real),
+        rows=None if rows is None else _scatter(state.rows, keep(rows), real),
+        started=started,
+        computed=computed,
+        losses=losses,
+    )
+
+  def advance(state: ReplayState) -> tuple[ReplayState, Replay]:
+    losses, index = [], state.event
+    applied = int(trace.arrival[: state.event].sum())
+    while True:
+      i, j = int(trace.client[index]), int(trace.counter[index])
+      if not trace.arrival[index]:
+        started, counter = state.started.copy(), state.counter.copy()
+        started[i], counter[i] = index, j
+        state = state._replace(
+            copies=_put(state.copies, state.params, i),
+            started=started,
+            counter=counter,
+        )
+        index += 1
+        continue
+      if not state.computed[i]:
+        state = compute(state)
+      computed = state.computed.copy()
+      computed[i] = False
+      state = state._replace(
+          params=_apply(
+              state.params, state.deltas, i, jnp.float32(beta * weights[i])
+          ),
+          personal=None
+          if state.personal is None
+          else _copy_row(state.personal, state.rows, i),
+          computed=computed,
       )
-      loss = np.asarray(loss)
-      for position, (c, _) in enumerate(pending):
-        results[c] = (deltas, rows, position, float(loss[position]))
-      pending = []
-    deltas, rows, position, loss = results.pop(i)
-    params = _apply(params, deltas, position, jnp.float32(beta * weights[i]))
-    if personal is not None:
-      personal = _set_row(personal, rows, position, i)
-    losses.append(loss)
-    applied += 1
-    if applied % every == 0 or applied == total:
-      yield Replay(params, personal, float(np.mean(losses)), index)
-      losses = []
+      losses.append(float(state.losses[i]))
+      applied += 1
+      index += 1
+      if applied % every == 0 or applied == total:
+        return state._replace(event=index), Replay(
+            float(np.mean(losses)), index - 1
+        )
+
+  return start, advance
 
 
 def delays(
@@ -354,14 +440,15 @@ def delays(
     cost_model: clock_lib.CostModel,
     work: clock_lib.ClientWork,
     spread: float,
-    seed: int,
+    generator: np.random.Generator,
     jobs: int,
 ):
   """(compute_s [C, jobs], download_s [C], upload_s [C]): the clock's
   seconds of each client's computation (`work`: R steps) times
-  exp(spread z), z ~ N(0, 1) per client and computation; its transfers."""
+  exp(spread z), z ~ N(0, 1) per client and computation from `generator`;
+  its transfers."""
   base = cost_model.computation_seconds(work, profiles.cores)
-  noise = np.random.default_rng(seed).standard_normal((len(base), jobs))
+  noise = generator.standard_normal((len(base), jobs))
   return (
       base[:, None] * np.exp(spread * noise),
       clock_lib.transfer_seconds(work.bytes_down, profiles),
@@ -369,256 +456,216 @@ def delays(
   )
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`baselines.experiment.resolve` with the defaults of the synchronous
-  counterpart (maml: meta_fedavg, me: pfedme)."""
-  counterpart = config.copy_and_resolve_references()
-  counterpart.algorithm = (
-      "meta_fedavg"
-      if config.get("personalization", "maml") == "maml"
-      else "pfedme"
+FIELDS = {
+    "personalization": registry.Field(
+        str,
+        "persafl: MAML (one fine-tuning step) or Moreau envelope (pFedMe's "
+        "solver).",
+        choices=PERSONALIZATIONS,
+    ),
+    "max_staleness": registry.non_negative(
+        int,
+        "persafl: bound on an update's staleness in server versions (rounds "
+        "completed by every client); 0: synchronous.",
+    ),
+    "delay_spread": registry.non_negative(
+        float,
+        "persafl: sigma of the log-normal noise on each computation's delay.",
+    ),
+}
+
+
+def defaults(dataset: str, given: dict) -> dict:
+  """The synchronous counterpart's defaults (maml: meta_fedavg, me:
+  pfedme) with PersA-FL's own."""
+  personalization = given.get("personalization", "maml")
+  counterpart = iterative.paper_defaults(
+      "meta_fedavg" if personalization == "maml" else "pfedme", dataset
   )
-  full = baselines_experiment.resolve(counterpart)
-  full.algorithm = "persafl"
-  return full
+  moreau = iterative.paper_defaults("pfedme", dataset)
+  return dict(
+      rounds=counterpart["rounds"],
+      batch_size=counterpart["batch_size"],
+      local_steps=counterpart["local_steps"],
+      lr=counterpart["lr"],
+      personal_lr=counterpart["personal_lr"],
+      lam=moreau["lam"],
+      inner_steps=moreau["inner_steps"],
+      pfedme_beta=1.0,
+      meta_grad="exact",
+      num_lanes=0,
+      personalization=personalization,
+      max_staleness=2,
+      delay_spread=0.5,
+  )
 
 
-def run_experiment(
-    config: ml_collections.ConfigDict, output_dir, split=None
-) -> dict[str, Any]:
-  """Trains and evaluates PersA-FL; writes output_dir/results.json.
-
-  A "round" of the records is C applied updates (one per client on
-  average); `time_s` is the simulated server time at its last update.
-  """
-  config = resolve(config)
-  baselines_experiment.validate(config)
-  if not config.local_steps:
+def validate(hparams, config) -> None:
+  del config
+  if not hparams.local_steps:
     raise ValueError("persafl needs --local_steps > 0 (R steps per update)")
-  start = time.perf_counter()
-  output_dir, results_path = afl_experiment.prepare_output(config, output_dir)
-  split, model, x, mesh, train_blocks, test_blocks, data = (
-      baselines_experiment.prepare(config, split)
+
+
+def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
+  """PersA-FL over the federation: a "round" is C applied updates (one per
+  client on average); its record's `time_s` is the simulated server time of
+  its last update."""
+  model, mesh, sizes = fed.model, fed.mesh, fed.client_sizes
+  num_clients = fed.num_clients
+  shapes = jax.eval_shape(
+      lambda: models.init_params(model, jax.random.key(0), fed.input_shape)
   )
-  sizes = np.asarray(data.size)
-  key = jax.random.key(config.seed)
-  params = models.init_params(model, jax.random.fold_in(key, 0), x.shape[1:])
-  local, batch_rows = build_local(config, model.apply)
-  carry = jax.eval_shape(local.init, params, key)
+  local, batch_rows = build_local(hparams, model.apply)
+  carry = jax.eval_shape(local.init, shapes, jax.random.key(0))
+  data = lanes.client_data(
+      fed.inputs, fed.split.y, fed.split.train_indices, mesh
+  )
   updates = client_updates(
       local,
       data,
       batch_rows,
-      config.local_steps,
-      config.num_lanes
-      or local_lib.default_num_lanes(
-          memory.tree_bytes(carry), config.num_clients
-      ),
+      hparams.local_steps,
+      hparams.num_lanes
+      or lanes.default_num_lanes(memory.tree_bytes(carry), num_clients),
   )
-
-  clock = afl_experiment.make_clock(config, sizes)  # profiles, cost model
-  work = baselines_experiment.client_work(
+  work = iterative.client_work(
       local,
-      params,
-      x.shape[1:],
-      local_lib.make_schedule(sizes, batch_rows, config.local_steps),
+      shapes,
+      fed.input_shape,
+      lanes.make_schedule(sizes, batch_rows, hparams.local_steps),
       sizes,
       1,
   )
   compute_s, download_s, upload_s = delays(
-      clock.profiles,
-      clock.cost_model,
+      fed.profiles,
+      fed.cost_model,
       work,
-      config.delay_spread,
-      config.seed,
-      config.rounds + config.max_staleness + 2,
+      hparams.delay_spread,
+      rng.numpy_rng(fed.key, "delays"),
+      hparams.rounds + hparams.max_staleness + 2,
   )
-  num_clients = config.num_clients
   trace = schedule_events(
       compute_s,
       download_s,
       upload_s,
-      config.rounds * num_clients,
-      config.max_staleness,
+      hparams.rounds * num_clients,
+      hparams.max_staleness,
   )
-  weights = sizes / max(sizes.sum(), 1)
-  personal_init = None
-  if config.personalization == "me":
-    personal_init = jax.tree.map(
-        lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), params
-    )
-  fine_tune = meta_fl.fine_tuner(
-      model.apply, config.personal_lr, 1, config.batch_size, sizes, mesh
-  )
-  tune_key = jax.random.fold_in(key, 2**31 - 1)
-  count_loss = baselines_experiment._loss_counter(  # pylint: disable=protected-access
-      model.apply, mesh
-  )
-  client_model = np.arange(num_clients, dtype=np.int32)
-  data_time = time.perf_counter() - start
   arrivals = np.flatnonzero(trace.arrival)
-  logging.info(
-      "persafl (%s, max staleness %d) on %s-%s: %d clients, %d updates over "
-      "%.2fs simulated; staleness mean %.2f max %d (in updates: mean %.1f, "
-      "max %d); data ready in %.2fs",
-      config.personalization,
-      config.max_staleness,
-      config.dataset,
-      config.model,
+  start, advance = replayer(
+      trace,
+      updates,
+      sizes / max(sizes.sum(), 1),
+      hparams.pfedme_beta,
+      rng.stream(fed.key, "batches"),
       num_clients,
+  )
+  fine_tune = meta_fl.fine_tuner(
+      model.apply, hparams.personal_lr, 1, hparams.batch_size, sizes, mesh
+  )
+  everyone = np.arange(num_clients)
+  logging.info(
+      "persafl (%s, max staleness %d): %d updates over %.2fs simulated; "
+      "staleness mean %.2f max %d (in updates: mean %.1f, max %d)",
+      hparams.personalization,
+      hparams.max_staleness,
       len(arrivals),
       trace.time_s[-1],
       trace.staleness[arrivals].mean(),
       trace.staleness[arrivals].max(),
       trace.update_staleness[arrivals].mean(),
       trace.update_staleness[arrivals].max(),
-      data_time,
   )
 
-  rounds, best = [], (-1.0, 0)
-  train_time = eval_time = 0.0
-  with timing.CompileClock() as compile_clock:
-    round_start = time.perf_counter()
-    compile_before = 0.0
-    steps = replay(
-        trace,
-        updates,
-        params,
-        weights,
-        config.pfedme_beta,
-        jax.random.fold_in(key, 2),
-        num_clients,
-        personal_init,
+  def init(key):
+    params = fed.replicated(models.init_params(model, key, fed.input_shape))
+    personal = None
+    if hparams.personalization == "me":
+      personal = jax.tree.map(
+          lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), params
+      )
+    return start(params, personal)
+
+  def round_(state: ReplayState, index: int, key):
+    del index, key  # the batches' keys depend on the client and computation
+    state, report = advance(state)
+    done = arrivals[arrivals <= report.event]
+    return state, {
+        "time_s": float(trace.time_s[report.event]),
+        "updates": int(len(done)),
+        "local_loss": report.loss,
+        "staleness_max": int(trace.staleness[done[-num_clients:]].max()),
+    }
+
+  def tested(state: ReplayState, key):
+    if state.personal is not None:
+      return algorithm_lib.Tested(state.personal, everyone)
+    return algorithm_lib.Tested(fine_tune(state.params, data, key), everyone)
+
+  def summary(state: ReplayState) -> dict:
+    done = arrivals[arrivals < state.event]
+    per_client = {
+        "computation_s": trace.computation_s,
+        "communication_s": trace.communication_s,
+        "idle_s": trace.idle_s,
+    }
+    per_client["total_s"] = sum(per_client.values())
+    reports = done[num_clients - 1 :: num_clients]
+    return {
+        "personalization": hparams.personalization,
+        "max_staleness": hparams.max_staleness,
+        "time_per_round_s": trace.time_s[reports].tolist(),
+        "timing": {
+            "asynchronous": True,
+            "makespan_s": float(trace.time_s[-1]),
+            "mean_per_client": {
+                k: float(v.mean()) for k, v in per_client.items()
+            },
+            "sum_over_clients": {
+                k: float(v.sum()) for k, v in per_client.items()
+            },
+            "per_client": {k: v.tolist() for k, v in per_client.items()},
+            "updates_per_client": np.bincount(
+                trace.client[arrivals], minlength=num_clients
+            ).tolist(),
+            "staleness_histogram": np.bincount(
+                trace.staleness[arrivals]
+            ).tolist(),
+            "update_staleness_mean": float(
+                trace.update_staleness[arrivals].mean()
+            ),
+            "update_staleness_max": int(
+                trace.update_staleness[arrivals].max()
+            ),
+            "flops_fixed": float(work.flops_fixed),
+            "flops_per_sample": float(work.flops_per_sample),
+            "batch_rows": batch_rows,
+            "model_bytes": int(work.bytes_up[0]),
+            "cores": fed.profiles.cores.tolist(),
+            "bandwidth_bps": fed.profiles.bandwidth_bps.tolist(),
+            "latency_s": fed.profiles.latency_s.tolist(),
+            "calibration": fed.cost_model.calibration._asdict(),
+        },
+    }
+
+  return algorithm_lib.Algorithm(
+      init=init,
+      round=round_,
+      num_rounds=hparams.rounds,
+      models=tested,
+      work=None,
+      summary=summary,
+  )
+
+
+registry.declare(FIELDS)
+registry.register(
+    registry.Entry(
+        "persafl",
+        build,
+        defaults,
+        "PersA-FL: asynchronous personalized FL (--personalization, "
+        "--max_staleness)",
+        validate,
     )
-    for index, out in enumerate(steps, start=1):
-      jax.block_until_ready(out.params)
-      seconds = time.perf_counter() - round_start
-      compile_s = compile_clock.seconds - compile_before
-      done = arrivals[arrivals <= out.event]
-      record = {
-          "round": index,
-          "time_s": float(trace.time_s[out.event]),
-          "updates": int(len(done)),
-          "local_loss": out.loss,
-          "staleness_max": int(trace.staleness[done[-num_clients:]].max()),
-          "seconds": seconds - compile_s,
-          "compile_s": compile_s,
-      }
-      train_time += record["seconds"]
-      diverged = not math.isfinite(out.loss)
-      last = index == config.rounds or diverged
-      if index % config.eval_every == 0 or last:
-        eval_start = time.perf_counter()
-        if out.personal is not None:
-          tested = out.personal
-        else:
-          tested = fine_tune(
-              out.params, data, jax.random.fold_in(tune_key, index)
-          )
-        accuracy = evaluation.evaluate(
-            model.apply, tested, test_blocks, mesh, client_model
-        )
-        loss_sum, count = count_loss(
-            tested, train_blocks, jnp.asarray(client_model)[train_blocks.client]
-        )
-        record.update(
-            accuracy=accuracy.overall,
-            train_loss=float(np.sum(loss_sum) / max(np.sum(count), 1)),
-        )
-        eval_time += time.perf_counter() - eval_start
-        if accuracy.overall > best[0]:
-          best = (accuracy.overall, index)
-        logging.info(
-            "round %d/%d (%d updates, simulated %.3fs): test accuracy %.4f, "
-            "train loss %.4f, local loss %.4f, %.3fs",
-            index,
-            config.rounds,
-            record["updates"],
-            record["time_s"],
-            accuracy.overall,
-            record["train_loss"],
-            out.loss,
-            seconds,
-        )
-      rounds.append(record)
-      if diverged:
-        logging.warning("round %d: the local loss diverged; stopping", index)
-        break
-      round_start = time.perf_counter()
-      compile_before = compile_clock.seconds
-  compile_time = compile_clock.seconds
-
-  afl_experiment.save_params(
-      output_dir / "params.msgpack", tested, client_model
-  )
-  per_client = {
-      "computation_s": trace.computation_s,
-      "communication_s": trace.communication_s,
-      "idle_s": trace.idle_s,
-  }
-  per_client["total_s"] = sum(per_client.values())
-  results = {
-      "algorithm": "persafl",
-      "personalization": config.personalization,
-      "max_staleness": config.max_staleness,
-      **baselines_experiment.run_results(
-          config,
-          best,
-          accuracy,
-          rounds,
-          sizes,
-          mesh,
-          dict(
-              wall_time_s=train_time,
-              compile_time_s=compile_time,
-              data_time_s=data_time,
-              eval_time_s=eval_time,
-          ),
-      ),
-      "time_per_round_s": [r["time_s"] for r in rounds],
-      "timing": {
-          "asynchronous": True,
-          "makespan_s": float(trace.time_s[-1]),
-          "mean_per_client": {
-              k: float(v.mean()) for k, v in per_client.items()
-          },
-          "sum_over_clients": {
-              k: float(v.sum()) for k, v in per_client.items()
-          },
-          "per_client": {k: v.tolist() for k, v in per_client.items()},
-          "updates_per_client": np.bincount(
-              trace.client[arrivals], minlength=num_clients
-          ).tolist(),
-          "staleness_histogram": np.bincount(
-              trace.staleness[arrivals]
-          ).tolist(),
-          "update_staleness_mean": float(
-              trace.update_staleness[arrivals].mean()
-          ),
-          "update_staleness_max": int(trace.update_staleness[arrivals].max()),
-          "flops_fixed": float(work.flops_fixed),
-          "flops_per_sample": float(work.flops_per_sample),
-          "batch_rows": batch_rows,
-          "model_bytes": int(work.bytes_up[0]),
-          "cores": clock.profiles.cores.tolist(),
-          "bandwidth_bps": clock.profiles.bandwidth_bps.tolist(),
-          "latency_s": clock.profiles.latency_s.tolist(),
-          "calibration": clock.cost_model.calibration._asdict(),
-      },
-  }
-  afl_experiment._write_atomically(  # pylint: disable=protected-access
-      results_path, json.dumps(results, indent=2).encode("utf-8")
-  )
-  logging.info(
-      "persafl (%s): best test accuracy %.4f (round %d), last %.4f; "
-      "simulated %.2fs; training %.2fs + compile %.2fs; wrote %s",
-      config.personalization,
-      best[0],
-      best[1],
-      accuracy.overall,
-      trace.time_s[-1],
-      train_time,
-      compile_time,
-      results_path,
-  )
-  return results
+)

@@ -6,8 +6,8 @@ r"""One baseline round in lanes against a sequential loop over the clients.
 
 MNIST-MLP, 100 clients, Dirichlet 0.1, batch 20. FedAvg: one local epoch
 over each client's data; pFedMe: K = 5 inner steps, R = 20 local steps
-per client; both in packed lanes (`baselines.local.make_schedule`). The loop
-is `baselines.local.loop_round`: the same jitted client step called once per
+per client; both in packed lanes (`afl.lanes.make_schedule`). The loop
+is `afl.lanes.loop_round`: the same jitted client step called once per
 local step, client after client, as most simulators run clients. Each is compiled once, then all are timed `--repeats` times
 interleaved (so they see the same machine load) on the same round key;
 prints the medians and the loop's median over each (targets: FedAvg >= 2x,
@@ -28,7 +28,7 @@ from afl import timing
 from afl import federated
 from afl import models
 from baselines import experiment as baselines_experiment
-from baselines import local as local_lib
+from afl import lanes
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
@@ -60,15 +60,15 @@ def main(argv):
   model = models.get_model(config.model, split.num_classes)
   x = experiment.model_inputs(model, split.x)
   mesh = federated.client_mesh()
-  data = local_lib.client_data(x, split.y, split.train_indices)
+  data = lanes.client_data(x, split.y, split.train_indices)
   sizes = np.asarray(data.size)
   baseline = baselines_experiment.build(config, model.apply)
   params = jax.device_put(
       models.init_params(model, jax.random.key(0), x.shape[1:]),
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
-  default = local_lib.default_num_lanes(
-      local_lib.step_bytes(
+  default = lanes.default_num_lanes(
+      lanes.step_bytes(
           baseline.local,
           params,
           x.shape[1:],
@@ -78,24 +78,24 @@ def main(argv):
       mesh.size,
   )
   schedules = {
-      int(lanes): local_lib.make_schedule(
+      int(count): lanes.make_schedule(
           sizes,
           config.batch_size,
           config.local_steps,
           config.local_epochs,
           num_shards=mesh.size,
-          num_lanes=int(lanes) or default,
+          num_lanes=int(count) or default,
       )
-      for lanes in FLAGS.lanes
+      for count in FLAGS.lanes
   }
   rounds = {
-      f"{s.num_lanes} lanes x {s.length}": local_lib.round_fn(
+      f"{s.num_lanes} lanes x {s.length}": lanes.round_fn(
           baseline.local, s, sizes, mesh
       )
       for s in schedules.values()
   }
   schedule = next(iter(schedules.values()))
-  rounds["loop"] = local_lib.loop_round(baseline.local, schedule, sizes)
+  rounds["loop"] = lanes.loop_round(baseline.local, schedule, sizes)
   key = jax.random.key(1)
   medians, times, warmup = timing.interleaved_medians(
       {

@@ -8,7 +8,7 @@ samples). A FedAvg step is one gradient on b rows; a meta_fedavg step
 (`baselines.meta_fl`) takes nu inner gradients and the outer gradient on
 (nu + 1) b rows, exact (through the inner steps: Hessian-vector products)
 or first order. All rounds run on the same lane driver
-(`baselines.local.round_fn`), are compiled once, then timed `--repeats`
+(`afl.lanes.round_fn`), are compiled once, then timed `--repeats`
 times interleaved (the same machine load) on one round key; prints each
 median, its ratio to FedAvg's, the target (nu + 2) x, the ratio of the
 steps' FLOPs (XLA cost analysis), which does not depend on the machine, and
@@ -53,7 +53,7 @@ from afl import federated
 from afl import memory
 from afl import models
 from baselines import experiment as baselines_experiment
-from baselines import local as local_lib
+from afl import lanes
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
@@ -82,7 +82,7 @@ def main(argv):
   model = models.get_model("mlp", split.num_classes)
   x = experiment.model_inputs(model, split.x)
   mesh = federated.client_mesh()
-  data = local_lib.client_data(x, split.y, split.train_indices)
+  data = lanes.client_data(x, split.y, split.train_indices)
   sizes = np.asarray(data.size)
   params = jax.device_put(
       models.init_params(model, jax.random.key(0), x.shape[1:]),
@@ -101,13 +101,13 @@ def main(argv):
     variant.update(settings)
     variant = baselines_experiment.resolve(variant)
     local = baselines_experiment.build(variant, model.apply).local
-    schedule = local_lib.make_schedule(
+    schedule = lanes.make_schedule(
         sizes,
         baselines_experiment.step_rows(variant),
         FLAGS.local_steps,
         num_shards=mesh.size,
         num_lanes=FLAGS.num_lanes
-        or local_lib.default_num_lanes(
+        or lanes.default_num_lanes(
             memory.tree_bytes(local.init(params, None)),
             FLAGS.num_clients,
             mesh.size,
@@ -125,7 +125,7 @@ def main(argv):
         )
         .cost_analysis()["flops"]
     )
-    rounds[name] = local_lib.round_fn(local, schedule, sizes, mesh)
+    rounds[name] = lanes.round_fn(local, schedule, sizes, mesh)
     targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1
   medians, times, warmup = timing.interleaved_medians(
       {

@@ -12,7 +12,7 @@ from afl import experiment
 from afl import federated
 from afl import models
 from baselines import algorithms
-from baselines import local as local_lib
+from afl import lanes
 from baselines import zeroth_order
 
 
@@ -104,17 +104,17 @@ def test_lanes_equal_a_per_client_loop_and_learn(name, num_devices):
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(1), (6,))
   baseline = build(name, model.apply)
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   sizes = np.asarray(data.size)
   mesh = federated.client_mesh(jax.devices()[:num_devices])
-  schedule = local_lib.make_schedule(
+  schedule = lanes.make_schedule(
       sizes, 4, LOCAL_STEPS[name], num_shards=num_devices, num_lanes=2
   )
   assert schedule.num_lanes == max(2, num_devices)
-  round_fn = local_lib.round_fn(baseline.local, schedule, sizes, mesh)
+  round_fn = lanes.round_fn(baseline.local, schedule, sizes, mesh)
   key = jax.random.key(3)
   fast = round_fn(params, data, key)
-  slow = local_lib.loop_round(baseline.local, schedule, sizes)(
+  slow = lanes.loop_round(baseline.local, schedule, sizes)(
       params, data, key
   )
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
@@ -144,7 +144,7 @@ def test_lanes_equal_a_per_client_loop_and_learn(name, num_devices):
 
 def test_packing_keeps_clients_whole_and_lanes_short():
   sizes = np.array([3000, 10, 450, 1200, 15, 800, 2400, 60] * 12)
-  schedule = local_lib.make_schedule(sizes, 20, num_shards=2, num_lanes=8)
+  schedule = lanes.make_schedule(sizes, 20, num_shards=2, num_lanes=8)
   steps = -(-sizes // 20)
   assert schedule.num_lanes % 2 == 0
   # Every client's steps 0..s-1 appear once, in order, in one lane.
@@ -166,9 +166,9 @@ def test_fedavg_one_client_one_step_is_one_sgd_step():
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
   baseline = algorithms.fedavg(model.apply, 0.3)
-  data = local_lib.client_data(x, y, [np.arange(len(y))])
-  schedule = local_lib.make_schedule(np.asarray(data.size), batch_size=20)
-  out = local_lib.round_fn(
+  data = lanes.client_data(x, y, [np.arange(len(y))])
+  schedule = lanes.make_schedule(np.asarray(data.size), batch_size=20)
+  out = lanes.round_fn(
       baseline.local,
       schedule,
       np.ones(1),
@@ -198,13 +198,13 @@ def test_baffle_takes_local_adam_steps_on_its_estimate():
   x, y, indices = tiny_federation(num_clients=5)
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   sizes = np.asarray(data.size)
-  schedule = local_lib.make_schedule(sizes, 4)  # up to 10 steps a client
+  schedule = lanes.make_schedule(sizes, 4)  # up to 10 steps a client
   estimated, exact = (
       baseline.server(
           params,
-          local_lib.loop_round(baseline.local, schedule, sizes)(
+          lanes.loop_round(baseline.local, schedule, sizes)(
               params, data, jax.random.key(1)
           ).upload,
       )
@@ -305,13 +305,13 @@ def test_pfedme_tested_local_is_the_uploaded_local_model():
   indices = indices[1:2]  # one client
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
-  data = local_lib.client_data(x, y, indices)
-  schedule = local_lib.make_schedule(np.asarray(data.size), 4, local_steps=3)
+  data = lanes.client_data(x, y, indices)
+  schedule = lanes.make_schedule(np.asarray(data.size), 4, local_steps=3)
   mesh = federated.client_mesh(jax.devices()[:1])
   out = {}
   for tested in algorithms.MOREAU_TESTED:
     baseline = algorithms.pfedme(model.apply, 0.05, 0.05, 15.0, 5, 1.0, tested)
-    out[tested] = local_lib.round_fn(
+    out[tested] = lanes.round_fn(
         baseline.local, schedule, np.ones(1), mesh
     )(params, data, jax.random.key(0))
   first = lambda tree: jax.tree.map(lambda a: a[0], tree)

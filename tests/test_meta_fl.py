@@ -13,7 +13,7 @@ from afl import experiment
 from afl import federated
 from afl import models
 from baselines import algorithms
-from baselines import local as local_lib
+from afl import lanes
 from baselines import meta_fl
 from tests.test_baselines import tiny_federation
 
@@ -95,10 +95,10 @@ def test_nu_zero_is_fedavg(local_steps):
   x, y, indices = tiny_federation(num_clients=7)
   model = models.get_model("mlp", 3)
   params = models.init_params(model, jax.random.key(1), (6,))
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   sizes = np.asarray(data.size)
   mesh = federated.client_mesh(jax.devices()[:2])
-  schedule = local_lib.make_schedule(
+  schedule = lanes.make_schedule(
       sizes, 4, local_steps, num_shards=2, num_lanes=2
   )
   models_after = []
@@ -106,7 +106,7 @@ def test_nu_zero_is_fedavg(local_steps):
       algorithms.fedavg(model.apply, 0.1),
       meta_fl.meta_fedavg(model.apply, 0.1, 0.7, 0, "exact"),
   ):
-    round_fn = local_lib.round_fn(baseline.local, schedule, sizes, mesh)
+    round_fn = lanes.round_fn(baseline.local, schedule, sizes, mesh)
     p = params
     for index in range(3):
       p = baseline.server(p, round_fn(p, data, jax.random.key(index)).upload)
@@ -121,7 +121,7 @@ def test_fine_tuner_takes_nu_sgd_steps_per_client():
   x, y, indices = tiny_federation(num_clients=5)
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   sizes = np.asarray(data.size)
   mesh = federated.client_mesh(jax.devices()[:1])
   tuned = meta_fl.fine_tuner(model.apply, 0.5, 2, 4, sizes, mesh)(
@@ -147,12 +147,12 @@ def test_meta_fedavg_learns_a_tiny_federation(nu, meta_grad):
   x, y, indices = tiny_federation(num_clients=7, seed=1)
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   sizes = np.asarray(data.size)
   mesh = federated.client_mesh(jax.devices()[:1])
   baseline = meta_fl.meta_fedavg(model.apply, 0.1, 0.1, nu, meta_grad)
-  schedule = local_lib.make_schedule(sizes, 4 * (nu + 1), 3, num_lanes=2)
-  round_fn = local_lib.round_fn(baseline.local, schedule, sizes, mesh)
+  schedule = lanes.make_schedule(sizes, 4 * (nu + 1), 3, num_lanes=2)
+  round_fn = lanes.round_fn(baseline.local, schedule, sizes, mesh)
   tune = meta_fl.fine_tuner(model.apply, 0.1, nu, 4, sizes, mesh, 2)
 
   def accuracy(params):

@@ -12,7 +12,7 @@ from afl import clock as clock_lib
 from afl import experiment
 from afl import models
 from baselines import algorithms
-from baselines import local as local_lib
+from afl import lanes
 from baselines import meta_fl
 from baselines import persafl
 from tests.test_baselines import tiny_federation
@@ -95,7 +95,7 @@ def test_staleness_zero_is_the_synchronous_algorithm(personalization):
   x, y, indices = tiny_federation(num_clients=7, seed=2)
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   sizes = np.asarray(data.size)
   weights = sizes / sizes.sum()
   if personalization == "maml":
@@ -104,7 +104,7 @@ def test_staleness_zero_is_the_synchronous_algorithm(personalization):
   else:
     local = algorithms.pfedme(model.apply, 0.05, 0.05, 15.0, 3, 0.7).local
     rows, beta = 4, 0.7
-  updates = persafl.client_updates(local, data, rows, 3, lanes=2)
+  updates = persafl.client_updates(local, data, rows, 3, num_lanes=2)
   key = jax.random.key(4)
   rounds = 4
   compute_s, down, up = random_delays(6, num_clients=7)
@@ -148,9 +148,9 @@ def test_client_updates_match_the_local_training_step_by_step():
   x, y, indices = tiny_federation(num_clients=5, seed=3)
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
-  data = local_lib.client_data(x, y, indices)
+  data = lanes.client_data(x, y, indices)
   local = algorithms.fedavg(model.apply, 0.1).local
-  updates = persafl.client_updates(local, data, 4, 2, lanes=0)
+  updates = persafl.client_updates(local, data, 4, 2, num_lanes=0)
   clients = jnp.array([1, 4, 2])
   copies = jax.tree.map(lambda a: jnp.stack([a, 2 * a, -a]), params)
   together, _, _ = updates(

@@ -1,5 +1,10 @@
 """Local training written once, mapped over the clients of a round in lanes.
 
+With `afl.federated`'s segment sums over client blocks (the analytic
+statistics, evaluation), this is the client mapping layer: what a client
+computes is a pure function, how the clients are mapped onto the devices is
+here.
+
 What a client computes is a `LocalTraining`: pure functions that start it from
 the server's model, take one local step on a batch, and say what it uploads.
 How clients are mapped is `round_fn`: the round's (client, batch) steps are
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from afl import distributed
 from afl import federated
 from afl import memory
 
@@ -68,7 +74,7 @@ class LocalTraining(NamedTuple):
 
 
 class ClientData(NamedTuple):
-  """The clients' training samples, contiguous per client (device arrays).
+  """The clients' training samples, contiguous per client.
 
   Attributes:
     x: [N, ...] float32 samples sorted by client.
@@ -87,17 +93,24 @@ class ClientData(NamedTuple):
     return self.size.shape[0]
 
 
-def client_data(x: np.ndarray, y: np.ndarray, indices) -> ClientData:
-  """Sorts the samples of `indices` (one array per client) by client."""
+def client_data(
+    x: np.ndarray,
+    y: np.ndarray,
+    indices,
+    mesh: jax.sharding.Mesh | None = None,
+) -> ClientData:
+  """Sorts the samples of `indices` (one array per client) by client; on
+  the default device, or whole on every device of `mesh` (which may span
+  processes)."""
   sizes = np.array([len(i) for i in indices], np.int32)
   order = np.concatenate([np.asarray(i, np.int64) for i in indices])
   offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
-  return ClientData(
-      jnp.asarray(x[order], jnp.float32),
-      jnp.asarray(y[order], jnp.int32),
-      jnp.asarray(offset),
-      jnp.asarray(sizes),
+  data = ClientData(
+      x[order].astype(np.float32), y[order].astype(np.int32), offset, sizes
   )
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, data)
+  return distributed.replicate(data, mesh)
 
 
 class Schedule(NamedTuple):
@@ -172,7 +185,7 @@ def step_bytes(
   jitted step on a batch of `rows` (XLA's memory analysis; FedZO's b2 x d
   directions are 27 MB on MNIST-MLP against a 0.4 MB carry)."""
   key = jax.random.key(0)
-  carry = local.init(params, key)
+  carry = jax.eval_shape(local.init, params, key)
   compiled = (
       jax.jit(local.step)
       .lower(
@@ -351,9 +364,11 @@ def round_fn(
   trained = schedule.steps > 0
   total_weight = float(weights[trained].sum()) or 1.0
   num_clients = len(schedule.steps)
-  # Steps on the scan axis: [S, L].
+  # Steps on the scan axis: [S, L]; host constants (device arrays captured
+  # by the jitted round would be committed to one device, which a mesh over
+  # several processes cannot take).
   lanes = tuple(
-      jnp.asarray(a.T)
+      np.ascontiguousarray(a.T)
       for a in (
           schedule.client,
           schedule.step,
@@ -362,7 +377,7 @@ def round_fn(
           schedule.last,
       )
   )
-  weights = jnp.asarray(weights, jnp.float32)
+  weights = np.asarray(weights, np.float32)
   batch = jax.vmap(client_batch, in_axes=(None, None, 0, 0, None, None))
 
   def device_lanes(params, data, perm, client_root, *lanes):
@@ -381,7 +396,9 @@ def round_fn(
         total, table = sums
         carry = jax.tree.map(lambda a: a[lane], carries)
         total = jax.tree.map(
-            lambda t, u: t + weights[c[lane]] * u, total, local.upload(carry)
+            lambda t, u: t + jnp.asarray(weights)[c[lane]] * u,
+            total,
+            local.upload(carry),
         )
         if table is not None:
           table = jax.tree.map(
@@ -437,8 +454,6 @@ def round_fn(
       out_specs=(PartitionSpec(),) * 3,
       check_vma=False,
   )
-  trained = jnp.asarray(trained)
-
   @jax.jit
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)

@@ -1,0 +1,363 @@
+"""FedACnnL, pFedACnnL and the ablations as registered algorithms.
+
+One `Algorithm` (`afl.algorithm`) serves the five (section V-A):
+
+  fedacnnl      L rounds, one global model (eq. 5), adaptive batch size
+                (eq. 7) on the clock;
+  fedacnnl_wa   the same without eq. 7 (every client keeps B_1);
+  pfedacnnl     K-means groups (stage 1, eq. 8, 9, at build time), L rounds
+                of group meta-models (eq. 10, 11), then L personalization
+                rounds (eq. 12, 13) without communication;
+  pfedacnnl_wc  pFedACnnL with K = 1 (no clustering);
+  pfedacnnl_wp  pFedACnnL without the personalization rounds.
+
+Round l <= L is `fedacnnl.solve_layer` on the client -> group map (one
+group for FedACnnL); round L + l is `pfedacnnl.personalize_layer`, starting
+every client from its group's meta-model and using the meta-model's
+label-space solution as the prior of eq. 13. The state holds the factored
+params (`fedacnnl`: W_l = P_l Q_l) and the solutions so far; the last round
+of the run forms the full model once (`FedACnnL.expand`), and only then is
+there a model to test. The training blocks are laid out by group, so group
+sums merge neighbours.
+
+`train` runs the same rounds on given blocks and groups without the rest of
+a run (no clock, no test): the library's way to train on one's own
+`federated.FederatedData`.
+"""
+
+import functools
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import numpy as np
+
+from afl import algorithm as algorithm_lib
+from afl import clock as clock_lib
+from afl import distributed
+from afl import fedacnnl
+from afl import federated
+from afl import memory
+from afl import models
+from afl import pfedacnnl
+from afl import registry
+from afl import runtime
+
+FIELDS = {
+    "gamma": registry.positive(
+        float, "Ridge coefficient (eq. 5; the meta-models' too, eq. 11)."
+    ),
+    "eps": registry.positive(
+        float, "pFedACnnL's personalization weight epsilon (eq. 12, 13)."
+    ),
+    "num_groups": registry.Field(
+        int, "pFedACnnL's number of K-means groups K.", minimum=1
+    ),
+    "statistics_dtype": registry.Field(
+        str,
+        "dtype of the clients' Gram products (sums and solves are float64 "
+        "either way); float64 is exact, float32 faster.",
+        choices=("float32", "float64"),
+    ),
+    "initial_batch_size": registry.Field(
+        int,
+        "Simulated clock: every client's local batch size B_1 in round 1 "
+        "(eq. 7 adapts it afterwards; capped at |D_i|).",
+        minimum=1,
+    ),
+}
+
+
+class Variant(NamedTuple):
+  clustered: bool  # K-means into --num_groups groups (else K = 1)
+  personalized: bool  # the personalization rounds (eq. 13)
+  adaptive: bool  # eq. 7 on the clock
+  description: str
+
+
+VARIANTS = {
+    "fedacnnl": Variant(False, False, True, "FedACnnL (Algorithm 1)"),
+    "fedacnnl_wa": Variant(
+        False, False, False, "FedACnnL without the adaptive batch size (eq. 7)"
+    ),
+    "pfedacnnl": Variant(True, True, True, "pFedACnnL (section IV)"),
+    "pfedacnnl_wc": Variant(
+        False, True, True, "pFedACnnL without clustering (K = 1)"
+    ),
+    "pfedacnnl_wp": Variant(
+        True, False, True, "pFedACnnL without personalization"
+    ),
+}
+
+
+class State(NamedTuple):
+  """Between rounds.
+
+  Attributes:
+    params: factored params stacked [M, ...] (M = K in the federated rounds,
+      C in the personalization rounds).
+    solutions: the P_l [M, d, d_y] of the current stage's rounds so far.
+    meta: the federated stage's P_l once all L are solved, else ().
+    full: the full model of the run's last round (`expand`), else None.
+  """
+
+  params: Any
+  solutions: tuple
+  meta: tuple
+  full: Any
+
+
+def rounds(
+    algorithm: fedacnnl.FedACnnL,
+    data: federated.FederatedData,
+    groups: np.ndarray | None = None,
+    *,
+    eps: float | None = None,
+    personalized: bool = False,
+    work=None,
+    adaptive: bool = False,
+) -> algorithm_lib.Algorithm:
+  """The analytic rounds (module docstring) on `data`.
+
+  Args:
+    algorithm: from `fedacnnl.fedacnnl`.
+    data: training blocks, sharded over the algorithm's mesh.
+    groups: [C] group of each client, or None for one global model.
+    eps: epsilon of eq. 13 (personalized only).
+    personalized: run the L personalization rounds.
+    work: the clock's work (`clock.analytic_work`), or None.
+    adaptive: eq. 7 on the clock.
+  """
+  num_layers = algorithm.num_layers
+  if groups is None:
+    groups = np.zeros(data.num_clients, np.int32)
+  groups = np.asarray(groups, np.int32)
+  num_groups = int(groups.max()) + 1
+  if personalized and not (eps or 0) > 0:
+    raise ValueError(f"eps must be > 0, got {eps}")
+  block_group = jax.numpy.asarray(groups)[data.client]
+  num_rounds = 2 * num_layers if personalized else num_layers
+
+  def init(key):
+    return State(algorithm.init(key, num_groups), (), (), None)
+
+  def round_fn(state: State, index: int, key) -> tuple[State, dict]:
+    del key  # nothing random: every round is a closed-form solve
+    began = time.perf_counter()
+    stage = "federated" if index <= num_layers else "personalization"
+    layer = (index - 1) % num_layers
+    if stage == "federated":
+      params = state.params
+      solution = fedacnnl.solve_layer(
+          algorithm, data, layer, params, block_group, num_groups
+      )
+    else:
+      prior = state.meta[layer][groups]  # [C, d, d_y]
+      params = state.params
+      if layer == 0:
+        params = algorithm.factored(tuple(s[groups] for s in state.meta))
+      solution = pfedacnnl.personalize_layer(
+          algorithm, data, layer, params, prior, eps
+      )
+    solution = jax.block_until_ready(solution)
+    statistics_s = time.perf_counter() - began
+    solutions = state.solutions + (solution,)
+    meta, full = state.meta, None
+    if layer + 1 < num_layers:
+      params = algorithm.write_layer(layer, params, solution)
+    elif stage == "federated":
+      meta, solutions = solutions, ()
+      if index == num_rounds:
+        full = algorithm.expand(meta)
+    else:
+      full = algorithm.expand(solutions)
+    jax.block_until_ready((params, full))
+    return State(params, solutions, meta, full), {
+        "stage": stage,
+        "layer": models.layer_name(layer),
+        "width": int(solution.shape[-2]),
+        "outputs": int(algorithm.encodings[layer].shape[-1]),
+        # One pass forms the statistics (eq. 6) and solves them.
+        "statistics_s": statistics_s,
+        "solve_s": time.perf_counter() - began - statistics_s,
+    }
+
+  if personalized:
+    client_model = np.arange(data.num_clients)
+  else:
+    client_model = groups
+
+  def tested(state: State, key):
+    del key
+    if state.full is None:
+      return None
+    return algorithm_lib.Tested(state.full, client_model)
+
+  def clock_work(index, batch_size):
+    return work(index - 1, batch_size) if index <= num_layers else None
+
+  return algorithm_lib.Algorithm(
+      init=init,
+      round=round_fn,
+      num_rounds=num_rounds,
+      models=tested,
+      work=clock_work if work else None,
+      adaptive_batch_size=adaptive,
+      train_loss=False,
+  )
+
+
+class Trained(NamedTuple):
+  """Output of `train`.
+
+  Attributes:
+    params: the model's Flax params stacked [M, ...] (one global model, K
+      meta-models, or C personalized models).
+    client_model: [C] index of each client's model in params.
+    solutions: the federated rounds' P_l [K, d, d_y] per layer (W_l = P_l
+      Q_l); the priors of eq. 13.
+    rounds: one record per round.
+    wall_time_s: training time without compilation.
+    compile_time_s: time spent tracing and compiling.
+  """
+
+  params: Any
+  client_model: np.ndarray
+  solutions: tuple
+  rounds: list
+  wall_time_s: float
+  compile_time_s: float
+
+
+def train(
+    algorithm: fedacnnl.FedACnnL,
+    data: federated.FederatedData,
+    key: jax.Array,
+    groups: np.ndarray | None = None,
+    *,
+    eps: float | None = None,
+    personalized: bool = False,
+) -> Trained:
+  """FedACnnL (groups None), its group meta-models, or pFedACnnL
+  (personalized) on `data`, through the one run loop without a clock or
+  tests (see `rounds`)."""
+  run = runtime.run_rounds(
+      rounds(algorithm, data, groups, eps=eps, personalized=personalized), key
+  )
+  tested = run["tested"]
+  return Trained(
+      tested.params,
+      tested.client_model,
+      run["state"].meta,
+      run["records"],
+      run["wall_time_s"],
+      run["compile_time_s"],
+  )
+
+
+# `fedacnnl.fedacnnl`, built once per configuration in a process: the runs
+# that share one (Table II's four analytic columns of a seed and setting)
+# reuse its compiled rounds wherever their shapes agree.
+build_fedacnnl = functools.lru_cache(maxsize=16)(fedacnnl.fedacnnl)
+
+
+def _build(variant: Variant):
+  def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
+    algorithm = build_fedacnnl(
+        fed.model,
+        num_classes=fed.num_classes,
+        input_shape=fed.input_shape,
+        mesh=fed.mesh,
+        gamma=hparams.gamma,
+        encoding_seed=fed.seed,
+        statistics_dtype=hparams.statistics_dtype,
+    )
+    counts = fed.label_counts
+    num_groups = hparams.num_groups if variant.clustered else 1
+    groups, grouping_s = pfedacnnl.assign_groups(
+        counts, algorithm, num_groups, fed.seed
+    )
+    groups = distributed.same_on_all_processes(groups)
+    if variant.clustered:
+      logging.info(
+          "K-means grouping (eq. 8, 9) in %.3fs:\n%s",
+          grouping_s,
+          pfedacnnl.grouping_report(groups, counts),
+      )
+    layout = np.argsort(groups, kind="stable")
+    data = fed.blocks("train", layout)
+    expected = memory.estimate(
+        fed.model,
+        fed.input_shape,
+        num_blocks=data.num_blocks,
+        block_size=data.block_size,
+        num_devices=len(fed.mesh.local_devices),
+        num_groups=num_groups,
+        personalized=variant.personalized,
+        mesh_size=fed.mesh.size,
+    )
+    logging.info("%s (see afl/memory.py)", expected.describe())
+    work = clock_lib.analytic_work(
+        fed.model,
+        fed.input_shape,
+        fed.num_classes,
+        hparams.statistics_dtype,
+        fed.client_sizes,
+    )
+    summary = {
+        "client_group": groups.tolist(),
+        "group_sizes": np.bincount(groups).tolist(),
+        "group_label_histograms": [
+            counts[groups == k].sum(0).tolist()
+            for k in range(groups.max() + 1)
+        ],
+        "grouping_time_s": grouping_s,
+        "expected_peak_memory_gb": expected.peak / memory.GIB,
+        "block_size": data.block_size,
+    }
+    return rounds(
+        algorithm,
+        data,
+        groups,
+        eps=hparams.get("eps"),
+        personalized=variant.personalized,
+        work=work,
+        adaptive=variant.adaptive,
+    )._replace(summary=lambda state: summary, layout=layout)
+
+  return build
+
+
+def _defaults(variant: Variant):
+  def defaults(dataset: str, given: dict) -> dict:
+    del dataset, given
+    settings = dict(gamma=100.0)
+    if variant.personalized:
+      settings["eps"] = 2500.0
+    if variant.clustered:
+      settings["num_groups"] = 10
+    return dict(settings, statistics_dtype="float32", initial_batch_size=32)
+
+  return defaults
+
+
+def _validate(hparams, config) -> None:
+  if hparams.get("num_groups", 1) > config.num_clients:
+    raise ValueError(
+        f"--num_groups={hparams.num_groups} exceeds "
+        f"--num_clients={config.num_clients}"
+    )
+
+
+registry.declare(FIELDS)
+for _name, _variant in VARIANTS.items():
+  registry.register(
+      registry.Entry(
+          _name,
+          _build(_variant),
+          _defaults(_variant),
+          _variant.description,
+          _validate,
+      )
+  )

@@ -1,0 +1,371 @@
+"""The one run loop: every algorithm, from its config to results.json.
+
+`train_and_evaluate(config, output_dir)` is what `python -m experiments.run`
+calls after parsing its flags (Flax-examples style: thin main, thick
+library):
+
+  1. checks the config (`afl.config.validate`) and the output folder, before
+     any work;
+  2. prepares the data (`afl.data`) and the `Federation`: a mesh over the
+     devices of every process (`distributed`; one process is the case of
+     one), the clients' blocks on it, their simulated hardware;
+  3. builds the algorithm from the registry (`afl.registry`) and runs its
+     rounds: one root key (`afl.rng`), the simulated clock
+     (`afl.clock`) fed by the algorithm's `work`, a test every
+     `eval_every` rounds and after the last (`afl.evaluation`), a stop when
+     the local loss diverges, the compile time kept apart from the run
+     time, one progress line per round;
+  4. writes results.json and params.msgpack on process 0 (`afl.results`).
+
+`accuracy` is the best overall test accuracy over the tested rounds (the
+paper's protocol for the iterative methods; the analytic ones are tested
+once, after their last round), next to `last_accuracy` and the accuracy of
+every tested round. Progress goes to standard output whether or not absl
+logging is set up, so a notebook shows the same lines as a terminal
+(`progress=False` silences them).
+
+`run_or_reuse` is the studies' way to run a configuration once: a saved run
+is read back only if its whole configuration equals the requested one.
+"""
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from afl import algorithm as algorithm_lib
+from afl import clock as clock_lib
+from afl import config as config_lib
+from afl import data as data_lib
+from afl import distributed
+from afl import evaluation
+from afl import federated
+from afl import models
+from afl import registry
+from afl import results as results_lib
+from afl import rng
+from afl import timing
+
+
+def prepare_split(config: ml_collections.ConfigDict) -> data_lib.ClientSplit:
+  """The clients' data for `config` (the paper's protocol, see afl.data)."""
+  return data_lib.prepare(
+      config.dataset,
+      num_clients=config.num_clients,
+      partition=config.partition,
+      dirichlet_beta=config.dirichlet_beta,
+      min_client_size=config.min_client_size,
+      test_fraction=config.test_fraction,
+      seed=config.seed if config.data_seed < 0 else config.data_seed,
+      data_dir=config.data_dir,
+      source=config.data_source,
+      synthetic_alpha=config.synthetic_alpha,
+      synthetic_beta=config.synthetic_beta,
+  )
+
+
+def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """All devices of all processes, or the first --num_devices local ones."""
+  if jax.process_count() > 1:
+    if config.num_devices:
+      raise ValueError(
+          "--num_devices must be 0 (all devices) with several processes, "
+          f"got {config.num_devices}"
+      )
+    return federated.client_mesh(jax.devices())
+  if config.num_devices > jax.local_device_count():
+    raise ValueError(
+        f"--num_devices={config.num_devices} but only "
+        f"{jax.local_device_count()} devices are visible"
+    )
+  return federated.client_mesh(
+      jax.local_devices()[: config.num_devices or None]
+  )
+
+
+def federation(
+    config: ml_collections.ConfigDict,
+    split: data_lib.ClientSplit | None = None,
+) -> algorithm_lib.Federation:
+  """The `Federation` of `config` (on `split` if given, else its data)."""
+  mesh = _mesh(config)
+  split = split or prepare_split(config)
+  if len(split.train_indices) != config.num_clients:
+    raise ValueError(
+        f"the split has {len(split.train_indices)} clients, --num_clients="
+        f"{config.num_clients}"
+    )
+  model = models.get_model(config.model, split.num_classes, config.width)
+  profiles = clock_lib.draw_profiles(
+      rng.stream(jax.random.key(config.seed), "clock"),
+      config.num_clients,
+      (config.cores_min, config.cores_max),
+      (config.bandwidth_gbps_min, config.bandwidth_gbps_max),
+      (config.latency_ms_min, config.latency_ms_max),
+  )
+  return algorithm_lib.Federation(
+      split,
+      model,
+      mesh,
+      config.seed,
+      config.block_size or None,
+      profiles,
+      clock_lib.CostModel(clock_lib.calibrate()),
+  )
+
+
+def build(
+    config: ml_collections.ConfigDict, fed: algorithm_lib.Federation
+) -> algorithm_lib.Algorithm:
+  """The registered algorithm of `config` over `fed`."""
+  return registry.get(config.algorithm).builder(config[config.algorithm], fed)
+
+
+class Progress:
+  """One line per round on standard output (process 0), if `enabled`."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = enabled and distributed.is_main_process()
+
+  def __call__(self, text: str) -> None:
+    if self.enabled:
+      print(text, flush=True)
+
+
+def _describe(record: dict, num_rounds: int) -> str:
+  """A round's record as one line."""
+  skip = ("round", "seconds", "compile_s", "timing")
+  parts = []
+  for name, value in record.items():
+    if name in skip or isinstance(value, (list, dict)) or value is None:
+      continue
+    if isinstance(value, float):
+      value = f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    parts.append(f"{name} {value}")
+  return (
+      f"round {record['round']}/{num_rounds}: {', '.join(parts)}; "
+      f"{record['seconds']:.3f}s (+{record['compile_s']:.1f}s compile)"
+  )
+
+
+def _per_client(values: np.ndarray) -> list:
+  return [None if np.isnan(v) else float(v) for v in values]
+
+
+def run_rounds(
+    algorithm: algorithm_lib.Algorithm,
+    key: jax.Array,
+    *,
+    clock: clock_lib.Clock | None = None,
+    evaluate=None,
+    eval_every: int = 1,
+    progress=None,
+) -> dict[str, Any]:
+  """Runs the algorithm's rounds from the root key.
+
+  Args:
+    algorithm: the algorithm.
+    key: the root key (`rng` streams "init", "rounds", "evaluation").
+    clock: the simulated clock that the algorithm's `work` goes to, if any.
+    evaluate: Tested -> (evaluation.Accuracy, {metric: value}) for the
+      tested rounds, or None.
+    eval_every: rounds between tests; the last round is always tested.
+    progress: a line per round goes to it, if given.
+
+  Returns:
+    dict: the final state, the round records, best (accuracy, round), the
+    last Accuracy, the last models tested (`Tested`), and the times.
+  """
+  records, best, last, tested = [], (-1.0, 0), None, None
+  eval_time = 0.0
+  with timing.CompileClock() as compile_clock:
+    start = time.perf_counter()
+    state = jax.block_until_ready(algorithm.init(rng.stream(key, "init")))
+    train_time = time.perf_counter() - start - compile_clock.seconds
+    for index in range(1, algorithm.num_rounds + 1):
+      round_start, compile_before = time.perf_counter(), compile_clock.seconds
+      state, metrics = algorithm.round(state, index, rng.round_key(key, index))
+      state = jax.block_until_ready(state)
+      compile_s = compile_clock.seconds - compile_before
+      record = {
+          "round": index,
+          **metrics,
+          "seconds": time.perf_counter() - round_start - compile_s,
+          "compile_s": compile_s,
+      }
+      train_time += record["seconds"]
+      work = clock and algorithm.work and algorithm.work(
+          index, clock.batch_size
+      )
+      if work:
+        record["timing"] = clock.round(work)
+      diverged = not math.isfinite(metrics.get("local_loss", 0.0))
+      if index % eval_every == 0 or index == algorithm.num_rounds or diverged:
+        eval_start = time.perf_counter()
+        models = algorithm.models(
+            state, jax.random.fold_in(rng.stream(key, "evaluation"), index)
+        )
+        if models is not None:
+          tested = models
+          if evaluate is not None:
+            last, extra = evaluate(models)
+            record.update(accuracy=last.overall, **extra)
+            if last.overall > best[0]:
+              best = (last.overall, index)
+        eval_time += time.perf_counter() - eval_start
+      records.append(record)
+      if progress:
+        progress(_describe(record, algorithm.num_rounds))
+      if diverged:
+        if progress:
+          progress(f"round {index}: the local loss diverged; stopping")
+        break
+  return dict(
+      state=state,
+      records=records,
+      best=best,
+      last=last,
+      tested=tested,
+      wall_time_s=train_time,
+      compile_time_s=compile_clock.seconds,
+      eval_time_s=eval_time,
+  )
+
+
+def evaluator(
+    fed: algorithm_lib.Federation, algorithm: algorithm_lib.Algorithm
+):
+  """Tested -> (test Accuracy, {"train_loss": ..} if the algorithm wants
+  it) on the federation's blocks."""
+  test_blocks = fed.blocks("test")
+  train_blocks = algorithm.train_loss and fed.blocks("train", algorithm.layout)
+
+  def evaluate(tested: algorithm_lib.Tested):
+    apply_fn, mesh = fed.model.apply, fed.mesh
+    accuracy = evaluation.evaluate(
+        apply_fn, tested.params, test_blocks, mesh, tested.client_model
+    )
+    extra = {}
+    if train_blocks:
+      extra["train_loss"] = evaluation.mean_loss(
+          apply_fn, tested.params, train_blocks, mesh, tested.client_model
+      )
+    return accuracy, extra
+
+  return evaluate
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    output_dir: str | os.PathLike,
+    split: data_lib.ClientSplit | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+  """Runs one configuration and writes its results; returns them too.
+
+  Args:
+    config: from `afl.config.get_config` (checked again here).
+    output_dir: where results.json and params.msgpack go.
+    split: the prepared data for `config`, to share it across runs (e.g.
+      several algorithms on one seed); None prepares it.
+    progress: print one line per round.
+  """
+  config_lib.validate(config)
+  results_lib.check_output(output_dir, config.overwrite)
+  say = Progress(progress)
+  start = time.perf_counter()
+  fed = federation(config, split)
+  algorithm = build(config, fed)
+  clock = None
+  if algorithm.work is not None:
+    clock = clock_lib.Clock(
+        fed.profiles,
+        fed.cost_model,
+        config[config.algorithm].get("initial_batch_size", 1),
+        fed.client_sizes,
+        adaptive=algorithm.adaptive_batch_size,
+    )
+  data_time = time.perf_counter() - start
+  say(
+      f"{config.algorithm} on {config.dataset}-{config.model}: "
+      f"{config.num_clients} clients on {fed.mesh.size} device(s) of "
+      f"{jax.process_count()} process(es), {algorithm.num_rounds} rounds; "
+      f"set up in {data_time:.2f}s"
+  )
+  run = run_rounds(
+      algorithm,
+      fed.key,
+      clock=clock,
+      evaluate=evaluator(fed, algorithm),
+      eval_every=config.eval_every,
+      progress=say,
+  )
+  best, last = run["best"], run["last"]
+  summary = algorithm.summary(run["state"])
+  results = {
+      "algorithm": config.algorithm,
+      "dataset": config.dataset,
+      "model": config.model,
+      "num_clients": config.num_clients,
+      "seed": config.seed,
+      "accuracy": best[0],
+      "best_accuracy": best[0],
+      "best_round": best[1],
+      "last_accuracy": last.overall,
+      "accuracy_per_round": [r.get("accuracy") for r in run["records"]],
+      "train_loss_per_round": [r.get("train_loss") for r in run["records"]],
+      "per_client_accuracy": _per_client(last.per_client),
+      "per_client_test_samples": last.count.tolist(),
+      "per_client_train_samples": fed.client_sizes.tolist(),
+      "rounds": run["records"],
+      "timing": clock.summary() if clock else None,
+      "wall_time_s": run["wall_time_s"],
+      "compile_time_s": run["compile_time_s"],
+      "data_time_s": data_time,
+      "eval_time_s": run["eval_time_s"],
+      "peak_memory_gb": results_lib.peak_memory_gb(),
+      "num_devices": fed.mesh.size,
+      "num_processes": jax.process_count(),
+      "params_file": results_lib.PARAMS,
+      "jax_version": jax.__version__,
+      **summary,
+      "config": config.to_dict(),
+  }
+  path = results_lib.write(
+      output_dir, results, run["tested"].params, run["tested"].client_model
+  )
+  say(
+      f"{config.algorithm}: test accuracy {best[0]:.4f} (best, round "
+      f"{best[1]}), last {last.overall:.4f}; training {run['wall_time_s']:.2f}s"
+      f" + compile {run['compile_time_s']:.2f}s"
+      + (f"; wrote {path}" if path else "")
+  )
+  return results
+
+
+def run_or_reuse(
+    config: ml_collections.ConfigDict,
+    output_dir: str | os.PathLike,
+    split: data_lib.ClientSplit | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+  """The results of `config` in output_dir: read back if a run of the same
+  configuration is saved there, else run now. A saved run of another
+  configuration is refused (ValueError naming the differing settings)."""
+  path = pathlib.Path(output_dir) / results_lib.RESULTS
+  if path.exists():
+    saved = json.loads(path.read_text())
+    differ = config_lib.differences(saved.get("config", {}), config.to_dict())
+    if not differ:
+      return saved
+    raise ValueError(
+        f"{path} holds a run of other settings ({'; '.join(differ)}): remove "
+        "it or choose another output folder"
+    )
+  return train_and_evaluate(config, output_dir, split, progress)
