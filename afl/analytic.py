@@ -236,7 +236,7 @@ def train(
     key: jax.Array,
     groups: np.ndarray | None = None,
     *,
-    eps: float | None = None,
+    eps: float = 2500.0,
     personalized: bool = False,
 ) -> Trained:
   """FedACnnL (groups None), its group meta-models, or pFedACnnL

@@ -441,9 +441,16 @@ def round_fn(
         body, (carries, total, table, zero, zero), lanes
     )
     _, total, table, loss_sum, count = state
-    total, table, loss_sum, count = jax.lax.psum(
-        (total, table, loss_sum, count), federated.CLIENTS
+    # The devices' float32 sums are added in device order (gathered, then
+    # summed), not by the all-reduce, whose order differs between one
+    # process and several: the zeroth-order estimates amplify a last-bit
+    # difference of the model by 1 / mu. Each client's row of the table is
+    # written by one device only, so its psum is exact.
+    total, loss_sum = jax.tree.map(
+        lambda a: jax.lax.all_gather(a, federated.CLIENTS).sum(0),
+        (total, loss_sum),
     )
+    table, count = jax.lax.psum((table, count), federated.CLIENTS)
     return total, table, loss_sum / jnp.maximum(count, 1)
 
   lane_spec = PartitionSpec(None, federated.CLIENTS)

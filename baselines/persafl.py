@@ -345,7 +345,9 @@ def replayer(
     (start, advance): start(params, personal_init) -> the state before any
     event (personal_init: [C, ...] personal models before any update, or
     None); advance(state) -> (state, Replay) after the next `every`
-    applied updates (or the trace's last).
+    applied updates (or the trace's last). advance donates the [C, ...]
+    tables of the state it is given (a copy per event would move C models):
+    keep host copies of what an earlier state is needed for.
   """
   weights = np.asarray(weights, np.float64)
   num_clients = len(weights)

@@ -1,46 +1,61 @@
-"""One process of the multi-process test (tests/test_distributed.py).
+"""One process of the multi-process tests (tests/test_runtime.py).
 
-  python -m tests.distributed_worker OUTPUT_DIR
+  python -m tests.distributed_worker OUTPUT_DIR [ALGORITHM ...]
 
 joins the distributed runtime from the environment set by `launch.local`
-and runs `CONFIGS` through the ordinary experiment entry point, writing
-OUTPUT_DIR/<algorithm>/ (process 0 only).
+and runs every registered algorithm's (or the named ones') `config` through the one run
+loop into OUTPUT_DIR/p<process index>/<algorithm>/: only process 0 may
+write, so OUTPUT_DIR/p1 must stay empty.
 """
 
 import sys
 
-from absl import logging
+import jax
 
+import afl
 from afl import distributed
-from afl import experiment
+from afl import registry
+import baselines  # pylint: disable=unused-import  (registers the baselines)
 
-# Small and exact: float64 products, so 1 and 2 processes agree to rounding.
-CONFIGS = {
-    algorithm: dict(
-        algorithm=algorithm,
-        dataset="synthetic",
-        model="mlp",
-        num_clients=12,
-        num_groups=3,
-        statistics_dtype="float64",
-        overwrite=True,
-    )
-    for algorithm in ("fedacnnl", "pfedacnnl")
+# Tiny and exact: float64 analytic statistics (1 and 2 processes then agree
+# to rounding), two short rounds of every iterative algorithm.
+_ANALYTIC = dict(statistics_dtype="float64", model="lr")
+_ITERATIVE = dict(rounds=2, local_steps=2, model="lr")
+SETTINGS = {
+    "fedacnnl": dict(_ANALYTIC, model="mlp"),
+    "fedacnnl_wa": _ANALYTIC,
+    "pfedacnnl": dict(_ANALYTIC, model="mlp", num_groups=3),
+    "pfedacnnl_wc": _ANALYTIC,
+    "pfedacnnl_wp": dict(_ANALYTIC, num_groups=3),
+    "fedavg": _ITERATIVE,
+    "fedzo": _ITERATIVE,
+    "baffle": dict(_ITERATIVE, perturbations=20),
+    "pfedme": _ITERATIVE,
+    "pfedzo": _ITERATIVE,
+    "meta_fedavg": _ITERATIVE,
+    "persafl": _ITERATIVE,
 }
 
 
-def config(algorithm: str):
-  cfg = experiment.default_config()
-  cfg.update(CONFIGS[algorithm])
-  return cfg
+def config(algorithm: str, **settings):
+  return afl.get_config(
+      algorithm=algorithm,
+      num_clients=12,
+      overwrite=True,
+      **SETTINGS[algorithm],
+      **settings,
+  )
 
 
-def main(output_dir: str) -> None:
-  logging.set_verbosity(logging.INFO)
+def main(output_dir: str, algorithms) -> None:
   distributed.initialize()
-  for algorithm in CONFIGS:
-    experiment.run_experiment(config(algorithm), f"{output_dir}/{algorithm}")
+  for algorithm in algorithms or registry.names():
+    afl.train_and_evaluate(
+        config(algorithm),
+        f"{output_dir}/p{jax.process_index()}/{algorithm}",
+        progress=False,
+    )
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2:])

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from afl import experiment
+import afl
+from afl import evaluation
 from afl import federated
 from afl import models
 from baselines import algorithms
@@ -252,7 +253,7 @@ def test_pfedme_solves_its_inner_problem():
   )
 
   def objective(t):
-    loss = algorithms.mean_cross_entropy(model.apply, t, x, y, mask)
+    loss = evaluation.mean_cross_entropy(model.apply, t, x, y, mask)
     distance = sum(
         jnp.sum((a - b) ** 2)
         for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(w))
@@ -269,22 +270,17 @@ def test_pfedme_solves_its_inner_problem():
 
 
 def test_run_experiment_writes_the_baseline_results(tmp_path):
-  config = experiment.default_config()
-  config.update(
-      algorithm="pfedme",
-      dataset="synthetic",
-      model="lr",
-      num_clients=10,
-      rounds=3,
+  config = afl.get_config(
+      algorithm="pfedme", model="lr", num_clients=10, rounds=3
   )
-  results = experiment.run_experiment(config, tmp_path)
+  results = afl.train_and_evaluate(config, tmp_path, progress=False)
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["algorithm"] == "pfedme"
   assert len(on_disk["accuracy_per_round"]) == 3
   assert len(on_disk["train_loss_per_round"]) == 3
   assert on_disk["best_accuracy"] == max(on_disk["accuracy_per_round"])
   assert on_disk["last_accuracy"] == on_disk["accuracy_per_round"][-1]
-  assert on_disk["config"]["personal_lr"] == 0.01  # synthetic default
+  assert on_disk["config"]["pfedme"]["personal_lr"] == 0.01  # synthetic
   work = on_disk["client_work"]
   assert work["flops_per_sample"] > 0 and len(work["steps"]) == 10
   assert set(work["steps"]) <= {0, 20}

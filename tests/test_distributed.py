@@ -1,14 +1,7 @@
-"""Several processes: 2 processes x 2 CPU devices == 1 process; the launcher.
+"""Several processes: the client blocks each process fills, and the
+launcher (the runs on 2 processes against 1 are in test_runtime.py)."""
 
-The multi-process run spawns real processes through `launch.local` (a
-coordinator on a free localhost port, gloo collectives), each filling only
-its own devices' client blocks, and compares the saved weights with the same
-configuration run in this process.
-"""
-
-import json
 import os
-import pathlib
 import sys
 import time
 
@@ -16,50 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from afl import experiment
 from afl import federated
 from launch import local
-from tests import distributed_worker
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  out = tmp_path_factory.mktemp("two_processes")
-  status = local.run_local(
-      [sys.executable, "-m", "tests.distributed_worker", str(out)],
-      num_processes=2,
-      devices_per_process=2,
-      log_dir=out / "logs",
-  )
-  logs = "\n".join(p.read_text() for p in sorted((out / "logs").glob("*")))
-  assert status == 0, logs
-  return out, logs
-
-
-@pytest.mark.parametrize("algorithm", list(distributed_worker.CONFIGS))
-def test_two_processes_give_the_weights_of_one(
-    two_processes, algorithm, tmp_path
-):
-  out, logs = two_processes
-  assert "process 1 of 2: 2 local / 4 global devices" in logs
-  one = experiment.run_experiment(
-      distributed_worker.config(algorithm), tmp_path
-  )
-  saved = out / algorithm
-  results = json.loads((saved / "results.json").read_text())
-  assert results["num_processes"] == 2 and results["num_devices"] == 4
-  assert results["client_group"] == one["client_group"]
-  assert results["per_client_test_samples"] == one["per_client_test_samples"]
-  assert results["accuracy"] == pytest.approx(one["accuracy"], abs=1e-9)
-  models = set()
-  for client in range(one["num_clients"]):
-    a = experiment.load_params(saved / "params.msgpack", client)
-    b = experiment.load_params(tmp_path / "params.msgpack", client)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
-    models.add(float(jax.tree.leaves(a)[0].sum()))
-  # pFedACnnL's personalized models differ between clients.
-  assert len(models) == (1 if algorithm == "fedacnnl" else one["num_clients"])
 
 
 def test_distribute_on_one_process_is_shard_of_federate():

@@ -1,4 +1,5 @@
-"""The experiment entry point: results files, accuracy floors, clear errors."""
+"""The run loop's entry points: results files, accuracy floors, clear
+errors, the command line and its config files."""
 
 import json
 import pathlib
@@ -8,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+import afl
 from afl import data as data_lib
 from afl import encoding
-from afl import experiment
 from afl import layers
 from afl import models
 from tests import reference
@@ -18,10 +19,8 @@ from tests import reference
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def config(**overrides):
-  cfg = experiment.default_config()
-  cfg.update(overrides)
-  return cfg
+def config(**settings):
+  return afl.get_config(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def mnist_mlp(data_dir, tmp_path_factory):
   """The acceptance run: FedACnnL, MNIST-MLP, Dirichlet 0.1, 100 clients."""
   out = tmp_path_factory.mktemp("mnist_mlp")
   cfg = config(dataset="mnist", model="mlp", data_dir=str(data_dir))
-  return cfg, out, experiment.run_experiment(cfg, out)
+  return cfg, out, afl.train_and_evaluate(cfg, out)
 
 
 def test_results_file_has_what_a_researcher_needs(mnist_mlp):
@@ -43,8 +42,12 @@ def test_results_file_has_what_a_researcher_needs(mnist_mlp):
       "num_clients",
       "seed",
       "accuracy",
+      "best_accuracy",
+      "last_accuracy",
+      "accuracy_per_round",
       "per_client_accuracy",
       "rounds",
+      "timing",
       "wall_time_s",
       "compile_time_s",
       "peak_memory_gb",
@@ -54,8 +57,10 @@ def test_results_file_has_what_a_researcher_needs(mnist_mlp):
   assert on_disk["algorithm"] == "fedacnnl" and on_disk["num_clients"] == 100
   assert len(on_disk["per_client_accuracy"]) == 100
   assert [r["round"] for r in on_disk["rounds"]] == [1, 2, 3]
+  assert on_disk["accuracy_per_round"][:2] == [None, None]  # no model yet
   assert on_disk["wall_time_s"] > 0 and on_disk["compile_time_s"] > 0
-  assert on_disk["config"]["gamma"] == cfg.gamma
+  assert on_disk["config"]["fedacnnl"]["gamma"] == cfg.fedacnnl.gamma
+  assert len(on_disk["timing"]["rounds"]) == 3
   counts = np.array(on_disk["per_client_test_samples"])
   per_client = np.array(on_disk["per_client_accuracy"], float)
   assert np.isclose(
@@ -70,7 +75,7 @@ def test_mnist_mlp_accuracy_floor(mnist_mlp):
 
 def test_saved_params_reproduce_the_accuracy(mnist_mlp, data_dir):
   cfg, out, results = mnist_mlp
-  params = experiment.load_params(out / "params.msgpack")
+  params = afl.load_params(out)
   split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
   model = models.get_model("mlp", 10)
   test = np.concatenate(split.test_indices)
@@ -82,7 +87,7 @@ def test_saved_params_reproduce_the_accuracy(mnist_mlp, data_dir):
 def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
   """Acceptance: 1e-5 relative to float64 ACnnL on the pooled training data."""
   cfg, out, _ = mnist_mlp
-  params = experiment.load_params(out / "params.msgpack")["params"]
+  params = afl.load_params(out / "params.msgpack")["params"]
   split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
   train = np.concatenate(split.train_indices)
   model = models.get_model("mlp", 10)
@@ -91,7 +96,7 @@ def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
       split.x[train].reshape(len(train), -1),
       split.y[train],
       encoding.label_encodings(cfg.seed, model, 10),
-      cfg.gamma,
+      cfg.fedacnnl.gamma,
   )
   for l, stage in enumerate(model.stages):
     got = layers.from_params(stage.layer, params[models.layer_name(l)])
@@ -100,90 +105,122 @@ def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
 
 def test_mnist_lr_accuracy_floor(data_dir, tmp_path):
   """Paper: 87.11%. Ours (seed 0): 0.8536."""
-  results = experiment.run_experiment(
-      config(dataset="mnist", model="lr", data_dir=str(data_dir)), tmp_path
+  results = afl.train_and_evaluate(
+      config(dataset="mnist", model="lr", data_dir=str(data_dir)),
+      tmp_path,
+      progress=False,
   )
   assert results["accuracy"] >= 0.85
 
 
-def test_existing_results_are_not_overwritten(tmp_path):
+def test_existing_results_are_not_overwritten(tmp_path, capsys):
   cfg = config(num_clients=10)
-  first = experiment.run_experiment(cfg, tmp_path)
+  first = afl.train_and_evaluate(cfg, tmp_path)
+  printed = capsys.readouterr().out  # progress without absl's logging set up
+  assert "round 3/3" in printed and "test accuracy" in printed
   with pytest.raises(FileExistsError, match="--overwrite"):
-    experiment.run_experiment(cfg, tmp_path)
+    afl.train_and_evaluate(cfg, tmp_path)
   cfg.overwrite = True
-  assert (
-      experiment.run_experiment(cfg, tmp_path)["accuracy"] == first["accuracy"]
-  )
+  again = afl.train_and_evaluate(cfg, tmp_path, progress=False)
+  assert again["accuracy"] == first["accuracy"]
+  assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize(
-    "overrides,message",
+    "settings,message",
     [
-        (dict(algorithm="fedsgd"), "--algorithm"),
+        (dict(algorithm="fedsgd"), "--algorithm='fedsgd' is not one of"),
         (dict(model="resnet"), "--model"),
-        (dict(gamma=0.0), "--gamma"),
+        (dict(gamma=0.0), "--gamma=0.0 must be > 0"),
+        (dict(gamma=float("inf")), "--gamma=inf must be finite"),
         (dict(test_fraction=1.0), "--test_fraction"),
         (dict(num_clients=0), "--num_clients"),
-        (dict(num_devices=99), "--num_devices=99"),
         (dict(statistics_dtype="float16"), "--statistics_dtype"),
+        (dict(lr=0.1), "--lr does not apply to --algorithm=fedacnnl"),
+        (dict(rounds=50), "--rounds does not apply"),
+        (dict(eps=10.0), "--eps does not apply"),
+        (dict(algorithm="pfedacnnl_wc", num_groups=4), "--num_groups"),
+        (dict(min_client_size=5), "--min_client_size=5 is used only by"),
+        (dict(dataset="mnist", synthetic_alpha=1.0), "--synthetic_alpha"),
+        (dict(width=0.5), "--width=0.5 is used only by --model=dcnn"),
+        (dict(algorithm="pfedacnnl", num_groups=200), "--num_groups=200"),
+        (dict(algorithm="fedavg", batch_size=0), "--batch_size=0 must be >="),
+        (dict(algorithm="persafl", local_steps=0), "--local_steps > 0"),
+        (dict(foo=1), "unknown setting --foo"),
     ],
 )
-def test_bad_settings_are_named(overrides, message, tmp_path):
+def test_bad_settings_are_named(settings, message):
   with pytest.raises(ValueError, match=message):
-    experiment.run_experiment(config(**overrides), tmp_path)
-  assert not (tmp_path / "results.json").exists()
+    config(**settings)
+
+
+def test_a_config_built_by_hand_is_checked(tmp_path):
+  cfg = config()
+  cfg.fedacnnl.gamma = -1.0
+  with pytest.raises(ValueError, match="--gamma"):
+    afl.train_and_evaluate(cfg, tmp_path)
+  cfg = config()
+  cfg.pfedme = config(algorithm="pfedme").pfedme
+  with pytest.raises(ValueError, match="config.pfedme holds settings"):
+    afl.train_and_evaluate(cfg, tmp_path)
+  cfg = config(num_devices=99)
+  with pytest.raises(ValueError, match="--num_devices=99"):
+    afl.train_and_evaluate(cfg, tmp_path)
+  assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_paper_defaults_by_dataset():
+  assert config(algorithm="pfedme").pfedme.lam == 20.0  # synthetic
+  mnist = config(algorithm="pfedme", dataset="mnist")
+  assert mnist.pfedme.lam == 15.0 and mnist.pfedme.rounds == 20
+  assert config(algorithm="persafl", personalization="me").persafl.lr == 0.005
+  assert config(algorithm="persafl").persafl.lr == 0.05  # maml: meta_fedavg
 
 
 def test_missing_dataset_names_the_folder(tmp_path):
   with pytest.raises(data_lib.DataError, match=str(tmp_path)):
-    experiment.run_experiment(
+    afl.train_and_evaluate(
         config(dataset="mnist", data_dir=str(tmp_path), data_source="files"),
         tmp_path / "out",
     )
 
 
-def test_command_line(tmp_path):
-  """The README's main command, shrunk: flags in, results.json out."""
-  out = tmp_path / "run"
-  subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "experiments.run",
-          "--dataset=synthetic",
-          "--num_clients=12",
-          "--seed=3",
-          f"--output_dir={out}",
-      ],
+def run_command(*flags):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.run", *flags],
       cwd=_REPO,
-      check=True,
       capture_output=True,
       text=True,
   )
+
+
+def test_command_line(tmp_path):
+  """The README's main command, shrunk: flags in, results.json out; a
+  config file (here that run's results.json) in, the same config out."""
+  out = tmp_path / "run"
+  done = run_command(
+      "--dataset=synthetic", "--num_clients=12", "--seed=3", f"--output_dir={out}"
+  )
+  assert done.returncode == 0, done.stderr
+  assert "round 3/3" in done.stdout
   results = json.loads((out / "results.json").read_text())
   assert results["num_clients"] == 12 and results["seed"] == 3
   assert 0.3 < results["accuracy"] <= 1.0
-  bad = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "experiments.run",
-          "--model=vgg",
-          f"--output_dir={out}",
-      ],
-      cwd=_REPO,
-      capture_output=True,
-      text=True,
-  )
+  again = run_command(f"--config={out / 'results.json'}", "--dry_run")
+  assert again.returncode == 0, again.stderr
+  assert "num_clients: 12" in again.stdout and "seed: 3" in again.stdout
+  bad = run_command("--model=vgg", f"--output_dir={out}")
   assert bad.returncode != 0 and "--model" in bad.stderr
+  other = run_command("--lr=0.1", f"--output_dir={tmp_path / 'lr'}")
+  assert other.returncode != 0 and "--lr does not apply" in other.stderr
+  assert not (tmp_path / "lr").exists()
 
 
 def test_pfedacnnl_run_reports_groups_and_personal_models(data_dir, tmp_path):
   """MNIST-MLP, 100 clients: personalized accuracy (paper 96.23%; ours
   0.9631 at seed 0), the grouping, and each client's own saved model."""
   cfg = config(algorithm="pfedacnnl", dataset="mnist", data_dir=str(data_dir))
-  results = experiment.run_experiment(cfg, tmp_path)
+  results = afl.train_and_evaluate(cfg, tmp_path, progress=False)
   assert results["accuracy"] >= 0.955
   assert len(results["group_sizes"]) == 10
   assert sum(results["group_sizes"]) == 100
@@ -193,7 +230,7 @@ def test_pfedacnnl_run_reports_groups_and_personal_models(data_dir, tmp_path):
   split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
   model = models.get_model("mlp", 10)
   for client in (0, 57):
-    params = experiment.load_params(tmp_path / "params.msgpack", client)
+    params = afl.load_params(tmp_path, client)
     test = split.test_indices[client]
     logits = model.apply(params, split.x[test].reshape(len(test), -1))
     accuracy = float((np.asarray(logits).argmax(-1) == split.y[test]).mean())

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from afl import experiment
+import afl
+from afl import evaluation
 from afl import federated
 from afl import models
 from baselines import algorithms
@@ -32,7 +33,7 @@ def test_exact_meta_gradient_matches_finite_differences(nu):
   first-order one (which drops the Hessian terms) does not."""
   model = models.get_model("mlp", 3)
   loss_fn = functools.partial(
-      algorithms.mean_cross_entropy,
+      evaluation.mean_cross_entropy,
       lambda p, x: jnp.tanh(model.apply(p, x)),  # smooth
   )
   with jax.enable_x64(True):
@@ -175,10 +176,8 @@ def test_meta_fedavg_learns_a_tiny_federation(nu, meta_grad):
 
 
 def test_meta_fedavg_writes_results(tmp_path):
-  config = experiment.default_config()
-  config.update(
+  config = afl.get_config(
       algorithm="meta_fedavg",
-      dataset="synthetic",
       model="lr",
       num_clients=10,
       rounds=3,
@@ -186,10 +185,10 @@ def test_meta_fedavg_writes_results(tmp_path):
       meta_grad="first_order",
       local_steps=5,
   )
-  results = experiment.run_experiment(config, tmp_path)
+  results = afl.train_and_evaluate(config, tmp_path, progress=False)
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["algorithm"] == "meta_fedavg"
-  assert on_disk["config"]["nu"] == 2
+  assert on_disk["config"]["meta_fedavg"]["nu"] == 2
   assert len(on_disk["accuracy_per_round"]) == 3
   assert len(on_disk["train_loss_per_round"]) == 3
   assert results["accuracy"] > 0.3

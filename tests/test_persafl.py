@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from afl import clock as clock_lib
-from afl import experiment
+import afl
 from afl import models
 from baselines import algorithms
 from afl import lanes
@@ -28,7 +28,12 @@ def random_delays(seed, num_clients=12, jobs=30):
       40 * ones, 8 * ones, 1e5, 1e4, 4000 * ones, 4000 * ones
   )
   return persafl.delays(
-      profiles, clock_lib.CostModel(calibration), work, 0.5, seed, jobs
+      profiles,
+      clock_lib.CostModel(calibration),
+      work,
+      0.5,
+      np.random.default_rng(seed),
+      jobs,
   )
 
 
@@ -114,12 +119,12 @@ def test_staleness_zero_is_the_synchronous_algorithm(personalization):
     personal_init = jax.tree.map(
         lambda a: jnp.broadcast_to(a, (7,) + a.shape), params
     )
-  reports = list(
-      persafl.replay(
-          trace, updates, params, weights, beta, key, 7, personal_init
-      )
-  )
-  assert len(reports) == rounds
+  start, advance = persafl.replayer(trace, updates, weights, beta, key, 7)
+  state, reports = start(params, personal_init), []
+  for _ in range(rounds):
+    state, _ = advance(state)  # donates the tables: keep host copies
+    reports.append(jax.tree.map(np.asarray, state._replace(copies=None)))
+  assert trace.arrival[: state.event].sum() == trace.arrival.sum()
 
   w = params
   for k in range(rounds):
@@ -176,18 +181,16 @@ def test_client_updates_match_the_local_training_step_by_step():
 def test_run_experiment_writes_results_against_simulated_time(
     tmp_path, personalization
 ):
-  config = experiment.default_config()
-  config.update(
+  config = afl.get_config(
       algorithm="persafl",
       personalization=personalization,
-      dataset="synthetic",
       model="lr",
       num_clients=10,
       rounds=3,
       local_steps=4,
       max_staleness=1,
   )
-  results = experiment.run_experiment(config, tmp_path)
+  results = afl.train_and_evaluate(config, tmp_path, progress=False)
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["personalization"] == personalization
   assert len(on_disk["accuracy_per_round"]) == 3
@@ -200,8 +203,6 @@ def test_run_experiment_writes_results_against_simulated_time(
   assert results["accuracy"] > 0.3
 
 
-def test_persafl_needs_fixed_local_steps(tmp_path):
-  config = experiment.default_config()
-  config.update(algorithm="persafl", local_steps=0, num_clients=10)
+def test_persafl_needs_fixed_local_steps():
   with pytest.raises(ValueError, match="local_steps"):
-    experiment.run_experiment(config, tmp_path)
+    afl.get_config(algorithm="persafl", local_steps=0, num_clients=10)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from afl import analytic
 from afl import data as data_lib
 from afl import fedacnnl
 from afl import federated
@@ -64,7 +65,7 @@ def test_personalization_matches_a_per_client_float64_reference(mnist):
   algorithm, mesh, _ = build(model, x)
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 3, seed=0)
   data = blocks(x, y, clients, mesh, np.argsort(groups, kind="stable"))
-  result = pfedacnnl.train(algorithm, data, jax.random.key(0), groups, eps=EPS)
+  result = analytic.train(algorithm, data, jax.random.key(0), groups, eps=EPS, personalized=True)
   assert result.params["params"]["layer_0"]["kernel"].shape[0] == 12
   for k in range(3):  # meta-models: centralized ACnnL on each group (eq. 11)
     members = np.concatenate([clients[i] for i in np.flatnonzero(groups == k)])
@@ -91,7 +92,7 @@ def test_group_meta_models_equal_fedacnnl_on_each_group_alone(mnist):
   model = models.mlp(10)
   groups = np.arange(len(clients)) % 3
   algorithm, mesh, order = build(model, x, groups)
-  meta = pfedacnnl.train(
+  meta = analytic.train(
       algorithm,
       blocks(x, y, clients, mesh, order),
       jax.random.key(0),
@@ -101,7 +102,7 @@ def test_group_meta_models_equal_fedacnnl_on_each_group_alone(mnist):
   np.testing.assert_array_equal(meta.client_model, groups)
   for k in range(3):
     alone = [clients[i] for i in np.flatnonzero(groups == k)]
-    single = fedacnnl.train(
+    single = analytic.train(
         algorithm, blocks(x, y, alone, mesh), jax.random.key(0)
     )
     for got, want in zip(
@@ -117,13 +118,14 @@ def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
   groups = np.zeros(len(clients), np.int32)
   algorithm, mesh, _ = build(model, x)
   data = blocks(x, y, clients, mesh)
-  meta = pfedacnnl.train(
+  meta = analytic.train(
       algorithm, data, jax.random.key(0), groups, personalized=False
   )
-  near_meta = pfedacnnl.train(
-      algorithm, data, jax.random.key(0), groups, eps=1e12
+  near_meta = analytic.train(
+      algorithm, data, jax.random.key(0), groups, eps=1e12,
+      personalized=True,
   )
-  local = pfedacnnl.train(algorithm, data, jax.random.key(0), groups, eps=1e-6)
+  local = analytic.train(algorithm, data, jax.random.key(0), groups, eps=1e-6, personalized=True)
   for i, c in enumerate(clients):
     assert (
         reference.relative_error(
@@ -150,9 +152,10 @@ def test_one_group_is_the_wc_variant(mnist):
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 1, seed=0)
   np.testing.assert_array_equal(groups, 0)
   data = blocks(x, y, clients, mesh)
-  one_group = pfedacnnl.train(algorithm, data, jax.random.key(0), groups)
-  wc = pfedacnnl.train(
-      algorithm, data, jax.random.key(1), np.zeros(len(clients), np.int32)
+  one_group = analytic.train(algorithm, data, jax.random.key(0), groups, personalized=True)
+  wc = analytic.train(
+      algorithm, data, jax.random.key(1), np.zeros(len(clients), np.int32),
+      personalized=True,
   )
   for i in range(len(clients)):
     for got, want in zip(
@@ -199,13 +202,14 @@ def test_bad_settings_are_rejected(synthetic):
   model = models.logistic_regression(10)
   algorithm, mesh, _ = build(model, x)
   with pytest.raises(ValueError, match="eps"):
-    pfedacnnl.train(
+    analytic.train(
         algorithm,
         blocks(x, y, clients, mesh),
         jax.random.key(0),
         np.zeros(len(clients), np.int32),
         eps=0.0,
-    )
+      personalized=True,
+  )
 
 
 def test_small_clients_dual_form_equals_their_primal_solve(mnist):
@@ -221,7 +225,7 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist):
   )
   groups = np.zeros(len(clients), np.int32)
   algorithm, _, _ = build(model, x)
-  meta = fedacnnl.train(algorithm, data, jax.random.key(0), groups, 1)
+  meta = analytic.train(algorithm, data, jax.random.key(0), groups)
   params = algorithm.factored(tuple(s[groups] for s in meta.solutions))
   solved = [  # dual where it fits; never
       [

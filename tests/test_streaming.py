@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from afl import analytic
 from afl import data as data_lib
 from afl import fedacnnl
 from afl import federated
@@ -78,10 +79,11 @@ def test_personalization_on_8_devices_equals_1_device(cifar):
       statistics_dtype="float64",
   )
   key = jax.random.key(0)
-  eight = pfedacnnl.train(algorithm, data, key, groups)
+  eight = analytic.train(algorithm, data, key, groups, personalized=True)
   gathered = jax.device_get(data)
-  alone = pfedacnnl.train(
-      single, federated.shard(gathered, one), key, groups
+  alone = analytic.train(
+      single, federated.shard(gathered, one), key, groups,
+      personalized=True,
   )
   for i in range(data.num_clients):
     for got, want in zip(

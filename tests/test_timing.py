@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+import afl
 from afl import clock
-from afl import experiment
+from afl import runtime
 from afl import models
 from afl import statistics
 
@@ -92,31 +93,31 @@ def test_profiles_are_seeded_and_in_range():
 
 @pytest.fixture(scope="module")
 def synthetic_run():
-  cfg = experiment.default_config()
-  cfg.update(num_clients=8, dataset="synthetic", model="mlp", num_devices=2)
-  split = experiment.prepare_split(cfg)
-  return cfg, experiment.setup(cfg, split)
+  """FedACnnL's federation and algorithm on 8 synthetic clients."""
+  cfg = afl.get_config(num_clients=8, model="mlp", num_devices=2)
+  fed = runtime.federation(cfg)
+  return fed, runtime.build(cfg, fed)
 
 
-def make_clock(run, adaptive):
+def make_clock(fed, adaptive):
   return clock.Clock(
-      clock.draw_profiles(jax.random.key(0), 8),
-      COST,
-      4,
-      run.train_data.client_sizes(),
-      adaptive,
+      clock.draw_profiles(jax.random.key(0), 8), COST, 4, fed.client_sizes, adaptive
   )
 
 
+def train(run, timed):
+  fed, algorithm = run
+  return runtime.run_rounds(algorithm, fed.key, clock=timed)
+
+
 def test_adaptive_batch_size_changes_time_not_weights(synthetic_run):
-  cfg, run = synthetic_run
   trained, clocks = {}, {}
   for adaptive in (True, False):
-    clocks[adaptive] = make_clock(run, adaptive)
-    trained[adaptive] = experiment.train(cfg, run, clocks[adaptive])
+    clocks[adaptive] = make_clock(synthetic_run[0], adaptive)
+    trained[adaptive] = train(synthetic_run, clocks[adaptive])
   for a, b in zip(
-      jax.tree.leaves(trained[True].params),
-      jax.tree.leaves(trained[False].params),
+      jax.tree.leaves(trained[True]["tested"].params),
+      jax.tree.leaves(trained[False]["tested"].params),
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   fixed = [r.batch_size.tolist() for r in clocks[False].rounds]
@@ -127,28 +128,29 @@ def test_adaptive_batch_size_changes_time_not_weights(synthetic_run):
       clocks[False].summary()["mean_per_client"]["idle_s"]
   )
   summary = json.loads(json.dumps(clocks[True].summary()))
-  assert len(summary["rounds"]) == len(trained[True].rounds) == 3
+  assert len(summary["rounds"]) == len(trained[True]["records"]) == 3
   total = summary["mean_per_client"]
   assert total["total_s"] == pytest.approx(
       total["computation_s"] + total["communication_s"] + total["idle_s"]
   )
-  assert "idle_s_mean" in trained[True].rounds[0]
+  assert "idle_s_mean" in trained[True]["records"][0]["timing"]
 
 
 def test_communication_bytes_are_the_arrays_sent(synthetic_run):
-  cfg, run = synthetic_run
-  timed = make_clock(run, True)
-  trained = experiment.train(cfg, run, timed)
-  params = jax.tree.map(lambda a: a[0], trained.params)
-  x = np.asarray(run.train_data.x[0])
+  fed, algorithm = synthetic_run
+  timed = make_clock(fed, True)
+  trained = train(synthetic_run, timed)
+  params = jax.tree.map(lambda a: a[0], trained["tested"].params)
+  blocks = fed.blocks("train", algorithm.layout)
+  x = np.asarray(blocks.x[0])
   for layer, record in enumerate(timed.rounds):
     one_client = statistics.block_statistics(
-        run.model,
+        fed.model,
         layer,
         params,
         x,
-        np.asarray(run.train_data.y[0]),
-        np.asarray(run.train_data.mask[0]),
+        np.asarray(blocks.y[0]),
+        np.asarray(blocks.mask[0]),
         10,
         np.float64,
     )
