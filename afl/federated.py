@@ -5,10 +5,10 @@ last block is padded and the padding masked out. Each block belongs to exactly
 one client (`client[b]`), so per-client statistics are segment sums over
 blocks. The number of blocks is the split-independent bound
 ceil(N / block_size) + C (sum_i ceil(n_i / B) < N / B + C), rounded up to a
-multiple of 16 times the device count, so every partition of the same N samples over
-the same C clients compiles to the same shapes. Blocks past a split's own need
-are all-padding and the client map skips them (`lax.cond`), so the bound costs
-memory, not compute.
+multiple of 16 times the device count, so every partition of the same N
+samples over the same C clients compiles to the same shapes. Blocks past a
+split's own need are all-padding and the walk over a device's blocks jumps
+over them, so the bound costs memory, not compute.
 
 Real blocks are dealt over the devices in contiguous runs, so each device
 gets the same number of real blocks (plus or minus one) whatever the split,
@@ -18,8 +18,9 @@ neighbouring blocks of the same client (or group) into one large product.
 of a group together) without changing their ids.
 """
 
+import functools
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -320,6 +321,41 @@ def _set_row(acc, value, index):
   )
 
 
+def _add_row(acc, value, index):
+  """acc[index] += value for every leaf of the pytrees (a dynamic-slice
+  update: XLA's CPU scatter, `.at[].add`, goes element by element and would
+  cost more than the products)."""
+
+  def add_leaf(total, v):
+    row = jax.lax.dynamic_index_in_dim(total, index, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(
+        total, row + v.astype(total.dtype), index, 0
+    )
+
+  return jax.tree.map(add_leaf, acc, value)
+
+
+def _map_blocks(
+    local,
+    mesh: Mesh,
+    params,
+    data: FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    args,
+    out_specs=PartitionSpec(),
+):
+  """shard_map of local(params, x, y, mask, param_index, segment_index, args)
+  over the block axis; params and args are replicated."""
+  blocks = PartitionSpec(CLIENTS)
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(PartitionSpec(),) + (blocks,) * 5 + (PartitionSpec(),),
+      out_specs=out_specs,
+  )(params, data.x, data.y, data.mask, param_index, segment_index, args)
+
+
 def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
   """finalize(sums[s], s, finalize_args) for every segment s, segment s on
   device s mod D; zeros for a segment that is not `present`.
@@ -366,6 +402,376 @@ def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
   )(sums, present, finalize_args)
 
 
+# A device's walk over its blocks (`_walk`), shared by segment_sum's ways.
+
+# The most full steps whose sum in block_fn's dtype is added to the segment's
+# float64 sum at once (see `segment_sum`).
+_FLUSH_STEPS = 8
+
+
+class _Steps(NamedTuple):
+  """How blocks are mapped: the same on every device."""
+
+  block_fn: Callable  # as for `segment_sum`
+  sizes: tuple[int, ...]  # blocks per merged step, largest first, down to 1
+  # [len(sizes)] int32 `sizes`, for the choice at run time; one constant for
+  # all of the walk's chunks.
+  step_blocks: jax.Array
+  shapes: Any  # block_fn's pytree of jax.ShapeDtypeStruct, for one block
+
+  @property
+  def sum_shapes(self):
+    """`shapes` in float64, the dtype of the segments' sums."""
+    return jax.tree.map(lambda s: s.update(dtype=jnp.float64), self.shapes)
+
+
+def _steps(
+    block_fn, params, data: FederatedData, mesh: Mesh, samples_per_step: int
+) -> _Steps:
+  """Steps of `largest` blocks (up to samples_per_step samples, at most a
+  device's blocks), largest / 4, .. 1: a run of n blocks of one segment and
+  model takes about log4(n) + 3 n / largest steps."""
+  per_device = data.num_blocks // mesh.size
+  largest = max(1, min(per_device, samples_per_step // data.block_size))
+  sizes = tuple(
+      sorted({largest // 4**i for i in range(8)} - {0} | {1}, reverse=True)
+  )
+  shapes = jax.eval_shape(
+      block_fn, _take(params, 0), data.x[0], data.y[0], data.mask[0]
+  )
+  return _Steps(block_fn, sizes, jnp.array(sizes, jnp.int32), shapes)
+
+
+class _Blocks(NamedTuple):
+  """One device's n blocks (inside shard_map): their runs and edges."""
+
+  params: Any  # the stacked models, replicated
+  x: jax.Array  # [n, B, ...]
+  y: jax.Array  # [n, B]
+  mask: jax.Array  # [n, B]
+  param_index: jax.Array  # [n] int32
+  segment_at: jax.Array  # [n + 1] int32: each block's segment, -1 past the end
+  # [n] int32: how many blocks from b on count and share b's segment and model
+  # (the next break in such a chain), for b that counts.
+  run: jax.Array
+  # [n + 1] int32: the first block from b on that counts (n if none).
+  next_: jax.Array
+  # The segments that may go on on a neighbouring device, -1 for none:
+  # the device's first segment (it may have begun on the device before) and
+  # its last (it may go on after), if that is another one.
+  first_id: jax.Array  # int32
+  last_id: jax.Array  # int32
+  # The first counting block of the last edge's run, where the interior
+  # segments end (next_[0] if there is no last edge).
+  tail: jax.Array  # int32
+
+
+def _blocks(params, x, y, mask, param_index, segment_index) -> _Blocks:
+  """`_Blocks` of a device's part of segment_sum's arguments."""
+  num = x.shape[0]
+  counts = mask.any(axis=1) & (segment_index >= 0)  # [n]
+  position = jnp.arange(num, dtype=jnp.int32)
+  joined = (  # [n - 1] blocks b and b + 1 are in one run
+      counts[:-1]
+      & counts[1:]
+      & (segment_index[:-1] == segment_index[1:])
+      & (param_index[:-1] == param_index[1:])
+  )
+  breaks = jnp.append(jnp.where(joined, num, position[:-1]), num - 1)
+  run = jax.lax.cummin(breaks, reverse=True) - position + 1
+  next_ = jnp.append(
+      jax.lax.cummin(jnp.where(counts, position, num), reverse=True), num
+  )
+  segment_at = jnp.append(segment_index, -1)
+  first_id, last_id = _edge_segments(counts, segment_index)
+  # The last run (of last_id) begins after the last block of another
+  # segment; if that is the first run, there is no separate last edge.
+  other = jnp.max(jnp.where(counts & (segment_index != last_id), position, -1))
+  tail = next_[other + 1]
+  last_id = jnp.where(tail > next_[0], last_id, -1)
+  return _Blocks(
+      params,
+      x,
+      y,
+      mask,
+      param_index,
+      segment_at,
+      run,
+      next_,
+      first_id,
+      last_id,
+      tail,
+  )
+
+
+def _products(steps: _Steps, blocks: _Blocks, size: int, index: jax.Array):
+  """block_fn on the rows of `size` blocks from `index` on, with the model of
+  block `index`."""
+  x, y, mask = (  # [size, B, ...], [size, B], [size, B]
+      jax.lax.dynamic_slice_in_dim(a, index, size)
+      for a in (blocks.x, blocks.y, blocks.mask)
+  )
+  return steps.block_fn(
+      _take(blocks.params, blocks.param_index[index]),
+      x.reshape((-1,) + x.shape[2:]),
+      y.reshape(-1),
+      mask.reshape(-1),
+  )
+
+
+def _chunk(steps: _Steps, blocks: _Blocks, index: jax.Array):
+  """Sums the blocks from `index` (which counts) on, at most _FLUSH_STEPS full
+  steps of its run, in block_fn's dtype.
+
+  Returns:
+    (the block after them, their sum in float64).
+  """
+  stop = index + jnp.minimum(blocks.run[index], _FLUSH_STEPS * steps.sizes[0])
+  step_blocks = steps.step_blocks
+  branches = [
+      functools.partial(_products, steps, blocks, size) for size in steps.sizes
+  ]
+
+  def step(carry):
+    index, running = carry
+    # The largest step that stays inside the chunk.
+    choice = jnp.sum(stop - index < step_blocks)
+    out = jax.lax.switch(choice, branches, index)
+    return index + step_blocks[choice], jax.tree.map(jnp.add, running, out)
+
+  _, running = jax.lax.while_loop(
+      lambda carry: carry[0] < stop,
+      step,
+      (index, _varying_zeros(steps.shapes)),
+  )
+  return stop, jax.tree.map(lambda a: a.astype(jnp.float64), running)
+
+
+def _segment_total(
+    steps: _Steps, blocks: _Blocks, index: jax.Array, segment: jax.Array
+):
+  """Sums the segment's blocks from `index` on: the run of them that the
+  first counting block from there begins (none if it is another segment's;
+  segment -2 takes none).
+
+  Returns:
+    (the block after them, their float64 sum).
+  """
+
+  def more(carry):
+    index, total = carry
+    index, running = _chunk(steps, blocks, blocks.next_[index])
+    return index, jax.tree.map(jnp.add, total, running)
+
+  return jax.lax.while_loop(
+      lambda carry: blocks.segment_at[blocks.next_[carry[0]]] == segment,
+      more,
+      (index, _varying_zeros(steps.sum_shapes)),
+  )
+
+
+def _walk(
+    steps: _Steps,
+    blocks: _Blocks,
+    num_segments: int,
+    kept_shapes,
+    finalize=None,
+    finalize_args=(),
+):
+  """Sums a device's segments one after the other, in block order.
+
+  The edges (`_Blocks`) are summed but not kept here; every segment in
+  between is complete here: it is summed, kept (finalized) and written once,
+  with no conditional over large arrays.
+
+  Args:
+    steps: how blocks are mapped.
+    blocks: the device's blocks.
+    num_segments: S.
+    kept_shapes: pytree of jax.ShapeDtypeStruct: what is kept of a segment
+      (finalize's result, or the sum's shapes without finalize).
+    finalize, finalize_args: as for `segment_sum`; None keeps the sums.
+
+  Returns:
+    (((first_id, first), (last_id, last)), acc): the device's edge segments
+    (-1 for none) with their float64 sums (zeros for none), and [S, ...]
+    what is kept of each interior segment (zeros for the others).
+  """
+  segment_at, next_ = blocks.segment_at, blocks.next_
+  first_id, last_id = blocks.first_id, blocks.last_id
+  zero = jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying")
+  index, first = _segment_total(
+      steps, blocks, zero, jnp.where(first_id >= 0, first_id, -2)
+  )
+
+  def middle_segment(carry):
+    index, acc = carry
+    segment = segment_at[next_[index]]
+    index, total = _segment_total(steps, blocks, index, segment)
+    if finalize is not None:
+      total = finalize(total, segment, finalize_args)
+    return index, _add_row(acc, total, segment)
+
+  index, acc = jax.lax.while_loop(
+      lambda carry: next_[carry[0]] < blocks.tail,
+      middle_segment,
+      (index, _varying_zeros(kept_shapes, (num_segments,))),
+  )
+  _, last = _segment_total(
+      steps, blocks, index, jnp.where(last_id >= 0, last_id, -2)
+  )
+  return ((first_id, first), (last_id, last)), acc
+
+
+def _finalize_edges(finalize, finalize_args, edges, acc):
+  """Adds finalize(total) of the edge segments to a device's results.
+
+  The edges of all devices (2 per device) are gathered, added up per
+  segment, and each segment is finalized once, by the device of its first
+  edge.
+
+  Args:
+    finalize, finalize_args: as for `segment_sum`.
+    edges: the device's ((first_id, first), (last_id, last)), as `_walk`
+      gives them.
+    acc: [S, ...] the device's finalized interior segments.
+
+  Returns:
+    acc plus finalize(total) of each edge segment the device finalizes.
+  """
+  (first_id, first), (last_id, last) = edges
+  # [2 D]: device d's edges at 2 d and 2 d + 1.
+  ids = jax.lax.all_gather(jnp.stack([first_id, last_id]), CLIENTS)
+  ids = ids.reshape(-1)
+  sums = jax.tree.map(  # [2 D, ...]
+      lambda a, b: jax.lax.all_gather(jnp.stack([a, b]), CLIENTS).reshape(
+          (-1,) + a.shape
+      ),
+      first,
+      last,
+  )
+  same = (ids[:, None] == ids[None, :]) & (ids[None, :] >= 0)  # [2 D, 2 D]
+  combined = jax.tree.map(  # [2 D, ...]: the total of each edge's segment
+      lambda a: jnp.tensordot(same.astype(a.dtype), a, 1), sums
+  )
+  owner = jnp.argmax(same, axis=1)  # [2 D] the first edge of its segment
+
+  def edge(j, acc):
+    e = 2 * jax.lax.axis_index(CLIENTS) + j
+    return jax.lax.cond(
+        (ids[e] >= 0) & (owner[e] == e),
+        lambda acc: _add_row(
+            acc, finalize(_take(combined, e), ids[e], finalize_args), ids[e]
+        ),
+        lambda acc: acc,
+        acc,
+    )
+
+  return jax.lax.fori_loop(0, 2, edge, acc)
+
+
+def _plain_sums(
+    block_fn,
+    params,
+    data: FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    num_segments: int,
+    mesh: Mesh,
+    samples_per_step: int,
+):
+  """`segment_sum` without finalize: each device writes the sums of all its
+  segments, edges included, into [S, ...], and psum adds the devices' up.
+
+  Arguments as for `segment_sum` (param_index, segment_index int32).
+  """
+  steps = _steps(block_fn, params, data, mesh, samples_per_step)
+
+  def local(params, x, y, mask, param_index, segment_index, args):
+    del args  # no finalize_args
+    blocks = _blocks(params, x, y, mask, param_index, segment_index)
+    edges, acc = _walk(steps, blocks, num_segments, steps.sum_shapes)
+    for edge_id, edge in edges:
+      acc = _add_row(
+          acc,
+          jax.tree.map(lambda t: jnp.where(edge_id >= 0, t, 0), edge),
+          jnp.maximum(edge_id, 0),
+      )
+    return jax.lax.psum(acc, CLIENTS)
+
+  return _map_blocks(local, mesh, params, data, param_index, segment_index, ())
+
+
+def _few_segments(
+    block_fn,
+    params,
+    data: FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    num_segments: int,
+    mesh: Mesh,
+    samples_per_step: int,
+    finalize,
+    finalize_args,
+):
+  """`segment_sum` with finalize for S <= 2 D: `_plain_sums`, then each
+  segment that has blocks is finalized by one device (`_finalize_each`).
+
+  Arguments as for `segment_sum` (param_index, segment_index int32).
+  """
+  sums = _plain_sums(
+      block_fn,
+      params,
+      data,
+      param_index,
+      segment_index,
+      num_segments,
+      mesh,
+      samples_per_step,
+  )
+  counted = data.mask.any(1) & (segment_index >= 0)
+  present = (  # (a negative index would wrap around, not drop)
+      jnp.zeros(num_segments, bool)
+      .at[jnp.where(counted, segment_index, num_segments)]
+      .set(True, mode="drop")
+  )
+  return _finalize_each(finalize, sums, present, finalize_args, mesh)
+
+
+def _edge_gather(
+    block_fn,
+    params,
+    data: FederatedData,
+    param_index: jax.Array,
+    segment_index: jax.Array,
+    num_segments: int,
+    mesh: Mesh,
+    samples_per_step: int,
+    finalize,
+    finalize_args,
+):
+  """`segment_sum` with finalize for S > 2 D: each device finalizes its
+  interior segments as it goes (`_walk`) and the edges after the walk
+  (`_finalize_edges`); psum adds the devices' results up.
+
+  Arguments as for `segment_sum` (param_index, segment_index int32).
+  """
+  steps = _steps(block_fn, params, data, mesh, samples_per_step)
+  kept_shapes = jax.eval_shape(finalize, steps.sum_shapes, 0, finalize_args)
+
+  def local(params, x, y, mask, param_index, segment_index, finalize_args):
+    blocks = _blocks(params, x, y, mask, param_index, segment_index)
+    edges, acc = _walk(
+        steps, blocks, num_segments, kept_shapes, finalize, finalize_args
+    )
+    acc = _finalize_edges(finalize, finalize_args, edges, acc)
+    return jax.lax.psum(acc, CLIENTS)
+
+  return _map_blocks(
+      local, mesh, params, data, param_index, segment_index, finalize_args
+  )
+
+
 def segment_sum(
     block_fn,
     params,
@@ -401,8 +807,9 @@ def segment_sum(
   and the running sum; the segment's sum changes once per chunk, and the
   [S, ...] results once per segment (a loop over a device's segments, each
   summed by a loop over its chunks), with no conditional over large arrays,
-  which XLA would copy every time. (A vmap over the blocks of a step was measured 2-4x
-  slower than this loop on CPU: XLA's batched small dots are slow there.)
+  which XLA would copy every time (`_walk`). (A vmap over the blocks of a
+  step was measured 2-4x slower than this loop on CPU: XLA's batched small
+  dots are slow there.)
 
   With `finalize`, what is kept of a segment is finalize(its sum), computed
   as soon as the segment is complete: per-client statistics become a
@@ -439,209 +846,25 @@ def segment_sum(
     block_fn's pytree with every leaf [S, ...] float64, or finalize's
     pytree stacked [S, ...].
   """
-  param_index = jnp.asarray(param_index, jnp.int32)
-  segment_index = jnp.asarray(segment_index, jnp.int32)
-  if finalize and num_segments <= 2 * mesh.size:
+  args = (
+      block_fn,
+      params,
+      data,
+      jnp.asarray(param_index, jnp.int32),
+      jnp.asarray(segment_index, jnp.int32),
+      num_segments,
+      mesh,
+      samples_per_step,
+  )
+  if finalize is None:
+    return _plain_sums(*args)
+  if num_segments <= 2 * mesh.size:
     # As many segments as edges (two per device) or fewer: their [S, ...]
     # sums are no larger than the gathered edges, so add them up (psum)
     # and deal the finalizes out over the devices. (Gathering 2 x 8 edge
     # grams of 785 x 785 made FedACnnL's rounds on 8 devices 3x slower.)
-    sums = segment_sum(
-        block_fn,
-        params,
-        data,
-        param_index,
-        segment_index,
-        num_segments,
-        mesh,
-        samples_per_step,
-    )
-    counted = data.mask.any(1) & (segment_index >= 0)
-    present = (  # (a negative index would wrap around, not drop)
-        jnp.zeros(num_segments, bool)
-        .at[jnp.where(counted, segment_index, num_segments)]
-        .set(True, mode="drop")
-    )
-    return _finalize_each(finalize, sums, present, finalize_args, mesh)
-  # Steps of `largest`, largest / 4, .. 1 blocks: a run of n blocks of one
-  # segment and model takes about log4(n) + 3 n / largest steps.
-  per_device = data.num_blocks // mesh.size
-  largest = max(1, min(per_device, samples_per_step // data.block_size))
-  sizes = tuple(
-      sorted({largest // 4**i for i in range(8)} - {0} | {1}, reverse=True)
-  )
-  one = jax.eval_shape(
-      block_fn, _take(params, 0), data.x[0], data.y[0], data.mask[0]
-  )
-  sum_shapes = jax.tree.map(lambda s: s.update(dtype=jnp.float64), one)
-  kept_shapes = (
-      jax.eval_shape(finalize, sum_shapes, 0, finalize_args)
-      if finalize
-      else sum_shapes
-  )
-  flush_blocks = 8 * largest  # the most blocks summed in block_fn's dtype
-
-  def local(params, x, y, mask, param_index, segment_index, finalize_args):
-    num = x.shape[0]
-    counts = mask.any(axis=1) & (segment_index >= 0)  # [num] blocks that count
-    position = jnp.arange(num, dtype=jnp.int32)
-    # run[b]: how many blocks from b on count and share b's segment and
-    # model (the next break in such a chain), for b that counts;
-    # next_[b]: the first block from b on that counts (num if none).
-    joined = (
-        counts[:-1]
-        & counts[1:]
-        & (segment_index[:-1] == segment_index[1:])
-        & (param_index[:-1] == param_index[1:])
-    )
-    breaks = jnp.append(jnp.where(joined, num, position[:-1]), num - 1)
-    run = jax.lax.cummin(breaks, reverse=True) - position + 1
-    next_ = jnp.append(
-        jax.lax.cummin(jnp.where(counts, position, num), reverse=True), num
-    )
-    segment_at = jnp.append(segment_index, -1)  # -1 past the end
-    step_blocks = jnp.array(sizes, jnp.int32)
-
-    def products(blocks):
-      """block_fn on the rows of `blocks` blocks from `index` on."""
-
-      def compute(index):
-        x_, y_, mask_ = (
-            jax.lax.dynamic_slice_in_dim(a, index, blocks)
-            for a in (x, y, mask)
-        )
-        return block_fn(
-            _take(params, param_index[index]),
-            x_.reshape((-1,) + x_.shape[2:]),
-            y_.reshape(-1),
-            mask_.reshape(-1),
-        )
-
-      return compute
-
-    def chunk(index):
-      """Sums the blocks from `index` (which counts) on, at most
-      flush_blocks of its run, in block_fn's dtype.
-
-      Returns (the block after them, their sum in float64).
-      """
-      stop = index + jnp.minimum(run[index], flush_blocks)
-
-      def step(carry):
-        index, running = carry
-        # The largest step that stays inside the chunk.
-        choice = jnp.sum(stop - index < step_blocks)
-        out = jax.lax.switch(choice, [products(b) for b in sizes], index)
-        return index + step_blocks[choice], jax.tree.map(
-            jnp.add, running, out
-        )
-
-      _, running = jax.lax.while_loop(
-          lambda carry: carry[0] < stop, step, (index, _varying_zeros(one))
-      )
-      return stop, jax.tree.map(lambda a: a.astype(jnp.float64), running)
-
-    def write(acc, value, segment):
-      # A dynamic-slice update: XLA's CPU scatter (`.at[].add`) goes element
-      # by element and would cost more than the products.
-      def add_leaf(total, value):
-        row = jax.lax.dynamic_index_in_dim(total, segment, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(
-            total, row + value.astype(total.dtype), segment, 0
-        )
-
-      return jax.tree.map(add_leaf, acc, value)
-
-    # The device's first segment (it may have begun on the device before)
-    # and its last (it may go on after) are edges, summed but not kept here;
-    # every segment in between is complete here: it is summed, kept
-    # (finalized) and written once, with no conditional over large arrays.
-    first_id, last_id = _edge_segments(counts, segment_index)
-    # The last run (of last_id) begins after the last block of another
-    # segment; if that is the first run, there is no separate last edge.
-    other = jnp.max(jnp.where(counts & (segment_index != last_id), position, -1))
-    tail = next_[other + 1]
-    last_id = jnp.where(tail > next_[0], last_id, -1)
-
-    def segment_total(index, segment):
-      """Sums the segment's blocks from `index` on (a run that counts).
-
-      Returns (the block after them, their float64 sum).
-      """
-
-      def more(carry):
-        index, total = carry
-        index, running = chunk(next_[index])
-        return index, jax.tree.map(jnp.add, total, running)
-
-      return jax.lax.while_loop(
-          lambda carry: segment_at[next_[carry[0]]] == segment,
-          more,
-          (index, _varying_zeros(sum_shapes)),
-      )
-
-    zero = jax.lax.pcast(jnp.int32(0), CLIENTS, to="varying")
-    index, first = segment_total(zero, jnp.where(first_id >= 0, first_id, -2))
-
-    def middle_segment(carry):
-      index, acc = carry
-      segment = segment_at[next_[index]]
-      index, total = segment_total(index, segment)
-      kept = finalize(total, segment, finalize_args) if finalize else total
-      return index, write(acc, kept, segment)
-
-    index, acc = jax.lax.while_loop(
-        lambda carry: next_[carry[0]] < tail,
-        middle_segment,
-        (index, _varying_zeros(kept_shapes, (num_segments,))),
-    )
-    _, last = segment_total(index, jnp.where(last_id >= 0, last_id, -2))
-    if finalize is None:
-      for edge, edge_id in ((first, first_id), (last, last_id)):
-        acc = write(
-            acc,
-            jax.tree.map(lambda t: jnp.where(edge_id >= 0, t, 0), edge),
-            jnp.maximum(edge_id, 0),
-        )
-      return jax.lax.psum(acc, CLIENTS)
-    # The edges: [2 x devices] sums gathered from all devices and added up
-    # per segment; each is finalized once, by the device of its first edge,
-    # and added to the interior segments' results.
-    ids = jax.lax.all_gather(jnp.stack([first_id, last_id]), CLIENTS)
-    ids = ids.reshape(-1)
-    sums = jax.tree.map(
-        lambda a, b: jax.lax.all_gather(jnp.stack([a, b]), CLIENTS).reshape(
-            (-1,) + a.shape
-        ),
-        first,
-        last,
-    )
-    same = (ids[:, None] == ids[None, :]) & (ids[None, :] >= 0)
-    combined = jax.tree.map(
-        lambda a: jnp.tensordot(same.astype(a.dtype), a, 1), sums
-    )
-    owner = jnp.argmax(same, axis=1)  # the first edge of each edge's segment
-
-    def edge(j, acc):
-      e = 2 * jax.lax.axis_index(CLIENTS) + j
-      return jax.lax.cond(
-          (ids[e] >= 0) & (owner[e] == e),
-          lambda acc: write(
-              acc, finalize(_take(combined, e), ids[e], finalize_args), ids[e]
-          ),
-          lambda acc: acc,
-          acc,
-      )
-
-    return jax.lax.psum(jax.lax.fori_loop(0, 2, edge, acc), CLIENTS)
-
-  blocks = PartitionSpec(CLIENTS)
-  return jax.shard_map(
-      local,
-      mesh=mesh,
-      in_specs=(PartitionSpec(),) + (blocks,) * 5 + (PartitionSpec(),),
-      out_specs=PartitionSpec(),
-  )(params, data.x, data.y, data.mask, param_index, segment_index, finalize_args)
+    return _few_segments(*args, finalize, finalize_args)
+  return _edge_gather(*args, finalize, finalize_args)
 
 
 def segment_apply(
@@ -712,10 +935,7 @@ def segment_apply(
     length = end_at - position + 1
     first, last = _edge_segments(counts, segment_index)
     take = (
-        starts
-        & (length <= max_blocks)
-        & (segment != first)
-        & (segment != last)
+        starts & (length <= max_blocks) & (segment != first) & (segment != last)
     )
     chosen = jnp.nonzero(take, size=num, fill_value=num)[0]
     acc = _varying_zeros(out_shapes, (num_segments,))
@@ -728,8 +948,7 @@ def segment_apply(
             begin + jnp.arange(blocks) < start + n
         )
         x_, y_, mask_ = (
-            jax.lax.dynamic_slice_in_dim(a, begin, blocks)
-            for a in (x, y, mask)
+            jax.lax.dynamic_slice_in_dim(a, begin, blocks) for a in (x, y, mask)
         )
         mask_ = mask_ & inside[:, None]
         x_ = x_ * mask_.reshape(mask_.shape + (1,) * (x_.ndim - 2))
@@ -746,9 +965,7 @@ def segment_apply(
 
     def body(j, acc):
       start = chosen[j]
-      out = jax.lax.switch(
-          length[start] - 1, [branch(b) for b in sizes], start
-      )
+      out = jax.lax.switch(length[start] - 1, [branch(b) for b in sizes], start)
       return _set_row(acc, out, segment[start])
 
     acc = jax.lax.fori_loop(0, take.sum(), body, acc)
@@ -761,10 +978,13 @@ def segment_apply(
     )
     return jax.lax.psum(acc, CLIENTS), taken
 
-  blocks = PartitionSpec(CLIENTS)
-  return jax.shard_map(
+  return _map_blocks(
       local,
-      mesh=mesh,
-      in_specs=(PartitionSpec(),) + (blocks,) * 5 + (PartitionSpec(),),
-      out_specs=(PartitionSpec(), blocks),
-  )(params, data.x, data.y, data.mask, param_index, segment_index, fn_args)
+      mesh,
+      params,
+      data,
+      param_index,
+      segment_index,
+      fn_args,
+      (PartitionSpec(), PartitionSpec(CLIENTS)),
+  )

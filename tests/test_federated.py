@@ -544,3 +544,219 @@ def test_segment_apply_sees_each_small_interior_segment_whole(
   np.testing.assert_array_equal(
       got["label_sum"], np.where(expected, sums["label_sum"], 0)
   )
+
+
+# segment_sum's ways, each called on its own: group models (param_index),
+# per-client segments, clients straddling devices, empty segments (client 0
+# has no samples, client 8 is left out, segments past C have no clients) and
+# a block left out (-1) inside client 7's run.
+SCALES = (1.0, 4.0, -0.25)  # the models of the clients' groups, i % 3
+NUM_SEGMENTS = len(SIZES) + 11
+
+
+def models_and_segments(data):
+  """[num_blocks] int32 model and segment of every block."""
+  client = np.asarray(data.client)
+  model = (client % len(SCALES)).astype(np.int32)
+  segment = np.where(client == len(SIZES) - 1, -1, client).astype(np.int32)
+  real = np.asarray(data.mask).any(1)
+  segment[np.flatnonzero(real & (client == 7))[2]] = -1
+  return model, segment
+
+
+def numpy_block_sums(data, model, segment, blocks=None):
+  """scaled_sums per segment by a numpy loop over `blocks` (default all)."""
+  x, y, mask = (np.asarray(a) for a in (data.x, data.y, data.mask))
+  total = {
+      "sum": np.zeros((NUM_SEGMENTS, x.shape[-1])),
+      "count": np.zeros(NUM_SEGMENTS),
+      "label_sum": np.zeros(NUM_SEGMENTS),
+  }
+  blocks = range(data.num_blocks) if blocks is None else blocks
+  for b in blocks:
+    s = segment[b]
+    if s < 0:
+      continue
+    rows = mask[b]
+    total["sum"][s] += SCALES[model[b]] * x[b][rows].astype(np.float64).sum(0)
+    total["count"][s] += rows.sum()
+    total["label_sum"][s] += y[b][rows].sum()
+  return total
+
+
+def squares_and_ratio(sums, segment, offsets):
+  """A nonlinear finalize: nothing but the complete sum gives its result."""
+  return {
+      "squares": sums["sum"] ** 2 + offsets[segment],
+      "ratio": sums["label_sum"] / sums["count"],
+  }
+
+
+def assert_layout_has_every_case(data, segment, mesh):
+  """Straddling segments on several devices, empty ones, a left-out block."""
+  real = np.asarray(data.mask).any(1)
+  counted = real & (segment >= 0)
+  device = np.arange(data.num_blocks) // (data.num_blocks // mesh.size)
+  devices_of = [
+      set(device[counted & (segment == s)]) for s in range(NUM_SEGMENTS)
+  ]
+  if mesh.size > 1:
+    assert max(map(len, devices_of)) > 2  # one on 3 or more devices
+  assert not all(devices_of) and (real & (segment < 0)).sum() > 1
+
+
+segment_ways = {
+    name: jax.jit(getattr(federated, name), static_argnums=static)
+    for name, static in (
+        ("_plain_sums", (0, 5, 6, 7)),
+        ("_few_segments", (0, 5, 6, 7, 8)),
+        ("_edge_gather", (0, 5, 6, 7, 8)),
+    )
+}
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("blocks_per_step", [1, 16])
+def test_plain_sums_equal_a_numpy_loop_over_blocks(
+    samples, devices, blocks_per_step
+):
+  data, mesh = samples[3][devices]
+  model, segment = models_and_segments(data)
+  assert_layout_has_every_case(data, segment, mesh)
+  got = segment_ways["_plain_sums"](
+      scaled_sums,
+      stacked_scales(*SCALES),
+      data,
+      model,
+      segment,
+      NUM_SEGMENTS,
+      mesh,
+      blocks_per_step * BLOCK,
+  )
+  assert_equal_results(got, numpy_block_sums(data, model, segment))
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("way", ["_few_segments", "_edge_gather"])
+def test_finalizing_ways_finalize_each_complete_segment_once(
+    samples, devices, way
+):
+  """Either way is right for any number of segments (segment_sum picks the
+  faster); a segment without counted blocks gives zeros."""
+  data, mesh = samples[3][devices]
+  model, segment = models_and_segments(data)
+  offsets = jnp.arange(NUM_SEGMENTS, dtype=jnp.float64) * 10
+  got = segment_ways[way](
+      scaled_sums,
+      stacked_scales(*SCALES),
+      data,
+      model,
+      segment,
+      NUM_SEGMENTS,
+      mesh,
+      2 * BLOCK,
+      squares_and_ratio,
+      offsets,
+  )
+  sums = numpy_block_sums(data, model, segment)
+  present = sums["count"] > 0
+  np.testing.assert_allclose(
+      got["squares"],
+      np.where(
+          present[:, None], sums["sum"] ** 2 + np.asarray(offsets)[:, None], 0
+      ),
+      rtol=1e-12,
+  )
+  np.testing.assert_allclose(
+      got["ratio"],
+      np.where(present, sums["label_sum"] / np.maximum(sums["count"], 1), 0),
+      rtol=1e-12,
+  )
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+def test_walk_keeps_interior_segments_and_hands_back_the_edges(
+    samples, devices
+):
+  """Per device: its first and last segments (-1 for none; the last only if
+  it is another one) with its part of their sums, and the interior
+  segments' complete sums in [S, ...]."""
+  data, mesh = samples[3][devices]
+  model, segment = models_and_segments(data)
+  params = stacked_scales(*SCALES)
+  steps = federated._steps(scaled_sums, params, data, mesh, 2 * BLOCK)
+
+  def local(params, x, y, mask, param_index, segment_index, args):
+    del args
+    blocks = federated._blocks(params, x, y, mask, param_index, segment_index)
+    edges, acc = federated._walk(steps, blocks, NUM_SEGMENTS, steps.sum_shapes)
+    ids = jnp.stack([edge_id for edge_id, _ in edges])
+    sums = jax.tree.map(lambda *e: jnp.stack(e), *(e for _, e in edges))
+    return jax.tree.map(lambda a: a[None], (ids, sums, acc))
+
+  ids, edge_sums, acc = jax.jit(
+      lambda *args: federated._map_blocks(
+          local, mesh, *args, (), jax.sharding.PartitionSpec(federated.CLIENTS)
+      )
+  )(params, data, model, segment)
+
+  per_device = data.num_blocks // mesh.size
+  counted = np.asarray(data.mask).any(1) & (segment >= 0)
+  for d in range(mesh.size):
+    blocks = range(d * per_device, (d + 1) * per_device)
+    seen = list(dict.fromkeys(segment[b] for b in blocks if counted[b]))
+    first = seen[0] if seen else -1
+    last = seen[-1] if len(seen) > 1 else -1
+    np.testing.assert_array_equal(ids[d], [first, last])
+    mine = numpy_block_sums(data, model, segment, blocks)
+    interior = np.isin(np.arange(NUM_SEGMENTS), seen[1:-1])
+    for key, value in mine.items():
+      inside = interior.reshape((-1,) + (1,) * (value.ndim - 1))
+      for e, s in enumerate((first, last)):
+        expected = value[s] if s >= 0 else np.zeros_like(value[0])
+        np.testing.assert_array_equal(edge_sums[key][d, e], expected, key)
+      np.testing.assert_array_equal(
+          acc[key][d],
+          np.where(inside, value, 0),
+          key,
+      )
+  if mesh.size > 1:  # devices with and without a last edge
+    assert (ids[:, 1] == -1).any() and (ids[:, 1] >= 0).any()
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+def test_segment_sum_picks_its_way(monkeypatch, devices):
+  """Plain sums without finalize; with it, finalizing the [S, ...] sums up to
+  two segments per device, gathering the edges for more."""
+  calls = []
+  for name in ("_plain_sums", "_few_segments", "_edge_gather"):
+    monkeypatch.setattr(
+        federated, name, lambda *args, name=name: calls.append((name, args))
+    )
+  mesh = federated.client_mesh(jax.devices()[:devices])
+  x, y = integer_samples(sum(SIZES))
+  data = federated.federate(x, y, partition(SIZES), BLOCK, devices)
+  cases = (
+      (None, 1, "_plain_sums"),
+      (None, 100, "_plain_sums"),
+      (squares_and_ratio, 2 * devices, "_few_segments"),
+      (squares_and_ratio, 2 * devices + 1, "_edge_gather"),
+  )
+  for finalize, num_segments, _ in cases:
+    federated.segment_sum(
+        scaled_sums,
+        stacked_scales(1.0),
+        data,
+        np.zeros(data.num_blocks, np.int64),
+        data.client,
+        num_segments,
+        mesh,
+        3 * BLOCK,
+        finalize,
+        "args",
+    )
+  assert [name for name, _ in calls] == [way for *_, way in cases]
+  for (name, args), (finalize, num_segments, _) in zip(calls, cases):
+    assert args[5:8] == (num_segments, mesh, 3 * BLOCK)
+    assert args[3].dtype == args[4].dtype == jnp.int32
+    assert args[8:] == (() if finalize is None else (finalize, "args"))
