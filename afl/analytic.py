@@ -309,8 +309,7 @@ def _build(variant: Variant):
         "client_group": groups.tolist(),
         "group_sizes": np.bincount(groups).tolist(),
         "group_label_histograms": [
-            counts[groups == k].sum(0).tolist()
-            for k in range(groups.max() + 1)
+            counts[groups == k].sum(0).tolist() for k in range(groups.max() + 1)
         ],
         "grouping_time_s": grouping_s,
         "expected_peak_memory_gb": expected.peak / memory.GIB,

@@ -52,9 +52,10 @@ interval approximates). On the shared server clock the interval would also
 hold the wait for the previous round's straggler, which makes every
 client's interval about equal to the straggler's.
 
-Interface for any algorithm (the baselines use it unchanged): build a
+Interface for any algorithm: the run loop (`afl.runtime`) builds a
 `Clock(profiles, cost_model, initial_batch_size, max_batch_size, adaptive)`
-and, every round, describe what each client does as a `ClientWork`:
+and, every round, passes it what each client did, the algorithm's
+`work(round, clock.batch_size)` (`afl.algorithm`), a `ClientWork`:
 
   work = ClientWork(num_samples=[C] samples processed this round,
                     batch_size=clock.batch_size (or a fixed [C] array),

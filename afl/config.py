@@ -99,9 +99,7 @@ COMMON = {
     "bandwidth_gbps_min": registry.positive(
         float, "Simulated clock: client bandwidth range, log-uniform (Gbit/s)."
     ),
-    "bandwidth_gbps_max": registry.positive(
-        float, "See --bandwidth_gbps_min."
-    ),
+    "bandwidth_gbps_max": registry.positive(float, "See --bandwidth_gbps_min."),
     "latency_ms_min": registry.non_negative(
         float, "Simulated clock: client latency range, uniform (ms/message)."
     ),
@@ -192,7 +190,10 @@ def get_config(**settings) -> ml_collections.ConfigDict:
           f"--{name} does not apply to --algorithm={entry.name} (its "
           f"settings: {', '.join(own) or 'none'})"
       )
-    raise ValueError(f"unknown setting --{name}")
+    raise ValueError(
+        f"unknown setting --{name} (the baselines' settings are declared by "
+        "`import baselines`)"
+    )
   hparams = dict(entry.defaults(config.dataset, settings), **settings)
   config[entry.name] = ml_collections.ConfigDict(hparams)
   validate(config)

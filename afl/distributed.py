@@ -10,14 +10,15 @@ writes files. Every process reads the dataset files (the partition needs all
 labels) and computes the same partition and block layout, but gathers only
 its own clients' samples into device memory; shapes depend on N, C and the
 global device count only, so 2 processes x 2 devices lay out the blocks as
-1 process x 4 devices does (the tests hold 2 processes x 2 devices to one
-process of 8 devices: FedACnnL and pFedACnnL weights equal to 1e-5).
-Host-side decisions that could differ between hosts, pFedACnnL's K-means
-grouping (eq. 9), are broadcast from process 0 (`same_on_all_processes`);
-evaluation counts are summed across processes by the same client map.
-`--num_devices` must stay 0 (all devices) with several processes. The
-gradient baselines (`baselines.experiment`) do not take this path: they
-run on one process's local devices.
+1 process x 4 devices does (the tests hold every registered algorithm on 2
+processes x 2 devices to 1 process x 4 devices: final weights equal to
+1e-5). Host-side decisions that could differ between hosts, pFedACnnL's
+K-means grouping (eq. 9), are broadcast from process 0
+(`same_on_all_processes`); evaluation counts are summed across processes by
+the same client map. The local training of the iterative baselines keeps
+every client's samples on every device (`replicate`) and shards the lanes
+over the whole mesh. `--num_devices` must stay 0 (all devices) with several
+processes.
 
 `initialize()` joins the runtime when the environment asks for it:
   * `AFL_COORDINATOR_ADDRESS`, `AFL_NUM_PROCESSES`, `AFL_PROCESS_ID` (set by

@@ -108,7 +108,9 @@ def _counter(apply_fn, mesh: jax.sharding.Mesh, what: str = "correct"):
   """(params, data, param_index) -> per-client sums of `what` ("correct":
   (correct, count), "loss": (loss sum, count)), jitted once per model, mesh
   and what."""
-  block_fn = functools.partial({"correct": _correct, "loss": _loss}[what], apply_fn)
+  block_fn = functools.partial(
+      {"correct": _correct, "loss": _loss}[what], apply_fn
+  )
 
   @jax.jit
   def count(params, data, param_index):

@@ -10,7 +10,7 @@ The result equals centralized ACnnL on the pooled data (eq. 4), whatever the
 partition, client order, batch (block) size or initialization.
 
 The same rounds, summed per group instead of globally, give pFedACnnL's
-group meta-models (eq. 10, 11): `train` takes an optional client -> group map.
+group meta-models (eq. 10, 11): `solve_layer` takes a block -> group map.
 Params are stacked on a leading axis, one entry per model in use (1 for
 FedACnnL, K for K groups).
 
@@ -20,8 +20,8 @@ algorithm's functions take *factored* params (`models.LayerwiseNet` with
 `encodings`: layer l is P_l, d_y wide, followed by Q_l), the same function
 as the full model at d_y / d_l of the cost per layer (on MNIST-MLP the
 784 x 128 first layer becomes 784 x 10 and 10 x 128, which makes the
-rounds after it about twice as fast). `train` returns the full model's
-ordinary Flax params, W_l = P_l Q_l formed once at the end (`expand`).
+rounds after it about twice as fast). The last round forms the full
+model's ordinary Flax params once, W_l = P_l Q_l (`expand`).
 
 The builder `fedacnnl` returns the algorithm's pure functions, jitted, with
 its configuration (model, gamma, label encodings, mesh) in the closure;
@@ -77,7 +77,7 @@ class FedACnnL(NamedTuple):
       `solve.dual_solve`): no d x d system. The server's segments (all
       clients, or a group) are large, and compiling the dual form's static
       sizes (one per block count) doubled the compile time of FedACnnL:
-      `train` passes dual=False.
+      `solve_layer` passes dual=False.
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
     factored: (P_l [num_models, d, d_y] for every layer) -> factored params
@@ -189,9 +189,7 @@ def fedacnnl(
       jax.jit, static_argnames=("layer", "num_segments")
   )(segment_sums)
 
-  @functools.partial(
-      jax.jit, static_argnames=("layer", "num_segments", "dual")
-  )
+  @functools.partial(jax.jit, static_argnames=("layer", "num_segments", "dual"))
   def solve_segments(
       layer,
       params,
@@ -230,10 +228,13 @@ def fedacnnl(
         design = jnp.concatenate(  # X [n * positions, d], bias last
             [rows.reshape(len(row_mask), width), row_mask[:, None]], 1
         ).astype(statistics_dtype)
-        labels = jax.nn.one_hot(
-            jnp.broadcast_to(y[:, None], rows.shape[:2]).reshape(-1),
-            num_classes,
-        ) * row_mask[:, None]
+        labels = (
+            jax.nn.one_hot(
+                jnp.broadcast_to(y[:, None], rows.shape[:2]).reshape(-1),
+                num_classes,
+            )
+            * row_mask[:, None]
+        )
         return solve.dual_solve(design, labels, reg, prior[segment])
 
       dual_solutions, taken = federated.segment_apply(

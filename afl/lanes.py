@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec
 from afl import distributed
 from afl import federated
 from afl import memory
+from afl import rng
 
 Params = Any
 Carry = Any
@@ -197,7 +198,9 @@ def step_bytes(
       )
       .compile()
   )
-  return memory.tree_bytes(carry) + compiled.memory_analysis().temp_size_in_bytes
+  return (
+      memory.tree_bytes(carry) + compiled.memory_analysis().temp_size_in_bytes
+  )
 
 
 def make_schedule(
@@ -264,7 +267,7 @@ def make_schedule(
 
 def _keys(round_key: jax.Array):
   """(permutation key root, client key root) of a round."""
-  return jax.random.fold_in(round_key, 0), jax.random.fold_in(round_key, 1)
+  return rng.stream(round_key, "permutation"), rng.stream(round_key, "clients")
 
 
 def permutations(key: jax.Array, size: jax.Array, total: int) -> jax.Array:
@@ -437,9 +440,7 @@ def round_fn(
           local.personal(one),
       )
     zero = jnp.zeros((), jnp.float32)
-    state, _ = jax.lax.scan(
-        body, (carries, total, table, zero, zero), lanes
-    )
+    state, _ = jax.lax.scan(body, (carries, total, table, zero, zero), lanes)
     _, total, table, loss_sum, count = state
     # The devices' float32 sums are added in device order (gathered, then
     # summed), not by the all-reduce, whose order differs between one
@@ -461,6 +462,7 @@ def round_fn(
       out_specs=(PartitionSpec(),) * 3,
       check_vma=False,
   )
+
   @jax.jit
   def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
     perm_root, client_root = _keys(round_key)

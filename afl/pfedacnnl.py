@@ -6,15 +6,17 @@ Three stages (Fig. 3):
      server runs K-means on {h_i} and forms K groups.
   2. Federated optimization (IV-C): FedACnnL inside each group, all groups at
      once: per-group sums A_0^[k], A_1^[k] and one Cholesky solve per group
-     (eq. 10, 11) give the meta-models M^[k] (`fedacnnl.train` with a client
-     -> group map).
-  3. Local personalization (IV-D): every client, layer by layer,
+     (eq. 10, 11) give the meta-models M^[k] (`fedacnnl.solve_layer` with a
+     client -> group map).
+  3. Local personalization (IV-D, `personalize_layer`): every client, layer
+     by layer,
      W_l^(i) = (G_i + eps I)^-1 (H_i + eps M_l^[k]) (eq. 12, 13), with G_i,
      H_i computed through its own *personalized* layers 1..l-1. No
      communication; all clients at once, their solves spread over devices.
 
 Ablations (section V-A): pFedACnnL-WC is K = 1 (no clustering);
 pFedACnnL-WP stops after stage 2 (each client uses its group's meta-model).
+`afl.analytic` composes the stages into the registered algorithms.
 
 Encoding for a model without hidden layers (LR): there is no Q_l, so Q_enc
 is the identity and h_i is the client's label distribution itself. This is

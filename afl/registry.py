@@ -40,8 +40,10 @@ class Field(NamedTuple):
   def coerce(self, value: Any) -> Any:
     """`value` as this field's type where that loses nothing (an integer
     for a float setting, 3.0 for an integer one)."""
-    if self.type is float and isinstance(value, int) and not isinstance(
-        value, bool
+    if (
+        self.type is float
+        and isinstance(value, int)
+        and not isinstance(value, bool)
     ):
       return float(value)
     if self.type is int and isinstance(value, float) and value.is_integer():
@@ -64,7 +66,9 @@ class Field(NamedTuple):
       if not math.isfinite(value):
         raise ValueError(f"--{name}={value} must be finite")
       low = self.minimum
-      if low is not None and (value <= low if self.open_minimum else value < low):
+      if low is not None and (
+          value <= low if self.open_minimum else value < low
+      ):
         raise ValueError(
             f"--{name}={value} must be {'>' if self.open_minimum else '>='} "
             f"{low}"

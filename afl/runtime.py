@@ -200,8 +200,8 @@ def run_rounds(
           "compile_s": compile_s,
       }
       train_time += record["seconds"]
-      work = clock and algorithm.work and algorithm.work(
-          index, clock.batch_size
+      work = (
+          clock and algorithm.work and algorithm.work(index, clock.batch_size)
       )
       if work:
         record["timing"] = clock.round(work)

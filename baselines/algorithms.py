@@ -21,7 +21,7 @@ FedAvg / FedZO and pFedMe / pFedZO are one function each.
   reaches 45% on MNIST-MLP that way.) Deviations from the authors' code
   (FengHZ/BAFFLE), for cost or for the shared set-up: batch 200 instead of
   32 (a step's cost is drawing its K x d normals, about the same at either
-  batch, so an epoch at 32 costs about 5x more; `baselines.experiment`),
+  batch, so an epoch at 32 costs about 5x more; `baselines.iterative`),
   the pFedACnnL paper's models instead of their Hardswish LeNet,
   sample-weighted averaging (theirs: equal clients), Adam's moments
   restarted every round (theirs persist per client) and no EMA of the
@@ -98,7 +98,9 @@ def local_sgd(
   def step(carry, x, y, mask, key):
     params, state = carry
     loss, grads = gradient(
-        lambda p: evaluation.mean_cross_entropy(apply_fn, p, x, y, mask), params, key
+        lambda p: evaluation.mean_cross_entropy(apply_fn, p, x, y, mask),
+        params,
+        key,
     )
     updates, state = optimizer.update(grads, state, params)
     return (optax.apply_updates(params, updates), state), loss

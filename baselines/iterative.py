@@ -51,7 +51,9 @@ FIELDS = {
         "pFedMe/pFedZO personal learning rate; meta_fedavg, persafl (maml): "
         "the inner step size alpha.",
     ),
-    "lam": registry.non_negative(float, "pFedMe/pFedZO Moreau-envelope lambda."),
+    "lam": registry.non_negative(
+        float, "pFedMe/pFedZO Moreau-envelope lambda."
+    ),
     "inner_steps": Field(int, "pFedMe/pFedZO K.", minimum=1),
     "pfedme_beta": Field(
         float,
@@ -148,7 +150,9 @@ def make_baseline(name: str, hparams, apply_fn) -> algorithms.Baseline:
   if name == "fedavg":
     return algorithms.fedavg(apply_fn, hparams.lr)
   if name == "fedzo":
-    return algorithms.fedzo(apply_fn, hparams.lr, hparams.mu, hparams.directions)
+    return algorithms.fedzo(
+        apply_fn, hparams.lr, hparams.mu, hparams.directions
+    )
   if name == "baffle":
     return algorithms.baffle(
         apply_fn,
@@ -295,7 +299,9 @@ def _build(name: str) -> Callable:
 
     def tested(state: State, key):
       if fine_tune is not None:
-        return algorithm_lib.Tested(fine_tune(state.params, data, key), everyone)
+        return algorithm_lib.Tested(
+            fine_tune(state.params, data, key), everyone
+        )
       if state.personal is not None:
         return algorithm_lib.Tested(state.personal, everyone)
       return algorithm_lib.Tested(

@@ -169,7 +169,5 @@ def fine_tuner(
       num_shards=mesh.size,
       num_lanes=num_lanes,
   )
-  run = lanes.round_fn(
-      fine_tune_local(apply_fn, alpha), schedule, sizes, mesh
-  )
+  run = lanes.round_fn(fine_tune_local(apply_fn, alpha), schedule, sizes, mesh)
   return lambda params, data, key: run(params, data, key).personal

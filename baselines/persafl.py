@@ -46,7 +46,8 @@ the copy and the update).
 Delays come from the shared clock (`afl.clock`): a computation of client i
 takes the cost model's seconds for its R steps on its cores
 (`CostModel.computation_seconds`), times a log-normal factor
-exp(spread z), z ~ N(0, 1) drawn per client and computation from the seed;
+exp(spread z), z ~ N(0, 1) drawn per client and computation from the
+root key's stream "delays";
 transfers take latency + 8 bytes / bandwidth of a model each way. The event
 order (`schedule_events`) depends only on these delays, never on the
 models, so it is simulated first, deterministically (ties: lower client
@@ -57,6 +58,14 @@ uncomputed computations run in one call (a `lax.map` over them that vmaps
 `lanes` clients at a time, sized as the lane driver sizes its lanes; padded
 to a power of two, so a run compiles about log2 C shapes), and their
 updates are applied one by one in arrival order.
+
+As an `afl.algorithm.Algorithm` (`build`, registered as "persafl"), a round
+is C applied updates of the replay (`replayer`); between rounds the state
+(`ReplayState`) holds the server model, every client's copy and its
+computed but not yet applied update as [C, ...] tables, and where the trace
+stands, so the replay is a sequence of pure steps like any other
+algorithm's rounds. The simulated time is the trace's own (asynchronous)
+clock, reported as results.json's `timing`.
 
 Batches: a client's computation j draws a random permutation of its samples
 (key: root, client, j) and cycles through it, batch k holding positions
@@ -209,9 +218,9 @@ def client_updates(
   def one(copy, client, counter, root):
     key = jax.random.fold_in(jax.random.fold_in(root, client), counter)
     n = data.size[client]
-    u = jax.random.uniform(jax.random.fold_in(key, 0), (width,))
+    u = jax.random.uniform(rng.stream(key, "permutation"), (width,))
     perm = jnp.argsort(jnp.where(jnp.arange(width) < n, u, 2.0))
-    step_key = jax.random.fold_in(key, 1)
+    step_key = rng.stream(key, "steps")
 
     def step(carry, k):
       position = (k * batch_size + jnp.arange(batch_size)) % jnp.maximum(n, 1)
@@ -371,12 +380,14 @@ def replayer(
     )
 
   def compute(state: ReplayState) -> ReplayState:
-    """Every started, uncomputed computation in one vmapped call (padded to
+    """Every started, uncomputed computation in one call (padded to
     a power of two, so a run compiles a few shapes)."""
     waiting = np.flatnonzero(state.started >= 0)
     waiting = waiting[np.argsort(state.started[waiting], kind="stable")]
     size = 2 ** math.ceil(math.log2(len(waiting)))
-    clients = np.concatenate([waiting, np.repeat(waiting[:1], size - len(waiting))])
+    clients = np.concatenate(
+        [waiting, np.repeat(waiting[:1], size - len(waiting))]
+    )
     deltas, rows, loss = updates(
         jax.tree.map(lambda t: t[clients], state.copies),
         jnp.asarray(clients, jnp.int32),
@@ -636,9 +647,7 @@ def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
             "update_staleness_mean": float(
                 trace.update_staleness[arrivals].mean()
             ),
-            "update_staleness_max": int(
-                trace.update_staleness[arrivals].max()
-            ),
+            "update_staleness_max": int(trace.update_staleness[arrivals].max()),
             "flops_fixed": float(work.flops_fixed),
             "flops_per_sample": float(work.flops_per_sample),
             "batch_rows": batch_rows,

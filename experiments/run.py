@@ -37,7 +37,9 @@ _DEFINE = {
 
 def _define(name: str, field: registry.Field, default) -> None:
   if field.choices is not None:
-    flags.DEFINE_enum(name, default, [str(c) for c in field.choices], field.help)
+    flags.DEFINE_enum(
+        name, default, [str(c) for c in field.choices], field.help
+    )
   else:
     _DEFINE[field.type](name, default, field.help)
 
@@ -63,7 +65,10 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("output_dir", None, "Where results.json goes.")
   flags.DEFINE_bool(
-      "dry_run", False, "Check the settings, print the config and stop."
+      "dry_run",
+      False,
+      "Check the settings, print the config as JSON (a --config file) and "
+      "stop.",
   )
 
 
@@ -89,7 +94,7 @@ def main(argv):
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   if FLAGS.dry_run:
-    print(config)
+    print(config.to_json(indent=2))
     return
   if not FLAGS.output_dir:
     raise app.UsageError("--output_dir is required")

@@ -115,9 +115,7 @@ def test_lanes_equal_a_per_client_loop_and_learn(name, num_devices):
   round_fn = lanes.round_fn(baseline.local, schedule, sizes, mesh)
   key = jax.random.key(3)
   fast = round_fn(params, data, key)
-  slow = lanes.loop_round(baseline.local, schedule, sizes)(
-      params, data, key
-  )
+  slow = lanes.loop_round(baseline.local, schedule, sizes)(params, data, key)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   jax.tree.map(close, fast.upload, slow.upload)
   np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-4)
@@ -307,9 +305,9 @@ def test_pfedme_tested_local_is_the_uploaded_local_model():
   out = {}
   for tested in algorithms.MOREAU_TESTED:
     baseline = algorithms.pfedme(model.apply, 0.05, 0.05, 15.0, 5, 1.0, tested)
-    out[tested] = lanes.round_fn(
-        baseline.local, schedule, np.ones(1), mesh
-    )(params, data, jax.random.key(0))
+    out[tested] = lanes.round_fn(baseline.local, schedule, np.ones(1), mesh)(
+        params, data, jax.random.key(0)
+    )
   first = lambda tree: jax.tree.map(lambda a: a[0], tree)
   jax.tree.map(
       np.testing.assert_array_equal,

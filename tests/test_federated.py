@@ -469,7 +469,9 @@ def test_finalize_sees_each_segments_complete_sum(
   np.testing.assert_allclose(
       got["ratio"],
       np.divide(
-          sums["label_sum"], sums["count"], out=np.zeros(num_segments),
+          sums["label_sum"],
+          sums["count"],
+          out=np.zeros(num_segments),
           where=present,
       ),
       rtol=1e-12,
@@ -496,9 +498,7 @@ def test_segment_apply_sees_each_small_interior_segment_whole(
         "label_sum": (y * mask).sum().astype(jnp.float64),
     }
 
-  got, taken = jax.jit(
-      federated.segment_apply, static_argnums=(0, 5, 6, 7)
-  )(
+  got, taken = jax.jit(federated.segment_apply, static_argnums=(0, 5, 6, 7))(
       whole,
       stacked_scales(0.5),
       data,
@@ -524,9 +524,7 @@ def test_segment_apply_sees_each_small_interior_segment_whole(
     ends = {owner[mine[0]], owner[mine[-1]]}
     expected[i] = (on == on[0]).all() and i not in ends
   assert expected.any() and not expected.all()
-  np.testing.assert_array_equal(
-      np.asarray(taken), real & expected[owner]
-  )
+  np.testing.assert_array_equal(np.asarray(taken), real & expected[owner])
   sums = numpy_sums(
       x, y, clients, [0.5] * num_clients, range(num_clients), num_clients
   )

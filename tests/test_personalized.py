@@ -30,8 +30,9 @@ def study(tmp_path_factory):
 def saved_runs(output_dir, method):
   return [
       json.loads(
-          (output_dir / "synthetic" / method / f"seed_{s}" / "results.json")
-          .read_text()
+          (
+              output_dir / "synthetic" / method / f"seed_{s}" / "results.json"
+          ).read_text()
       )
       for s in range(SEEDS)
   ]

@@ -65,7 +65,9 @@ def test_personalization_matches_a_per_client_float64_reference(mnist):
   algorithm, mesh, _ = build(model, x)
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 3, seed=0)
   data = blocks(x, y, clients, mesh, np.argsort(groups, kind="stable"))
-  result = analytic.train(algorithm, data, jax.random.key(0), groups, eps=EPS, personalized=True)
+  result = analytic.train(
+      algorithm, data, jax.random.key(0), groups, eps=EPS, personalized=True
+  )
   assert result.params["params"]["layer_0"]["kernel"].shape[0] == 12
   for k in range(3):  # meta-models: centralized ACnnL on each group (eq. 11)
     members = np.concatenate([clients[i] for i in np.flatnonzero(groups == k)])
@@ -122,10 +124,16 @@ def test_huge_eps_gives_the_meta_model_and_tiny_eps_the_local_fit(synthetic):
       algorithm, data, jax.random.key(0), groups, personalized=False
   )
   near_meta = analytic.train(
-      algorithm, data, jax.random.key(0), groups, eps=1e12,
+      algorithm,
+      data,
+      jax.random.key(0),
+      groups,
+      eps=1e12,
       personalized=True,
   )
-  local = analytic.train(algorithm, data, jax.random.key(0), groups, eps=1e-6, personalized=True)
+  local = analytic.train(
+      algorithm, data, jax.random.key(0), groups, eps=1e-6, personalized=True
+  )
   for i, c in enumerate(clients):
     assert (
         reference.relative_error(
@@ -152,9 +160,14 @@ def test_one_group_is_the_wc_variant(mnist):
   groups, _ = pfedacnnl.assign_groups(counts, algorithm, 1, seed=0)
   np.testing.assert_array_equal(groups, 0)
   data = blocks(x, y, clients, mesh)
-  one_group = analytic.train(algorithm, data, jax.random.key(0), groups, personalized=True)
+  one_group = analytic.train(
+      algorithm, data, jax.random.key(0), groups, personalized=True
+  )
   wc = analytic.train(
-      algorithm, data, jax.random.key(1), np.zeros(len(clients), np.int32),
+      algorithm,
+      data,
+      jax.random.key(1),
+      np.zeros(len(clients), np.int32),
       personalized=True,
   )
   for i in range(len(clients)):
@@ -208,8 +221,8 @@ def test_bad_settings_are_rejected(synthetic):
         jax.random.key(0),
         np.zeros(len(clients), np.int32),
         eps=0.0,
-      personalized=True,
-  )
+        personalized=True,
+    )
 
 
 def test_small_clients_dual_form_equals_their_primal_solve(mnist):
@@ -249,9 +262,7 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist):
     assert reference.relative_error(dual, primal) < 1e-7
   # Some clients did take the dual form: at most 8 blocks of 16 rows on the
   # first layer (d = 785), inside one device.
-  taken = jax.jit(
-      federated.segment_apply, static_argnums=(0, 5, 6, 7)
-  )(
+  taken = jax.jit(federated.segment_apply, static_argnums=(0, 5, 6, 7))(
       lambda p, x, y, m, s, a: m.sum(),
       params,
       data,

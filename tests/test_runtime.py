@@ -106,7 +106,9 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
   (tmp_path / "afl" / "a.py").write_text("from afl import b\n")
   (tmp_path / "afl" / "b.py").write_text("from afl import a\n")
   monkeypatch.setattr(sys.modules[__name__], "_REPO", tmp_path)
-  with pytest.raises(AssertionError, match="afl.a -> afl.b -> afl.a|afl.b -> afl.a -> afl.b"):
+  with pytest.raises(
+      AssertionError, match="afl.a -> afl.b -> afl.a|afl.b -> afl.a -> afl.b"
+  ):
     test_the_import_graph_has_no_cycle_and_layers()
   (tmp_path / "afl" / "b.py").write_text("def f():\n  from afl import a\n")
   with pytest.raises(AssertionError, match="inside a function"):
@@ -137,7 +139,9 @@ def test_two_processes_give_the_weights_of_one(
   assert not (two_processes / "p1").exists()
   saved = two_processes / "p0" / algorithm
   one = afl.train_and_evaluate(
-      distributed_worker.config(algorithm, num_devices=4), tmp_path, progress=False
+      distributed_worker.config(algorithm, num_devices=4),
+      tmp_path,
+      progress=False,
   )
   results = json.loads((saved / "results.json").read_text())
   assert results["num_processes"] == 2 and results["num_devices"] == 4

@@ -94,10 +94,12 @@ def test_statistics_are_solved_like_their_assembled_gram():
       jnp.asarray(onehot.sum(0)),
   )
   prior = rng.standard_normal((41, 10))
-  gram = np.block([  # with the bias row and column
-      [rows.T @ rows, rows.sum(0)[:, None]],
-      [rows.sum(0)[None], np.full((1, 1), 300.0)],
-  ])
+  gram = np.block(
+      [  # with the bias row and column
+          [rows.T @ rows, rows.sum(0)[:, None]],
+          [rows.sum(0)[None], np.full((1, 1), 300.0)],
+      ]
+  )
   cross = np.concatenate([rows.T @ onehot, onehot.sum(0)[None]])
   for reg in (2500.0, 1.0):  # float32 refined, float64 direct
     want = np.linalg.solve(gram + reg * np.eye(41), cross + reg * prior)

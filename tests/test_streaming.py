@@ -16,7 +16,6 @@ from afl import fedacnnl
 from afl import federated
 from afl import memory
 from afl import models
-from afl import pfedacnnl
 from afl import statistics
 from tests import reference
 from tests.test_fedacnnl import small_convnet
@@ -82,7 +81,10 @@ def test_personalization_on_8_devices_equals_1_device(cifar):
   eight = analytic.train(algorithm, data, key, groups, personalized=True)
   gathered = jax.device_get(data)
   alone = analytic.train(
-      single, federated.shard(gathered, one), key, groups,
+      single,
+      federated.shard(gathered, one),
+      key,
+      groups,
       personalized=True,
   )
   for i in range(data.num_clients):

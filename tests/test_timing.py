@@ -101,7 +101,11 @@ def synthetic_run():
 
 def make_clock(fed, adaptive):
   return clock.Clock(
-      clock.draw_profiles(jax.random.key(0), 8), COST, 4, fed.client_sizes, adaptive
+      clock.draw_profiles(jax.random.key(0), 8),
+      COST,
+      4,
+      fed.client_sizes,
+      adaptive,
   )
 
 
