@@ -29,6 +29,7 @@ setuptools.setup(
         "jaxlib>=0.10,<0.11",
         "flax>=0.12,<0.13",
         "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
         "numpy>=1.26,<3",
         "scikit-learn>=1.5,<2",
         "absl-py>=2.1,<3",

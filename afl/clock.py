@@ -557,8 +557,34 @@ class Clock:
     )
     return record
 
+  def state_dict(self) -> dict:
+    """Where the clock stands, as JSON (a checkpoint's; `load_state`)."""
+    return {
+        "state": {k: v.tolist() for k, v in self.state._asdict().items()},
+        "batch_size": self.batch_size.tolist(),
+        "rounds": [
+            {k: np.asarray(v).tolist() for k, v in r._asdict().items()}
+            for r in self.rounds
+        ],
+    }
+
+  def load_state(self, saved: dict) -> None:
+    """Sets the clock to a `state_dict` (float64 round-trips JSON exactly)."""
+    self.state = ClockState(
+        *(np.asarray(saved["state"][k], np.float64) for k in ClockState._fields)
+    )
+    self.batch_size = np.asarray(saved["batch_size"], np.int64)
+    self.rounds = [
+        RoundTiming(
+            np.asarray(r["batch_size"], np.int64),
+            *(np.asarray(r[k], np.float64) for k in RoundTiming._fields[1:-1]),
+            float(r["server_idle_s"]),
+        )
+        for r in saved["rounds"]
+    ]
+
   def summary(self) -> dict:
-    """results.json's `timing` section (see README, "Training time model")."""
+    """results.json's `timing` section (see the module docstring)."""
     per_client = {
         "computation_s": sum(r.computation_s for r in self.rounds),
         "communication_s": sum(r.upload_s + r.download_s for r in self.rounds),

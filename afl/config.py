@@ -104,8 +104,18 @@ COMMON = {
         float, "Simulated clock: client latency range, uniform (ms/message)."
     ),
     "latency_ms_max": registry.non_negative(float, "See --latency_ms_min."),
+    "checkpoint_every": registry.non_negative(
+        int,
+        "Rounds between checkpoints of a run in progress (a rerun resumes "
+        "from the last); 0: every --checkpoint_seconds.",
+    ),
+    "checkpoint_seconds": registry.positive(
+        float, "With --checkpoint_every=0: seconds between checkpoints."
+    ),
     "overwrite": Field(
-        bool, "Replace an existing results.json in the output folder."
+        bool,
+        "Replace an existing results.json (or a run in progress) in the "
+        "output folder.",
     ),
 }
 
@@ -134,11 +144,18 @@ DEFAULTS = dict(
     bandwidth_gbps_max=100.0,
     latency_ms_min=0.002,
     latency_ms_max=0.002,
+    checkpoint_every=0,
+    checkpoint_seconds=60.0,
     overwrite=False,
 )
 # Settings that do not change what a run computes: a saved run is reused
 # (`runtime.run_or_reuse`) whatever they were.
-NOT_RESULTS = ("overwrite", "data_dir")
+NOT_RESULTS = (
+    "overwrite",
+    "data_dir",
+    "checkpoint_every",
+    "checkpoint_seconds",
+)
 
 
 def _partition(config) -> str:

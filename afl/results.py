@@ -1,15 +1,23 @@
-"""A run's files: results.json and params.msgpack.
+"""A run's files: results.json and the params file it names.
 
-  OUTPUT_DIR/results.json    configuration, accuracy (best, last, per client,
-                             per round), per-round records, times, memory;
-  OUTPUT_DIR/params.msgpack  the tested models' Flax params (`load_params`).
+  OUTPUT_DIR/results.json              configuration, status, accuracy
+                                       (best, last, per client, per round),
+                                       per-round records, times, memory;
+  OUTPUT_DIR/params-<sha256>.msgpack   the tested models' Flax params
+                                       (`load_params`), named by
+                                       results.json's `params_file`.
 
-Only process 0 writes (`distributed.is_main_process`). Each file is written
-to a temporary name and renamed into place, so a reader never sees half a
-file; an existing results.json is replaced only with `--overwrite`
-(`check_output`, called before any work).
+The pair is written as one unit (`write`, process 0 only): the params go to
+a file named by their hash, written to a temporary name, fsynced and renamed;
+then results.json, which names that file, the same way; the rename of
+results.json is the commit. A write killed at any point leaves results.json
+naming a complete params file, the old pair or the new one, never a mix.
+What a killed write leaves behind (a temporary file, a params file that no
+results.json names) is removed by the next write. An existing results.json
+is replaced only with `--overwrite` (`check_output`, before any work).
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -22,7 +30,7 @@ import numpy as np
 from afl import distributed
 
 RESULTS = "results.json"
-PARAMS = "params.msgpack"
+_TEMPORARY = ".tmp"
 
 
 def check_output(output_dir: str | os.PathLike, overwrite: bool) -> None:
@@ -34,37 +42,60 @@ def check_output(output_dir: str | os.PathLike, overwrite: bool) -> None:
     )
 
 
-def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(payload)
+def _write_durably(path: pathlib.Path, payload: bytes) -> None:
+  """path's content becomes payload at once (temporary file, fsync,
+  rename, fsync of the folder)."""
+  tmp = path.with_name(path.name + _TEMPORARY)
+  with open(tmp, "wb") as f:
+    f.write(payload)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+  folder = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(folder)
+  finally:
+    os.close(folder)
 
 
 def write(
     output_dir: str | os.PathLike, results: dict, params, client_model
 ) -> pathlib.Path | None:
-  """Writes params.msgpack and results.json on process 0; returns the
-  results' path there (None on the other processes)."""
+  """Writes the params and results.json (naming them) as one unit on
+  process 0; returns the results' path there (None elsewhere)."""
   if not distributed.is_main_process():
     return None
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
-  _write_atomically(
-      output_dir / PARAMS,
-      flax.serialization.msgpack_serialize(
-          {
-              "models": jax.tree.map(np.asarray, params),
-              "client_model": np.asarray(client_model),
-          }
-      ),
+  payload = flax.serialization.msgpack_serialize(
+      {
+          "models": jax.tree.map(np.asarray, params),
+          "client_model": np.asarray(client_model),
+      }
   )
+  digest = hashlib.sha256(payload).hexdigest()
+  name = f"params-{digest[:16]}.msgpack"
+  _write_durably(output_dir / name, payload)
+  results = dict(results, params_file=name, params_sha256=digest)
   path = output_dir / RESULTS
-  _write_atomically(path, json.dumps(results, indent=2).encode("utf-8"))
+  _write_durably(path, json.dumps(results, indent=2).encode("utf-8"))
+  for stale in output_dir.glob("params-*.msgpack*"):
+    if stale.name != name:
+      stale.unlink()
+  (output_dir / (RESULTS + _TEMPORARY)).unlink(missing_ok=True)
   return path
 
 
+def params_path(output_dir: str | os.PathLike) -> pathlib.Path:
+  """The params file that output_dir's results.json names."""
+  output_dir = pathlib.Path(output_dir)
+  results = json.loads((output_dir / RESULTS).read_text())
+  return output_dir / results["params_file"]
+
+
 def load_params(path: str | os.PathLike, client: int = 0):
-  """The params of `client`'s model in params.msgpack, for `model.apply`.
+  """The params of `client`'s model, for `model.apply`, from a run's folder
+  (the file its results.json names) or a params file.
 
   For FedACnnL and FedAvg every client has the global model; for pFedACnnL
   and pFedMe its own personalized model; for pFedACnnL-WP its group's
@@ -72,7 +103,7 @@ def load_params(path: str | os.PathLike, client: int = 0):
   """
   path = pathlib.Path(path)
   if path.is_dir():
-    path = path / PARAMS
+    path = params_path(path)
   saved = flax.serialization.msgpack_restore(path.read_bytes())
   index = int(saved["client_model"][client])
   return jax.tree.map(lambda a: a[index], saved["models"])

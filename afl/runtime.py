@@ -15,7 +15,9 @@ library):
      `eval_every` rounds and after the last (`afl.evaluation`), a stop when
      the local loss diverges, the compile time kept apart from the run
      time, one progress line per round;
-  4. writes results.json and params.msgpack on process 0 (`afl.results`).
+  4. saves checkpoints while it goes (`afl.checkpoints`; a rerun into the
+     same folder resumes from the last one) and writes results.json and the
+     params on process 0 as one unit (`afl.results`).
 
 `accuracy` is the best overall test accuracy over the tested rounds (the
 paper's protocol for the iterative methods; the analytic ones are tested
@@ -33,13 +35,14 @@ import math
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
 from afl import algorithm as algorithm_lib
+from afl import checkpoints as checkpoints_lib
 from afl import clock as clock_lib
 from afl import config as config_lib
 from afl import data as data_lib
@@ -158,6 +161,19 @@ def _per_client(values: np.ndarray) -> list:
   return [None if np.isnan(v) else float(v) for v in values]
 
 
+class Resume(NamedTuple):
+  """Where a run resumes: after round `index`, with the algorithm's state
+  and the loop's records and times so far (`afl.checkpoints`)."""
+
+  index: int
+  state: Any
+  records: list
+  best: tuple[float, int]
+  wall_time_s: float
+  compile_time_s: float
+  eval_time_s: float
+
+
 def run_rounds(
     algorithm: algorithm_lib.Algorithm,
     key: jax.Array,
@@ -166,6 +182,8 @@ def run_rounds(
     evaluate=None,
     eval_every: int = 1,
     progress=None,
+    resume: Resume | None = None,
+    after_round=None,
 ) -> dict[str, Any]:
   """Runs the algorithm's rounds from the root key.
 
@@ -177,18 +195,26 @@ def run_rounds(
       tested rounds, or None.
     eval_every: rounds between tests; the last round is always tested.
     progress: a line per round goes to it, if given.
+    resume: go on after a checkpoint's round instead of from `init`.
+    after_round: (index, state, Resume of the loop so far) -> None, called
+      after every round but the last and a diverged one (checkpoints).
 
   Returns:
     dict: the final state, the round records, best (accuracy, round), the
-    last Accuracy, the last models tested (`Tested`), and the times.
+    last Accuracy, the last models tested (`Tested`), whether and when the
+    run diverged, and the times.
   """
-  records, best, last, tested = [], (-1.0, 0), None, None
-  eval_time = 0.0
+  last, tested, diverged = None, None, False
   with timing.CompileClock() as compile_clock:
-    start = time.perf_counter()
-    state = jax.block_until_ready(algorithm.init(rng.stream(key, "init")))
-    train_time = time.perf_counter() - start - compile_clock.seconds
-    for index in range(1, algorithm.num_rounds + 1):
+    if resume is None:
+      start = time.perf_counter()
+      state = jax.block_until_ready(algorithm.init(rng.stream(key, "init")))
+      init_s = time.perf_counter() - start - compile_clock.seconds
+      resume = Resume(0, state, [], (-1.0, 0), init_s, 0.0, 0.0)
+    state, records, best = resume.state, list(resume.records), resume.best
+    train_time, eval_time = resume.wall_time_s, resume.eval_time_s
+    compiled_before = resume.compile_time_s
+    for index in range(resume.index + 1, algorithm.num_rounds + 1):
       round_start, compile_before = time.perf_counter(), compile_clock.seconds
       state, metrics = algorithm.round(state, index, rng.round_key(key, index))
       state = jax.block_until_ready(state)
@@ -206,7 +232,8 @@ def run_rounds(
       if work:
         record["timing"] = clock.round(work)
       diverged = not math.isfinite(metrics.get("local_loss", 0.0))
-      if index % eval_every == 0 or index == algorithm.num_rounds or diverged:
+      final = index == algorithm.num_rounds or diverged
+      if index % eval_every == 0 or final:
         eval_start = time.perf_counter()
         models = algorithm.models(
             state, jax.random.fold_in(rng.stream(key, "evaluation"), index)
@@ -226,14 +253,29 @@ def run_rounds(
         if progress:
           progress(f"round {index}: the local loss diverged; stopping")
         break
+      if after_round is not None and not final:
+        after_round(
+            index,
+            state,
+            Resume(
+                index,
+                None,
+                records,
+                best,
+                train_time,
+                compiled_before + compile_clock.seconds,
+                eval_time,
+            ),
+        )
   return dict(
       state=state,
       records=records,
       best=best,
       last=last,
       tested=tested,
+      diverged_round=records[-1]["round"] if diverged else None,
       wall_time_s=train_time,
-      compile_time_s=compile_clock.seconds,
+      compile_time_s=compiled_before + compile_clock.seconds,
       eval_time_s=eval_time,
   )
 
@@ -261,24 +303,53 @@ def evaluator(
   return evaluate
 
 
-def train_and_evaluate(
+class Run(NamedTuple):
+  """A run set up and ready for its rounds (`prepare`)."""
+
+  config: ml_collections.ConfigDict
+  output_dir: pathlib.Path
+  fed: algorithm_lib.Federation
+  algorithm: algorithm_lib.Algorithm
+  clock: clock_lib.Clock | None
+  checkpoints: checkpoints_lib.Checkpoints
+  resume: Resume | None
+  data_time_s: float
+
+
+def _check_checkpoints(
+    config: ml_collections.ConfigDict, saved: checkpoints_lib.Checkpoints
+) -> int | None:
+  """The round to resume after, if output_dir holds a run in progress of
+  this config; ValueError naming the settings if of another (unless
+  --overwrite, which starts afresh)."""
+  latest = saved.latest()
+  if latest is None or config.overwrite:
+    return None
+  differ = config_lib.differences(
+      saved.meta(latest)["config"], config.to_dict()
+  )
+  if differ:
+    raise ValueError(
+        f"{saved.path} holds a run in progress of other settings "
+        f"({'; '.join(differ)}): pass --overwrite to start afresh or choose "
+        "another --output_dir"
+    )
+  return latest
+
+
+def prepare(
     config: ml_collections.ConfigDict,
     output_dir: str | os.PathLike,
     split: data_lib.ClientSplit | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-  """Runs one configuration and writes its results; returns them too.
-
-  Args:
-    config: from `afl.config.get_config` (checked again here).
-    output_dir: where results.json and params.msgpack go.
-    split: the prepared data for `config`, to share it across runs (e.g.
-      several algorithms on one seed); None prepares it.
-    progress: print one line per round.
-  """
+) -> Run:
+  """Checks the config and the output folder, prepares the data, builds the
+  algorithm and the clock, and restores the last checkpoint of a run in
+  progress there. Writes nothing; raises ValueError (a setting, the data:
+  `afl.data.DataError`) or FileExistsError (a finished run is there)."""
   config_lib.validate(config)
   results_lib.check_output(output_dir, config.overwrite)
-  say = Progress(progress)
+  saved = checkpoints_lib.Checkpoints(output_dir)
+  latest = _check_checkpoints(config, saved)
   start = time.perf_counter()
   fed = federation(config, split)
   algorithm = build(config, fed)
@@ -291,25 +362,102 @@ def train_and_evaluate(
         fed.client_sizes,
         adaptive=algorithm.adaptive_batch_size,
     )
-  data_time = time.perf_counter() - start
+  resume = None
+  if latest is not None:
+    state, meta = saved.restore(latest, fed.replicated)
+    if clock is not None:
+      clock.load_state(meta["clock"])
+    resume = Resume(
+        latest,
+        state,
+        meta["records"],
+        tuple(meta["best"]),
+        meta["wall_time_s"],
+        meta["compile_time_s"],
+        meta["eval_time_s"],
+    )
+  return Run(
+      config,
+      pathlib.Path(output_dir),
+      fed,
+      algorithm,
+      clock,
+      saved,
+      resume,
+      time.perf_counter() - start,
+  )
+
+
+def _checkpointer(run: Run):
+  """after_round for `run_rounds`: a checkpoint every --checkpoint_every
+  rounds, or (0) once --checkpoint_seconds have passed since the last; the
+  decision is process 0's, so that every process saves together."""
+  config, saved, clock = run.config, run.checkpoints, run.clock
+  last = [time.monotonic()]
+  spent = [0.0]
+
+  def after_round(index, state, loop: Resume):
+    if config.checkpoint_every:
+      due = index % config.checkpoint_every == 0
+    else:
+      due = time.monotonic() - last[0] >= config.checkpoint_seconds
+    if not distributed.same_on_all_processes(np.asarray(due)):
+      return
+    began = time.perf_counter()
+    saved.save(
+        index,
+        state,
+        {
+            "config": config.to_dict(),
+            "records": loop.records,
+            "best": list(loop.best),
+            "wall_time_s": loop.wall_time_s,
+            "compile_time_s": loop.compile_time_s,
+            "eval_time_s": loop.eval_time_s,
+            "clock": clock.state_dict() if clock else None,
+        },
+    )
+    spent[0] += time.perf_counter() - began
+    last[0] = time.monotonic()
+
+  return after_round, spent
+
+
+def execute(run: Run, progress: bool = True) -> dict[str, Any]:
+  """Runs the prepared run's rounds (from its checkpoint, if any) and writes
+  its results; returns them too."""
+  config, fed, algorithm, clock = run.config, run.fed, run.algorithm, run.clock
+  say = Progress(progress)
+  if config.overwrite and run.resume is None:
+    run.checkpoints.remove()  # a run in progress there starts afresh
   say(
       f"{config.algorithm} on {config.dataset}-{config.model}: "
       f"{config.num_clients} clients on {fed.mesh.size} device(s) of "
       f"{jax.process_count()} process(es), {algorithm.num_rounds} rounds; "
-      f"set up in {data_time:.2f}s"
+      f"set up in {run.data_time_s:.2f}s"
   )
-  run = run_rounds(
+  if run.resume is not None:
+    say(
+        f"resuming after round {run.resume.index} from the checkpoint in "
+        f"{run.checkpoints.path}"
+    )
+  after_round, checkpoint_s = _checkpointer(run)
+  out = run_rounds(
       algorithm,
       fed.key,
       clock=clock,
       evaluate=evaluator(fed, algorithm),
       eval_every=config.eval_every,
       progress=say,
+      resume=run.resume,
+      after_round=after_round,
   )
-  best, last = run["best"], run["last"]
-  summary = algorithm.summary(run["state"])
+  best, last = out["best"], out["last"]
+  diverged = out["diverged_round"]
   results = {
       "algorithm": config.algorithm,
+      "status": "completed" if diverged is None else "diverged",
+      "diverged_round": diverged,
       "dataset": config.dataset,
       "model": config.model,
       "num_clients": config.num_clients,
@@ -318,35 +466,63 @@ def train_and_evaluate(
       "best_accuracy": best[0],
       "best_round": best[1],
       "last_accuracy": last.overall,
-      "accuracy_per_round": [r.get("accuracy") for r in run["records"]],
-      "train_loss_per_round": [r.get("train_loss") for r in run["records"]],
+      "accuracy_per_round": [r.get("accuracy") for r in out["records"]],
+      "train_loss_per_round": [r.get("train_loss") for r in out["records"]],
       "per_client_accuracy": _per_client(last.per_client),
       "per_client_test_samples": last.count.tolist(),
       "per_client_train_samples": fed.client_sizes.tolist(),
-      "rounds": run["records"],
+      "rounds": out["records"],
       "timing": clock.summary() if clock else None,
-      "wall_time_s": run["wall_time_s"],
-      "compile_time_s": run["compile_time_s"],
-      "data_time_s": data_time,
-      "eval_time_s": run["eval_time_s"],
+      "wall_time_s": out["wall_time_s"],
+      "compile_time_s": out["compile_time_s"],
+      "data_time_s": run.data_time_s,
+      "eval_time_s": out["eval_time_s"],
+      "checkpoint_time_s": checkpoint_s[0],
+      "resumed_after_round": run.resume and run.resume.index,
       "peak_memory_gb": results_lib.peak_memory_gb(),
       "num_devices": fed.mesh.size,
       "num_processes": jax.process_count(),
-      "params_file": results_lib.PARAMS,
       "jax_version": jax.__version__,
-      **summary,
+      **algorithm.summary(out["state"]),
       "config": config.to_dict(),
   }
   path = results_lib.write(
-      output_dir, results, run["tested"].params, run["tested"].client_model
+      run.output_dir, results, out["tested"].params, out["tested"].client_model
   )
+  run.checkpoints.remove()
   say(
-      f"{config.algorithm}: test accuracy {best[0]:.4f} (best, round "
-      f"{best[1]}), last {last.overall:.4f}; training {run['wall_time_s']:.2f}s"
-      f" + compile {run['compile_time_s']:.2f}s"
-      + (f"; wrote {path}" if path else "")
+      f"{config.algorithm}: "
+      + ("" if diverged is None else f"DIVERGED at round {diverged}; ")
+      + f"test accuracy {best[0]:.4f} (best, round {best[1]}), last "
+      f"{last.overall:.4f}; training {out['wall_time_s']:.2f}s + compile "
+      f"{out['compile_time_s']:.2f}s" + (f"; wrote {path}" if path else "")
   )
   return results
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    output_dir: str | os.PathLike,
+    split: data_lib.ClientSplit | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+  """Runs one configuration and writes its results; returns them too.
+
+  A run in progress in output_dir (its checkpoints) resumes after its last
+  checkpoint, with the results of an uninterrupted run.
+
+  Args:
+    config: from `afl.config.get_config` (checked again here).
+    output_dir: where results.json and the params go.
+    split: the prepared data for `config`, to share it across runs (e.g.
+      several algorithms on one seed); None prepares it.
+    progress: print one line per round.
+
+  Returns:
+    results.json's content; its "status" is "diverged" (with
+    "diverged_round") if the local loss stopped being finite.
+  """
+  return execute(prepare(config, output_dir, split), progress)
 
 
 def run_or_reuse(

@@ -15,8 +15,16 @@ and the registered algorithms', `afl.registry.fields`); an algorithm's
 setting left unset takes the algorithm's registered default (the papers'
 values). `--config` reads settings from a file (a .py with `get_config()`,
 or JSON: a config or a results.json); flags given as well override it. The
-work is done by `afl.train_and_evaluate`.
+work is done by `afl.runtime.prepare` and `execute`.
+
+A bad flag or setting (or an output folder that holds a finished run) is
+refused before anything is written: one line on standard error, exit status
+2. A rerun into the folder of an interrupted run resumes from its last
+checkpoint. A run whose loss diverged writes its results with status
+"diverged" and exits with status 1.
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -25,6 +33,7 @@ import afl
 from afl import config as config_lib
 from afl import distributed
 from afl import registry
+from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 
 _DEFINE = {
@@ -86,21 +95,44 @@ define_flags()
 FLAGS = flags.FLAGS
 
 
+def fail(message) -> None:
+  """One line on standard error, exit status 2 (a usage error)."""
+  print(f"experiments.run: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag reported as by `fail`."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    fail(error)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments: {argv[1:]}")
   try:
     config = afl.get_config(**settings_from_flags())
-  except ValueError as error:
-    raise app.UsageError(str(error)) from None
-  if FLAGS.dry_run:
-    print(config.to_json(indent=2))
-    return
-  if not FLAGS.output_dir:
-    raise app.UsageError("--output_dir is required")
-  distributed.initialize()  # several processes when launched so (launch/)
-  afl.train_and_evaluate(config, FLAGS.output_dir)
+    if FLAGS.dry_run:
+      print(config.to_json(indent=2))
+      return
+    if not FLAGS.output_dir:
+      raise ValueError("--output_dir is required")
+    distributed.initialize()  # several processes when launched so (launch/)
+    run = runtime.prepare(config, FLAGS.output_dir)
+  except (ValueError, FileExistsError) as error:
+    fail(error)
+  results = runtime.execute(run)
+  if results["status"] != "completed":
+    print(
+        f"experiments.run: the run {results['status']} at round "
+        f"{results['diverged_round']}; its results (status "
+        f"{results['status']!r}) are in {FLAGS.output_dir}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -8,13 +8,16 @@ loop into OUTPUT_DIR/p<process index>/<algorithm>/: only process 0 may
 write, so OUTPUT_DIR/p1 must stay empty.
 """
 
+import os
 import sys
 
 import jax
 
 import afl
+from afl import checkpoints
 from afl import distributed
 from afl import registry
+from afl import results
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 
 # Tiny and exact: float64 analytic statistics (1 and 2 processes then agree
@@ -39,20 +42,44 @@ SETTINGS = {
 
 def config(algorithm: str, **settings):
   return afl.get_config(
-      algorithm=algorithm,
-      num_clients=12,
-      overwrite=True,
-      **SETTINGS[algorithm],
-      **settings,
+      **dict(
+          dict(algorithm=algorithm, num_clients=12, overwrite=True),
+          **SETTINGS[algorithm],
+          **settings,
+      )
   )
+
+
+def _forbid_writing(path, payload):
+  raise AssertionError(f"process {jax.process_index()} wrote {path}")
+
+
+def _stop_after(index: int):
+  save = checkpoints.Checkpoints.save
+
+  def save_and_stop(self, round_index, state, meta):
+    save(self, round_index, state, meta)
+    if round_index == index:
+      sys.exit(3)
+
+  return save_and_stop
 
 
 def main(output_dir: str, algorithms) -> None:
   distributed.initialize()
+  if jax.process_index():
+    results._write_durably = _forbid_writing  # pylint: disable=protected-access
+  settings = {}
+  if "CHECKPOINT_EVERY" in os.environ:  # and resume from a checkpoint there
+    settings = dict(
+        checkpoint_every=int(os.environ["CHECKPOINT_EVERY"]), overwrite=False
+    )
+  if "STOP_AFTER" in os.environ:
+    checkpoints.Checkpoints.save = _stop_after(int(os.environ["STOP_AFTER"]))
   for algorithm in algorithms or registry.names():
     afl.train_and_evaluate(
-        config(algorithm),
-        f"{output_dir}/p{jax.process_index()}/{algorithm}",
+        config(algorithm, **settings),
+        f"{output_dir}/{algorithm}",
         progress=False,
     )
 

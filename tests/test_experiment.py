@@ -88,7 +88,7 @@ def test_saved_params_reproduce_the_accuracy(mnist_mlp, data_dir):
 def test_mnist_weights_equal_centralized_float64(mnist_mlp, data_dir):
   """Acceptance: 1e-5 relative to float64 ACnnL on the pooled training data."""
   cfg, out, _ = mnist_mlp
-  params = afl.load_params(out / "params.msgpack")["params"]
+  params = afl.load_params(out)["params"]
   split = data_lib.prepare("mnist", data_dir=data_dir, seed=cfg.seed)
   train = np.concatenate(split.train_indices)
   model = models.get_model("mlp", 10)

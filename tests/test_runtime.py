@@ -3,6 +3,7 @@ and 2 processes, run-or-reuse, and an import graph without cycles."""
 
 import ast
 import json
+import os
 import pathlib
 import sys
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import afl
+from afl import checkpoints
 from afl import registry
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from launch import local
@@ -135,9 +137,8 @@ def test_two_processes_give_the_weights_of_one(
     two_processes, algorithm, tmp_path
 ):
   """The same run on 1 process x 4 devices: the same final weights (1e-5)
-  and results; only process 0 wrote."""
-  assert not (two_processes / "p1").exists()
-  saved = two_processes / "p0" / algorithm
+  and results (process 1 may not write: it fails if it does)."""
+  saved = two_processes / algorithm
   one = afl.train_and_evaluate(
       distributed_worker.config(algorithm, num_devices=4),
       tmp_path,
@@ -153,6 +154,44 @@ def test_two_processes_give_the_weights_of_one(
     b = afl.load_params(tmp_path, client)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_checkpoint_and_resume(tmp_path):
+  """Both processes save every round and stop after round 1's checkpoint;
+  the rerun resumes there and ends as the uninterrupted run."""
+
+  def launch(**env):
+    os.environ.update(env)
+    try:
+      return local.run_local(
+          [
+              sys.executable,
+              "-m",
+              "tests.distributed_worker",
+              str(tmp_path),
+              "pfedme",
+          ],
+          num_processes=2,
+          devices_per_process=2,
+          log_dir=tmp_path / "logs",
+      )
+    finally:
+      for name in env:
+        del os.environ[name]
+
+  assert launch(CHECKPOINT_EVERY="1", STOP_AFTER="1") == 3
+  assert checkpoints.Checkpoints(tmp_path / "pfedme").latest() == 1
+  assert launch(CHECKPOINT_EVERY="1") == 0
+  results = json.loads((tmp_path / "pfedme" / "results.json").read_text())
+  assert results["resumed_after_round"] == 1
+  whole = afl.train_and_evaluate(
+      distributed_worker.config("pfedme", num_devices=4),
+      tmp_path / "one",
+      progress=False,
+  )
+  assert results["accuracy_per_round"] == pytest.approx(
+      whole["accuracy_per_round"], abs=1e-9
+  )
 
 
 def test_run_or_reuse_reuses_only_the_same_configuration(tmp_path):
