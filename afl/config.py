@@ -30,27 +30,38 @@ from afl.data import pipeline
 Field = registry.Field
 
 COMMON = {
-    "algorithm": Field(str, "Algorithm (see --help's list)."),
-    "dataset": Field(str, "Dataset.", choices=pipeline.DATASETS),
+    "algorithm": Field(
+        str, "Algorithm (see --help's list).", default="fedacnnl"
+    ),
+    "dataset": Field(
+        str, "Dataset.", choices=pipeline.DATASETS, default="synthetic"
+    ),
     "model": Field(
         str,
         "lr: multinomial logistic regression; mlp: [128, 64] ReLU; dcnn: the "
         "paper's conv net (see --width).",
         choices=models.MODELS,
+        default="mlp",
     ),
-    "width": registry.positive(float, "DCNN width multiplier."),
-    "num_clients": Field(int, "Clients C.", minimum=1),
+    "width": registry.positive(float, "DCNN width multiplier.", default=1.0),
+    "num_clients": Field(int, "Clients C.", minimum=1, default=100),
     "partition": Field(
         str,
         "Client split: default is dirichlet for mnist/cifar10 and the "
         "generator's power-law clients for synthetic.",
         choices=pipeline.PARTITIONS,
+        default="default",
     ),
     "dirichlet_beta": registry.positive(
-        float, "Dirichlet concentration (smaller: more heterogeneous)."
+        float,
+        "Dirichlet concentration (smaller: more heterogeneous).",
+        default=0.1,
     ),
     "min_client_size": Field(
-        int, "Least samples per client (dirichlet, power_law).", minimum=1
+        int,
+        "Least samples per client (dirichlet, power_law).",
+        minimum=1,
+        default=10,
     ),
     "test_fraction": Field(
         float,
@@ -59,95 +70,100 @@ COMMON = {
         open_minimum=True,
         maximum=1,
         open_maximum=True,
+        default=0.25,
     ),
     "synthetic_alpha": registry.non_negative(
-        float, "alpha of synthetic(alpha, beta)."
+        float,
+        "alpha of synthetic(alpha, beta).",
+        default=0.5,
     ),
     "synthetic_beta": registry.non_negative(
-        float, "beta of synthetic(alpha, beta)."
+        float,
+        "beta of synthetic(alpha, beta).",
+        default=0.5,
     ),
     "data_dir": Field(
         str,
         "Folder with mnist/ or the cifar10 files; default: $AFL_DATA_DIR, "
         "then ~/.cache/afl/data.",
+        default=None,
     ),
     "data_source": Field(
-        str, "Where mnist/cifar10 come from.", choices=("auto", "files", "tfds")
+        str,
+        "Where mnist/cifar10 come from.",
+        choices=("auto", "files", "tfds"),
+        default="auto",
     ),
     "seed": registry.non_negative(
-        int, "Root seed: data split, label encodings, K-means, every key."
+        int,
+        "Root seed: data split, label encodings, K-means, every key.",
+        default=0,
     ),
     "data_seed": Field(
         int,
         "Seed of the data (split, synthetic generator) alone; -1: --seed.",
         minimum=-1,
+        default=-1,
     ),
     "block_size": registry.non_negative(
-        int, "Samples per client block; 0 picks one from N and C."
+        int,
+        "Samples per client block; 0 picks one from N and C.",
+        default=0,
     ),
     "num_devices": registry.non_negative(
-        int, "Local devices to shard clients over; 0: all."
+        int,
+        "Local devices to shard clients over; 0: all.",
+        default=0,
     ),
     "eval_every": Field(
         int,
         "Rounds between tests (the last round is always tested; the analytic "
         "algorithms have a model to test only after their last round).",
         minimum=1,
+        default=1,
     ),
-    "cores_min": Field(int, "Simulated clock: fewest client cores.", minimum=1),
-    "cores_max": Field(int, "Simulated clock: most client cores.", minimum=1),
+    "cores_min": Field(
+        int, "Simulated clock: fewest client cores.", minimum=1, default=1
+    ),
+    "cores_max": Field(
+        int, "Simulated clock: most client cores.", minimum=1, default=4
+    ),
     "bandwidth_gbps_min": registry.positive(
-        float, "Simulated clock: client bandwidth range, log-uniform (Gbit/s)."
+        float,
+        "Simulated clock: client bandwidth range, log-uniform (Gbit/s).",
+        default=100.0,
     ),
-    "bandwidth_gbps_max": registry.positive(float, "See --bandwidth_gbps_min."),
+    "bandwidth_gbps_max": registry.positive(
+        float, "See --bandwidth_gbps_min.", default=100.0
+    ),
     "latency_ms_min": registry.non_negative(
-        float, "Simulated clock: client latency range, uniform (ms/message)."
+        float,
+        "Simulated clock: client latency range, uniform (ms/message).",
+        default=0.002,
     ),
-    "latency_ms_max": registry.non_negative(float, "See --latency_ms_min."),
+    "latency_ms_max": registry.non_negative(
+        float, "See --latency_ms_min.", default=0.002
+    ),
     "checkpoint_every": registry.non_negative(
         int,
         "Rounds between checkpoints of a run in progress (a rerun resumes "
         "from the last); 0: every --checkpoint_seconds.",
+        default=0,
     ),
     "checkpoint_seconds": registry.positive(
-        float, "With --checkpoint_every=0: seconds between checkpoints."
+        float,
+        "With --checkpoint_every=0: seconds between checkpoints.",
+        default=60.0,
     ),
     "overwrite": Field(
         bool,
         "Replace an existing results.json (or a run in progress) in the "
         "output folder.",
+        default=False,
     ),
 }
 
-DEFAULTS = dict(
-    algorithm="fedacnnl",
-    dataset="synthetic",
-    model="mlp",
-    width=1.0,
-    num_clients=100,
-    partition="default",
-    dirichlet_beta=0.1,
-    min_client_size=10,
-    test_fraction=0.25,
-    synthetic_alpha=0.5,
-    synthetic_beta=0.5,
-    data_dir=None,
-    data_source="auto",
-    seed=0,
-    data_seed=-1,
-    block_size=0,
-    num_devices=0,
-    eval_every=1,
-    cores_min=1,
-    cores_max=4,
-    bandwidth_gbps_min=100.0,
-    bandwidth_gbps_max=100.0,
-    latency_ms_min=0.002,
-    latency_ms_max=0.002,
-    checkpoint_every=0,
-    checkpoint_seconds=60.0,
-    overwrite=False,
-)
+DEFAULTS = {name: field.default for name, field in COMMON.items()}
 # Settings that do not change what a run computes: a saved run is reused
 # (`runtime.run_or_reuse`) whatever they were.
 NOT_RESULTS = (

@@ -27,6 +27,8 @@ class Field(NamedTuple):
     maximum: the largest value allowed (numbers), or None.
     open_minimum: the value must exceed `minimum`.
     open_maximum: the value must be below `maximum`.
+    default: a common setting's default (an algorithm's settings take
+      theirs from its registry entry).
   """
 
   type: type
@@ -36,6 +38,7 @@ class Field(NamedTuple):
   maximum: float | None = None
   open_minimum: bool = False
   open_maximum: bool = False
+  default: Any = None
 
   def coerce(self, value: Any) -> Any:
     """`value` as this field's type where that loses nothing (an integer
@@ -85,12 +88,12 @@ class Field(NamedTuple):
       raise ValueError(f"--{name}={value!r} must be {self.type.__name__}")
 
 
-def positive(kind: type, text: str) -> Field:
-  return Field(kind, text, minimum=0, open_minimum=True)
+def positive(kind: type, text: str, default=None) -> Field:
+  return Field(kind, text, minimum=0, open_minimum=True, default=default)
 
 
-def non_negative(kind: type, text: str) -> Field:
-  return Field(kind, text, minimum=0)
+def non_negative(kind: type, text: str, default=None) -> Field:
+  return Field(kind, text, minimum=0, default=default)
 
 
 class Entry(NamedTuple):
