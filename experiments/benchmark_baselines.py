@@ -4,15 +4,17 @@ r"""One baseline round in lanes against a sequential loop over the clients.
   python -m experiments.benchmark_baselines --algorithm=pfedme \
       --data_dir=../shared/data
 
-MNIST-MLP, 100 clients, Dirichlet 0.1, batch 20. FedAvg: one local epoch
-over each client's data; pFedMe: K = 5 inner steps, R = 20 local steps
-per client; both in packed lanes (`afl.lanes.make_schedule`). The loop
-is `afl.lanes.loop_round`: the same jitted client step called once per
-local step, client after client, as most simulators run clients. Each is compiled once, then all are timed `--repeats` times
-interleaved (so they see the same machine load) on the same round key;
-prints the medians and the loop's median over each (targets: FedAvg >= 2x,
-pFedMe >= 4x). `--lanes=2,8,100` times several lane counts side by side. `--output`
-also writes the numbers as JSON.
+MNIST-MLP, 100 clients, Dirichlet 0.1, batch 20, the algorithm's paper
+settings (`afl.get_config`, `baselines.iterative`). FedAvg: one local epoch
+over each client's data; pFedMe: K = 5 inner steps, R = 20 local steps per
+client; both in packed lanes (`afl.lanes.make_schedule`). The loop is
+`afl.lanes.loop_round`: the same jitted client step called once per local
+step, client after client, as most simulators run clients. Each is compiled
+once, then all are timed `--repeats` times interleaved (so they see the same
+machine load) on the same round key; prints the medians and the loop's
+median over each (targets: FedAvg >= 2x, pFedMe >= 4x). `--lanes=2,8,100`
+times several lane counts side by side. `--output` also writes the numbers
+as JSON.
 """
 
 import json
@@ -22,17 +24,17 @@ from absl import flags
 import jax
 import numpy as np
 
+import afl
 from afl import data as data_lib
-from afl import experiment
-from afl import timing
-from afl import federated
-from afl import models
-from baselines import experiment as baselines_experiment
 from afl import lanes
+from afl import models
+from afl import runtime
+from afl import timing
+from baselines import iterative
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
-    "algorithm", "fedavg", baselines_experiment.ALGORITHMS, "Algorithm."
+    "algorithm", "fedavg", list(iterative.PAPER_DEFAULTS), "Algorithm."
 )
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
 flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
@@ -47,32 +49,32 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  config = baselines_experiment.default_config()
-  config.update(
-      algorithm=FLAGS.algorithm,
-      dataset=FLAGS.dataset,
-      model=FLAGS.model,
-      num_clients=FLAGS.num_clients,
-      data_dir=FLAGS.data_dir,
-  )
-  config = baselines_experiment.resolve(config)
-  split = experiment.prepare_split(config)
-  model = models.get_model(config.model, split.num_classes)
-  x = experiment.model_inputs(model, split.x)
-  mesh = federated.client_mesh()
-  data = lanes.client_data(x, split.y, split.train_indices)
+  try:
+    config = afl.get_config(
+        algorithm=FLAGS.algorithm,
+        dataset=FLAGS.dataset,
+        model=FLAGS.model,
+        num_clients=FLAGS.num_clients,
+        data_dir=FLAGS.data_dir,
+    )
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  hparams = config[config.algorithm]
+  federation = runtime.federation(config)
+  model, mesh = federation.model, federation.mesh
+  split = federation.split
+  data = lanes.client_data(federation.inputs, split.y, split.train_indices)
   sizes = np.asarray(data.size)
-  baseline = baselines_experiment.build(config, model.apply)
-  params = jax.device_put(
-      models.init_params(model, jax.random.key(0), x.shape[1:]),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  baseline = iterative.make_baseline(config.algorithm, hparams, model.apply)
+  params = federation.replicated(
+      models.init_params(model, jax.random.key(0), federation.input_shape)
   )
   default = lanes.default_num_lanes(
       lanes.step_bytes(
           baseline.local,
           params,
-          x.shape[1:],
-          baselines_experiment.step_rows(config),
+          federation.input_shape,
+          iterative.step_rows(config.algorithm, hparams),
       ),
       len(sizes),
       mesh.size,
@@ -80,9 +82,9 @@ def main(argv):
   schedules = {
       int(count): lanes.make_schedule(
           sizes,
-          config.batch_size,
-          config.local_steps,
-          config.local_epochs,
+          hparams.batch_size,
+          hparams.local_steps,
+          hparams.local_epochs,
           num_shards=mesh.size,
           num_lanes=int(count) or default,
       )
@@ -109,7 +111,7 @@ def main(argv):
   print(
       f"{config.algorithm} {config.dataset}-{config.model}, "
       f"{config.num_clients} clients (sizes {sizes.min()}..{sizes.max()}), "
-      f"{steps} client steps of batch {config.batch_size}, {mesh.size} "
+      f"{steps} client steps of batch {hparams.batch_size}, {mesh.size} "
       f"device(s), median of {FLAGS.repeats} (warm-up and compile "
       f"{warmup:.1f}s):"
   )

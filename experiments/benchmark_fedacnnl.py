@@ -7,12 +7,16 @@ r"""Training time against a bare X^T X of the same data, in the same process.
 Trains `--algorithm` (default FedACnnL; MNIST-MLP, Dirichlet 0.1, 100
 clients, gamma 100, eps 2500, K 10) `--repeats` times after one compiling
 run, and times `X.T @ X` of the same training matrix (float32, [N, 784]) as
-many times, interleaved so that both see the same machine load. For the
-pFedACnnL variants a repetition is the complete algorithm: grouping
-(encoding, K-means), group meta-models and personalization. Prints the
-medians and their ratio (targets: FedACnnL <= 3x, stretch 2x; pFedACnnL
-<= 8x), and the peak resident memory. `--output` also writes the numbers as
-JSON.
+many times, interleaved so that both see the same machine load. A
+repetition is the algorithm's complete run on the prepared federation
+(`afl.runtime.federation`): building it (`afl.runtime.build`), which for the
+pFedACnnL variants is the grouping stage (encoding, K-means), then its
+rounds (`afl.runtime.run_rounds`: group meta-models and personalization),
+without a clock or tests; its time is the rounds' wall time plus the
+grouping's (`experiments.common.training_seconds`), without compilation.
+Prints the medians and their ratio (targets: FedACnnL <= 3x, stretch 2x;
+pFedACnnL <= 8x), and the peak resident memory. `--output` also writes the
+numbers as JSON.
 """
 
 import json
@@ -23,15 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import afl
+from afl import analytic
 from afl import data as data_lib
-from afl import experiment
-from afl import timing
 from afl import models
-from afl import pfedacnnl
+from afl import results as results_lib
+from afl import runtime
+from afl import timing
+from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
-    "algorithm", "fedacnnl", experiment.ALGORITHMS, "Algorithm to time."
+    "algorithm", "fedacnnl", list(analytic.VARIANTS), "Algorithm to time."
 )
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
 flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
@@ -50,44 +57,40 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  config = experiment.default_config()
-  config.update(
-      algorithm=FLAGS.algorithm,
-      dataset=FLAGS.dataset,
-      model=FLAGS.model,
-      num_clients=FLAGS.num_clients,
-      data_dir=FLAGS.data_dir,
-      block_size=FLAGS.block_size,
-      statistics_dtype=FLAGS.statistics_dtype,
-  )
-  split = experiment.prepare_split(config)
-  run = experiment.setup(config, split)
-  clustered = experiment.ANALYTIC[config.algorithm][0]
+  try:
+    config = afl.get_config(
+        algorithm=FLAGS.algorithm,
+        dataset=FLAGS.dataset,
+        model=FLAGS.model,
+        num_clients=FLAGS.num_clients,
+        data_dir=FLAGS.data_dir,
+        block_size=FLAGS.block_size,
+        statistics_dtype=FLAGS.statistics_dtype,
+    )
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  split = runtime.prepare_split(config)
+  federation = runtime.federation(config, split)
 
-  def complete_run():
-    """Stage 1 (grouping) again, then training; wall time without compile."""
-    groups, grouping_s = pfedacnnl.assign_groups(
-        run.counts,
-        run.algorithm,
-        config.num_groups if clustered else 1,
-        config.seed,
-    )
-    return experiment.train(
-        config, run._replace(groups=groups, grouping_s=grouping_s)
-    )
+  def complete_run() -> tuple[dict, dict]:
+    """The grouping stage again, then the rounds: (run, summary)."""
+    algorithm = runtime.build(config, federation)
+    run = runtime.run_rounds(algorithm, federation.key)
+    return run, algorithm.summary(run["state"])
 
   pooled = jnp.asarray(
-      experiment.model_inputs(run.model, split.x)[
-          np.concatenate(split.train_indices)
-      ].reshape(sum(map(len, split.train_indices)), -1)
+      federation.inputs[np.concatenate(split.train_indices)].reshape(
+          sum(map(len, split.train_indices)), -1
+      )
   )
   gram = jax.jit(lambda a: a.T @ a)
 
-  first = complete_run()
+  first, summary = complete_run()
   jax.block_until_ready(gram(pooled))
   train_times, gram_times = [], []
   for _ in range(FLAGS.repeats):
-    train_times.append(complete_run().wall_time_s)
+    run, summary = complete_run()
+    train_times.append(common.training_seconds(dict(run, **summary)))
     gram_times.append(timing.timed(lambda: gram(pooled)))
   train_s, gram_s = np.median(train_times), np.median(gram_times)
   numbers = {
@@ -97,27 +100,27 @@ def main(argv):
       "num_clients": FLAGS.num_clients,
       "train_rows": int(pooled.shape[0]),
       "features": int(pooled.shape[1]),
-      "devices": run.mesh.size,
-      "block_size": run.train_data.block_size,
+      "devices": federation.mesh.size,
+      "block_size": summary["block_size"],
       "statistics_dtype": FLAGS.statistics_dtype,
       "train_median_s": float(train_s),
       "xtx_median_s": float(gram_s),
       "ratio": float(train_s / gram_s),
-      "compile_s": first.compile_time_s,
-      "peak_memory_gb": experiment.peak_memory_gb(),
+      "compile_s": first["compile_time_s"],
+      "peak_memory_gb": results_lib.peak_memory_gb(),
       "train_s": train_times,
       "xtx_s": gram_times,
-      "rounds_of_first_run": first.rounds,
+      "rounds_of_first_run": first["records"],
   }
   print(
       f"{FLAGS.algorithm} {FLAGS.dataset}-{FLAGS.model}, "
       f"{FLAGS.num_clients} clients, {pooled.shape[0]} x {pooled.shape[1]} "
-      f"training data, {run.mesh.size} device(s), median of "
+      f"training data, {federation.mesh.size} device(s), median of "
       f"{FLAGS.repeats}:"
   )
   print(
       f"  training           {train_s:8.4f} s   (compile "
-      f"{first.compile_time_s:.2f} s once)"
+      f"{first['compile_time_s']:.2f} s once)"
   )
   print(f"  bare X.T @ X       {gram_s:8.4f} s")
   print(f"  ratio              {train_s / gram_s:8.2f} x")

@@ -47,13 +47,13 @@ from absl import flags
 import jax
 import numpy as np
 
-from afl import experiment
-from afl import timing
-from afl import federated
+import afl
+from afl import lanes
 from afl import memory
 from afl import models
-from baselines import experiment as baselines_experiment
-from afl import lanes
+from afl import runtime
+from afl import timing
+from baselines import iterative
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
@@ -61,49 +61,52 @@ flags.DEFINE_integer("local_steps", 20, "Local steps R per client.")
 flags.DEFINE_list("nus", ["1", "2", "5"], "Fine-tuning steps nu to time.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions (medians reported).")
 flags.DEFINE_integer(
-    "num_lanes", 0, "Lanes; 0: as baselines.experiment sizes them."
+    "num_lanes", 0, "Lanes; 0: as the baselines' runs size them."
 )
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  config = baselines_experiment.default_config()
-  config.update(
-      algorithm="fedavg",
+def variant_config(**settings):
+  """A variant's configuration: MNIST-MLP, --local_steps, its `settings`."""
+  return afl.get_config(
       dataset="mnist",
       model="mlp",
       num_clients=FLAGS.num_clients,
       data_dir=FLAGS.data_dir,
       local_steps=FLAGS.local_steps,
+      **settings,
   )
-  split = experiment.prepare_split(config)
-  model = models.get_model("mlp", split.num_classes)
-  x = experiment.model_inputs(model, split.x)
-  mesh = federated.client_mesh()
-  data = lanes.client_data(x, split.y, split.train_indices)
-  sizes = np.asarray(data.size)
-  params = jax.device_put(
-      models.init_params(model, jax.random.key(0), x.shape[1:]),
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-  )
+
+
+def main(argv):
+  del argv
   variants = {"fedavg": dict(algorithm="fedavg")}
   for nu in map(int, FLAGS.nus):
     for meta_grad in ("exact", "first_order"):
       variants[f"nu={nu} {meta_grad}"] = dict(
           algorithm="meta_fedavg", nu=nu, meta_grad=meta_grad
       )
+  try:
+    configs = {name: variant_config(**s) for name, s in variants.items()}
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  federation = runtime.federation(configs["fedavg"])
+  model, mesh, split = federation.model, federation.mesh, federation.split
+  data = lanes.client_data(federation.inputs, split.y, split.train_indices)
+  sizes = np.asarray(data.size)
+  params = federation.replicated(
+      models.init_params(model, jax.random.key(0), federation.input_shape)
+  )
   rounds, targets, flops, rows = {}, {}, {}, {}
   key = jax.random.key(1)
-  for name, settings in variants.items():
-    variant = config.copy_and_resolve_references()
-    variant.update(settings)
-    variant = baselines_experiment.resolve(variant)
-    local = baselines_experiment.build(variant, model.apply).local
+  for name, config in configs.items():
+    hparams = config[config.algorithm]
+    baseline = iterative.make_baseline(config.algorithm, hparams, model.apply)
+    local = baseline.local
     schedule = lanes.make_schedule(
         sizes,
-        baselines_experiment.step_rows(variant),
+        iterative.step_rows(config.algorithm, hparams),
         FLAGS.local_steps,
         num_shards=mesh.size,
         num_lanes=FLAGS.num_lanes
@@ -118,7 +121,9 @@ def main(argv):
         jax.jit(local.step)
         .lower(
             local.init(params, None),
-            jax.ShapeDtypeStruct((rows[name],) + x.shape[1:], np.float32),
+            jax.ShapeDtypeStruct(
+                (rows[name],) + federation.input_shape, np.float32
+            ),
             jax.ShapeDtypeStruct((rows[name],), np.int32),
             jax.ShapeDtypeStruct((rows[name],), np.bool_),
             key,
@@ -126,7 +131,7 @@ def main(argv):
         .cost_analysis()["flops"]
     )
     rounds[name] = lanes.round_fn(local, schedule, sizes, mesh)
-    targets[name] = variant.nu + 2 if settings["algorithm"] != "fedavg" else 1
+    targets[name] = hparams.nu + 2 if config.algorithm != "fedavg" else 1
   medians, times, warmup = timing.interleaved_medians(
       {
           name: lambda fn=fn: fn(params, data, key).upload

@@ -10,13 +10,16 @@ device, and with `--device_clients` clients on 1, 2, 4 and 8 CPU devices
 repetitions interleaved so that all see the same machine load; each device
 count needs its own process (the CPU device count must be set in XLA_FLAGS
 before JAX is imported); each client count's peak resident memory is
-measured in a process of its own. A cell is `--repeats` timed trainings
-after one compiling run; the tables show their median, its ratio to the
-reference cell (`--reference_clients` on 1 device; 1 device for the device
-sweep), the compile time, the number of client blocks, the peak memory and
-the memory model's expectation (`afl/memory.py`). Timings on a shared
-machine are noisy: compare ratios from one invocation. `--output` writes all
-numbers as JSON.
+measured in a process of its own. A cell is the federation and the built
+algorithm (`afl.runtime.federation`, `afl.runtime.build`), then `--repeats`
+timed trainings (`afl.runtime.run_rounds`, without a clock or tests; the
+rounds' wall time plus the grouping stage's,
+`experiments.common.training_seconds`) after one compiling run; the tables
+show their median, its ratio to the reference cell (`--reference_clients`
+on 1 device; 1 device for the device sweep), the compile time, the number
+of client blocks, the peak memory and the memory model's expectation
+(`afl/memory.py`). Timings on a shared machine are noisy: compare ratios
+from one invocation. `--output` writes all numbers as JSON.
 
 Memory (FedACnnL, `afl/memory.py`): the client blocks, ceil(N / B) + C
 rounded up, of B x 784 float32 each, plus per device (2 + 3) float64 d x d
@@ -35,11 +38,12 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 
-from afl import experiment
-from afl import memory
+import afl
+from afl import results as results_lib
+from afl import runtime
+from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_list(
@@ -71,48 +75,55 @@ def run_cells(client_counts: list[int]) -> list[dict]:
   """Cells in this process: setup and one compiling run each, then
   `--repeats` rounds of timed trainings, interleaved across the cells so
   that all see the same machine load."""
-  runs = {}
+  cells = {}
   for num_clients in client_counts:
-    config = experiment.default_config()
-    config.update(
+    settings = dict(
         dataset="mnist",
         model="mlp",
         num_clients=num_clients,
         partition=FLAGS.partition,
-        min_client_size=FLAGS.min_client_size,
         data_dir=FLAGS.data_dir,
     )
+    if FLAGS.partition != "iid":  # the iid split has no least size
+      settings["min_client_size"] = FLAGS.min_client_size
+    config = afl.get_config(**settings)
     start = time.perf_counter()
-    run = experiment.setup(config, experiment.prepare_split(config))
+    federation = runtime.federation(config, runtime.prepare_split(config))
+    algorithm = runtime.build(config, federation)
     setup_s = time.perf_counter() - start
-    first = experiment.train(config, run)
-    runs[num_clients] = (config, run, setup_s, first, [])
+    first = runtime.run_rounds(algorithm, federation.key)
+    cells[num_clients] = (federation, algorithm, setup_s, first, [])
+
+  def train_s(algorithm, run) -> float:
+    return common.training_seconds(dict(run, **algorithm.summary(run["state"])))
+
   for _ in range(FLAGS.repeats):
-    for config, run, _, _, times in runs.values():
-      times.append(experiment.train(config, run).wall_time_s)
-  return [
-      {
-          "clients": num_clients,
-          "devices": run.mesh.size,
-          "blocks": run.train_data.num_blocks,
-          "block_size": run.train_data.block_size,
-          "train_median_s": float(np.median(times or [first.wall_time_s])),
-          "train_s": times,
-          "compile_s": first.compile_time_s,
-          "setup_s": setup_s,
-          "peak_memory_gb": experiment.peak_memory_gb(),
-          "expected_peak_memory_gb": memory.estimate(
-              run.model,
-              run.train_data.x.shape[2:],
-              num_blocks=run.train_data.num_blocks,
-              block_size=run.train_data.block_size,
-              num_devices=run.mesh.size,
-              num_groups=1,
-          ).peak
-          / memory.GIB,
-      }
-      for num_clients, (_, run, setup_s, first, times) in runs.items()
-  ]
+    for federation, algorithm, _, _, times in cells.values():
+      times.append(
+          train_s(algorithm, runtime.run_rounds(algorithm, federation.key))
+      )
+  rows = []
+  for num_clients, cell in cells.items():
+    federation, algorithm, setup_s, first, times = cell
+    summary = algorithm.summary(first["state"])
+    data = federation.blocks("train", algorithm.layout)
+    rows.append(
+        {
+            "clients": num_clients,
+            "devices": federation.mesh.size,
+            "blocks": data.num_blocks,
+            "block_size": data.block_size,
+            "train_median_s": float(
+                np.median(times or [train_s(algorithm, first)])
+            ),
+            "train_s": times,
+            "compile_s": first["compile_time_s"],
+            "setup_s": setup_s,
+            "peak_memory_gb": results_lib.peak_memory_gb(),
+            "expected_peak_memory_gb": summary["expected_peak_memory_gb"],
+        }
+    )
+  return rows
 
 
 def spawn(client_counts: list[int], num_devices: int, repeats: int) -> list:

@@ -14,8 +14,8 @@ DCNN (32-64-128-128 channels):
 CIFAR-10 train and test pooled, Dirichlet(--dirichlet_beta = 0.1) over
 --num_clients = 100 clients, each client's data split 75/25. Every algorithm
 of --algorithms runs on the same split; each keeps its run's results.json
-under OUTPUT_DIR/ALGORITHM/ (a run whose results.json exists is read back,
-so an interrupted figure resumes). Writes OUTPUT_DIR/fig6.json (accuracy,
+under OUTPUT_DIR/ALGORITHM/ (read back when the figure is made again, so an
+interrupted figure resumes). Writes OUTPUT_DIR/fig6.json (accuracy,
 training time, time per round, peak and expected memory per algorithm),
 OUTPUT_DIR/fig6.md and OUTPUT_DIR/fig6.png: accuracy against cumulative
 training time (an analytic algorithm's model is complete after its last
@@ -27,12 +27,14 @@ samples; 5,000 images cannot give 100 clients 10 each under Dirichlet(0.1)
 (no draw in 1,000 attempts does), so the subset needs --min_client_size=5
 (at least one test sample per client). The full 60,000 images work with 10.
 
-Algorithms are looked up in `RUNNERS` (name -> function(config, output_dir,
-split) -> results dict with "accuracy", "wall_time_s", "compile_time_s",
-"peak_memory_gb" and "rounds", each round with "seconds" or "statistics_s" +
-"solve_s" and, for a curve, "accuracy"): every algorithm of
-`afl.experiment` (the analytic ones, FedACnnL-WA included, and the
-baselines; FedAvg runs with its paper defaults, `baselines.experiment`).
+Every run goes through `afl.run_or_reuse`: a saved run of the same whole
+configuration is read back, one of other settings (another --width, say)
+stops the figure with the settings that differ. --algorithms may name any
+registered algorithm (`afl.registry.names`; the baselines with their paper
+defaults, `baselines.iterative`); they and every run's configuration
+(`afl.get_config`) are checked before the first run. An algorithm's
+training time is its rounds' wall time plus, for pFedACnnL, the grouping
+stage before them (`experiments.common.training_seconds`).
 """
 
 import json
@@ -46,10 +48,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import ml_collections
 
+import afl
+from afl import analytic
 from afl import distributed
-from afl import experiment
-from baselines import experiment as baselines_experiment
+from afl import registry
+from afl import runtime
+import baselines  # pylint: disable=unused-import  (registers the baselines)
+from experiments import common
 
 TITLES = dict(
     fedacnnl="FedACnnL",
@@ -60,13 +67,13 @@ TITLES = dict(
     fedavg="FedAvg",
 )
 ORDER = tuple(TITLES)
-RUNNERS = {name: experiment.run_experiment for name in experiment.ALGORITHMS}
 
 flags.DEFINE_list(
     "algorithms",
-    [a for a in ORDER if a in experiment.ANALYTIC],
-    f"Algorithms, of {list(ORDER)}; FedAvg (for reference) is not run by "
-    "default: on a CPU it takes minutes per round on the DCNN.",
+    [a for a in ORDER if a in analytic.VARIANTS],
+    f"Algorithms: those of the figure, {list(ORDER)}, or any other "
+    "registered one; FedAvg (for reference) is not run by default: on a CPU "
+    "it takes minutes per round on the DCNN.",
 )
 flags.DEFINE_string("data_dir", None, "Folder with the CIFAR-10 files.")
 flags.DEFINE_string("output_dir", "runs/fig6", "Where the figure goes.")
@@ -88,10 +95,9 @@ flags.DEFINE_enum(
 FLAGS = flags.FLAGS
 
 
-def config(algorithm: str):
+def config(algorithm: str) -> ml_collections.ConfigDict:
   """The run's configuration from the flags."""
-  cfg = baselines_experiment.default_config()
-  cfg.update(
+  settings = dict(
       algorithm=algorithm,
       dataset="cifar10",
       model="dcnn",
@@ -101,47 +107,31 @@ def config(algorithm: str):
       min_client_size=FLAGS.min_client_size,
       data_dir=FLAGS.data_dir,
       seed=FLAGS.seed,
-      statistics_dtype=FLAGS.statistics_dtype,
   )
-  return cfg
-
-
-def run_algorithm(name: str, split, output_dir: pathlib.Path) -> dict:
-  """One algorithm's run, or its saved results."""
-  out = output_dir / name
-  saved = out / "results.json"
-  if saved.exists():
-    return json.loads(saved.read_text())
-  return RUNNERS[name](config(name), out, split)
-
-
-def round_seconds(record: dict) -> float:
-  """A round's training time: "seconds" if the runner records it (iterative
-  baselines), else statistics + solve (the analytic rounds)."""
-  if "seconds" in record:
-    return record["seconds"]
-  return record.get("statistics_s", 0.0) + record.get("solve_s", 0.0)
+  if algorithm in analytic.VARIANTS:
+    settings["statistics_dtype"] = FLAGS.statistics_dtype
+  return afl.get_config(**settings)
 
 
 def curve(results: dict) -> tuple[list[float], list[float]]:
-  """(cumulative training seconds, accuracy) points of one run."""
-  times, accuracies, elapsed = [], [], 0.0
+  """(cumulative training seconds, accuracy) of the tested rounds; the
+  grouping stage (pFedACnnL) comes before the first round."""
+  times, accuracies = [], []
+  elapsed = results.get("grouping_time_s", 0.0)
   for record in results["rounds"]:
-    elapsed += round_seconds(record)
+    elapsed += record["seconds"]
     if "accuracy" in record:
       times.append(elapsed)
       accuracies.append(record["accuracy"])
-  if not accuracies:
-    times, accuracies = [results["wall_time_s"]], [results["accuracy"]]
   return times, accuracies
 
 
 def summary(results: dict) -> dict:
   return {
       "accuracy": results["accuracy"],
-      "wall_time_s": results["wall_time_s"],
+      "wall_time_s": common.training_seconds(results),
       "compile_time_s": results["compile_time_s"],
-      "round_times_s": [round_seconds(r) for r in results["rounds"]],
+      "round_times_s": [r["seconds"] for r in results["rounds"]],
       "peak_memory_gb": results["peak_memory_gb"],
       "expected_peak_memory_gb": results.get("expected_peak_memory_gb"),
       "curve": curve(results),
@@ -195,28 +185,39 @@ def markdown(figure: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
-  for name in FLAGS.algorithms:
-    if name not in RUNNERS:
-      raise app.UsageError(
-          f"--algorithms: {name!r} has no runner yet; available: "
-          f"{sorted(RUNNERS)}"
-      )
-  distributed.initialize()
-  logging.set_verbosity(logging.INFO)
-  output_dir = pathlib.Path(FLAGS.output_dir)
-  split = experiment.prepare_split(config("fedacnnl"))  # one split for all
+def run_figure(output_dir: pathlib.Path) -> dict:
+  """Checks --algorithms and builds every run's configuration, then runs
+  (or reads back) each on one split, printing one line each; returns
+  {algorithm: summary}."""
+  common.check_names("algorithms", FLAGS.algorithms, registry.names())
+  configs = {name: config(name) for name in FLAGS.algorithms}
+  split = None  # one split for all
   figure = {}
   start = time.perf_counter()
-  for name in FLAGS.algorithms:
-    figure[name] = summary(run_algorithm(name, split, output_dir))
+  for name, run_config in configs.items():
+    if split is None:
+      split = runtime.prepare_split(run_config)
+    figure[name] = summary(
+        afl.run_or_reuse(run_config, output_dir / name, split)
+    )
     print(
         f"[{time.perf_counter() - start:7.1f}s] {name}: "
         f"{100 * figure[name]['accuracy']:.2f}% in "
         f"{figure[name]['wall_time_s']:.2f}s",
         flush=True,
     )
+  return figure
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  logging.set_verbosity(logging.INFO)
+  output_dir = pathlib.Path(FLAGS.output_dir)
+  try:
+    figure = run_figure(output_dir)
+  except ValueError as error:  # a flag, or a saved run of other settings
+    raise app.UsageError(str(error)) from None
   if not distributed.is_main_process():
     return
   output_dir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,12 @@ and FedAvg's global model, against simulated training time.
 
 Runs every method of `METHODS` on each dataset with the [128, 64] MLP, 100
 clients, seeds 0..S-1 (fixed data: --data_seed), each through
-`afl.experiment.run_experiment` into OUTPUT_DIR/DATASET/METHOD/seed_S/
-(a run whose results.json exists is read back, so an interrupted study
-resumes; one saved with other settings, e.g. another --rounds, stops the
-study instead of being mixed in or overwritten), and writes
+`afl.run_or_reuse` into OUTPUT_DIR/DATASET/METHOD/seed_S/ (a saved run of
+the same whole configuration is read back, so an interrupted study resumes;
+one saved with other settings, e.g. another --rounds, stops the study with
+the settings that differ instead of being mixed in or overwritten). The
+datasets, the methods and every run's configuration (`afl.get_config`) are
+checked before the first run. It writes
 
   OUTPUT_DIR/personalized.md    best and last test accuracy, mean +- std
                                 (ddof 0) over seeds, and the seed-mean
@@ -38,10 +40,12 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 
-from afl import experiment
-from baselines import experiment as baselines_experiment
+import afl
+from afl import analytic
+import baselines  # pylint: disable=unused-import  (registers the baselines)
+from experiments import common
 
-# name -> (label, settings over baselines.experiment.default_config()).
+# name -> (label, its settings for `afl.get_config`).
 METHODS = {
     "fedavg": ("FedAvg (global)", dict(algorithm="fedavg")),
     "pfedme": ("pFedMe", dict(algorithm="pfedme")),
@@ -79,6 +83,7 @@ METHODS = {
     ),
 }
 
+
 def define_flags():
   """The command line's flags (defined only when run as a program, so that
   the study can be imported next to other entry points)."""
@@ -99,82 +104,41 @@ def define_flags():
 
 FLAGS = flags.FLAGS
 
+# Rounds of the iterative methods when --rounds is 0.
 DEFAULT_ROUNDS = {"mnist": 20, "cifar10": 20, "synthetic": 100}
-# Settings of a saved run that must equal the requested ones for it to be
-# read back (data_dir may be spelled differently).
-COMPARED = (
-    "algorithm",
-    "dataset",
-    "model",
-    "num_clients",
-    "seed",
-    "data_seed",
-    "rounds",
-    "eval_every",
-)
 
 
-def simulated_times(results: dict) -> list[float]:
-  """Simulated seconds at the end of each recorded round: PersA-FL's
-  `time_per_round_s`, the synchronous rounds' last arrival on the shared
-  clock, pFedACnnL's makespan (one point)."""
+def curve(results: dict) -> tuple[list[float], list]:
+  """(simulated seconds, test accuracy) at the end of each recorded round:
+  PersA-FL's `time_per_round_s`, the synchronous rounds' last arrival on
+  the shared clock, pFedACnnL's makespan and accuracy (one point)."""
+  if results["algorithm"] in analytic.VARIANTS:
+    return [results["timing"]["makespan_s"]], [results["accuracy"]]
   if "time_per_round_s" in results:
-    return results["time_per_round_s"]
-  if "client_work" in results:
-    return [r["timing"]["last_arrival_s"] for r in results["rounds"]]
-  return [results["timing"]["makespan_s"]]
+    times = results["time_per_round_s"]
+  else:
+    times = [r["timing"]["last_arrival_s"] for r in results["rounds"]]
+  return times, results["accuracy_per_round"]
 
 
 def method_config(
-    dataset: str, method: str, seed: int, **settings
+    dataset: str, method: str, seed: int, rounds: int, **settings
 ) -> ml_collections.ConfigDict:
-  """The run of `method` on `dataset` for `seed`: baselines' defaults, then
-  `settings` (num_clients, rounds, ...), then the method's own."""
-  config = baselines_experiment.default_config()
-  config.update(dataset=dataset, seed=seed, **settings)
+  """The run of `method` on `dataset` for `seed`: `settings` (num_clients,
+  model, ...), then the method's own; `rounds` if it trains in rounds."""
+  config = dict(settings, dataset=dataset, seed=seed)
   config.update(METHODS[method][1])
-  return config
-
-
-def run(config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
-  """One run's results, read back from path/results.json when it exists.
-
-  Raises:
-    FileExistsError: the saved run differs from `config` in a `COMPARED`
-      or method setting (a changed --rounds, say): it is neither reused
-      nor overwritten.
-  """
-  saved = path / "results.json"
-  if not saved.exists():
-    logging.info("running %s", path)
-    return experiment.run_experiment(config, path)
-  results = json.loads(saved.read_text())
-  names = set(COMPARED) | {
-      name for _, settings in METHODS.values() for name in settings
-  }
-  differ = {
-      name: (results["config"].get(name), config[name])
-      for name in sorted(names)
-      if config[name] is not None  # None: resolved from the defaults
-      and results["config"].get(name) != config[name]
-  }
-  if differ:
-    raise FileExistsError(
-        f"{saved} was run with other settings (saved, requested): {differ};"
-        " choose another --output_dir"
-    )
-  return results
+  if config["algorithm"] not in analytic.VARIANTS:
+    config["rounds"] = rounds
+  return afl.get_config(**config)
 
 
 def summarize(runs: list[dict]) -> dict:
   """Mean and (population, ddof 0) standard deviation over the seeds of the
   best and the last test accuracy (%) and the final simulated time."""
   best = [100 * r["accuracy"] for r in runs]
-  last = [100 * r.get("last_accuracy", r["accuracy"]) for r in runs]
-  curves = [
-      (simulated_times(r), r.get("accuracy_per_round", [r["accuracy"]]))
-      for r in runs
-  ]
+  last = [100 * r["last_accuracy"] for r in runs]
+  curves = [curve(r) for r in runs]
   return {
       "seeds": len(runs),
       "best_mean": float(np.mean(best)),
@@ -246,35 +210,47 @@ def study(
 
   Args:
     output_dir: where the runs and the summaries go.
-    datasets: names (afl.data).
+    datasets: names, of DEFAULT_ROUNDS.
     methods: keys of METHODS.
     seeds: S.
     rounds: rounds of the iterative methods; 0: DEFAULT_ROUNDS.
-    **settings: config settings of every run (num_clients, data_seed,
-      data_dir, eval_every; model: "mlp" unless given).
+    **settings: common settings of every run (num_clients, data_seed,
+      data_dir, eval_every, ...; `afl.config.COMMON`; model: "mlp" unless
+      given).
 
   Returns:
     {dataset: {method: summarize(...) with its label}}.
+
+  Raises:
+    ValueError: an unknown dataset or method, a run's configuration refused
+      by `afl.get_config`, or a saved run of other settings
+      (`afl.run_or_reuse`); all but the last before any run.
   """
   output_dir = pathlib.Path(output_dir)
-  unknown = set(methods) - set(METHODS)
-  if unknown:
-    raise ValueError(f"unknown methods {sorted(unknown)}; see METHODS")
+  common.check_names("datasets", datasets, tuple(DEFAULT_ROUNDS))
+  common.check_names("methods", methods, tuple(METHODS))
   settings.setdefault("model", "mlp")
+  configs = {
+      (dataset, method, seed): method_config(
+          dataset,
+          method,
+          seed,
+          rounds or DEFAULT_ROUNDS[dataset],
+          **settings,
+      )
+      for dataset in datasets
+      for method in methods
+      for seed in range(seeds)
+  }
   tables, lines = {}, []
   for dataset in datasets:
     table = {}
     for method in methods:
       runs = [
-          run(
-              method_config(
-                  dataset,
-                  method,
-                  seed,
-                  rounds=rounds or DEFAULT_ROUNDS[dataset],
-                  **settings,
-              ),
+          afl.run_or_reuse(
+              configs[dataset, method, seed],
               output_dir / dataset / method / f"seed_{seed}",
+              progress=True,  # a run's rounds, one line each
           )
           for seed in range(seeds)
       ]
@@ -294,17 +270,20 @@ def study(
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  study(
-      FLAGS.output_dir,
-      FLAGS.datasets,
-      FLAGS.methods,
-      FLAGS.seeds,
-      rounds=FLAGS.rounds,
-      num_clients=FLAGS.num_clients,
-      data_seed=FLAGS.data_seed,
-      data_dir=FLAGS.data_dir,
-      eval_every=FLAGS.eval_every,
-  )
+  try:
+    study(
+        FLAGS.output_dir,
+        FLAGS.datasets,
+        FLAGS.methods,
+        FLAGS.seeds,
+        rounds=FLAGS.rounds,
+        num_clients=FLAGS.num_clients,
+        data_seed=FLAGS.data_seed,
+        data_dir=FLAGS.data_dir,
+        eval_every=FLAGS.eval_every,
+    )
+  except ValueError as error:  # a flag, or a saved run of other settings
+    raise app.UsageError(str(error)) from None
   print((pathlib.Path(FLAGS.output_dir) / "personalized.md").read_text())
 
 

@@ -5,22 +5,24 @@ r"""Reproduces Table II of the paper: overall test accuracy, mean +- std of seed
 Runs every column on {MNIST, synthetic(0.5, 0.5)} x {DNN (the [128, 64] MLP),
 LR}, 100 clients, seeds 0..4, and writes OUTPUT_DIR/table2.md (ours next to
 the paper's numbers) and OUTPUT_DIR/table2.json (every seed's accuracy). Each
-run keeps its own results.json under OUTPUT_DIR/SETTING/COLUMN/seed_S/; a run
-whose results.json exists is read back instead of repeated, so an
-interrupted table resumes where it stopped.
+run keeps its own results.json under OUTPUT_DIR/SETTING/COLUMN/seed_S/ and
+goes through `afl.run_or_reuse`: a saved run of the same whole configuration
+is read back instead of repeated, so an interrupted table resumes where it
+stopped, and a saved run of other settings (another --num_clients, say)
+stops the table with the settings that differ. The columns and settings are
+checked, and every cell's configuration is built (`afl.get_config`), before
+the first run.
 
 The data (client split, synthetic generator) is fixed by --data_seed (0) and
 the seeds vary the rest (label encodings, K-means, initialization): the
 paper's standard deviations of 0.00 for the deterministic LR columns imply
 one fixed dataset. --data_seed=-1 draws new data for every seed instead.
 
-Columns are looked up in `RUNNERS` (name -> function(config, output_dir,
-split) -> results dict with "accuracy"). pFedMe and pFedZO run through the
-same `afl.experiment.run_experiment` (which hands them to
-`baselines.experiment`) for --rounds rounds (1,000, as the paper) with the
-papers' hyperparameters; their cell is the best test accuracy over the
-rounds, as the paper's, and table2.json also holds the last round's
-(`last_mean`, `last_std`).
+The columns are the paper's (`COLUMNS`). pFedMe and pFedZO run through the
+same `afl.run_or_reuse` as the analytic columns for --rounds rounds (1,000,
+as the paper) with the papers' hyperparameters (`baselines.iterative`);
+their cell is the best test accuracy over the rounds, as the paper's, and
+table2.json also holds the last round's (`last_mean`, `last_std`).
 """
 
 import json
@@ -30,9 +32,14 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 
-from afl import experiment
+import afl
+from afl import analytic
+from afl import runtime
+import baselines  # pylint: disable=unused-import  (registers pFedMe, pFedZO)
+from experiments import common
 
 # Table II of the paper (percent).
 PAPER = {
@@ -85,16 +92,11 @@ TITLES = dict(
     pfedzo="pFedZO",
     pfedacnnl="pFedACnnL",
 )
-RUNNERS = {name: experiment.run_experiment for name in experiment.ALGORITHMS}
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_string("output_dir", "runs/table2", "Where the table goes.")
 flags.DEFINE_list("settings", list(PAPER), "Rows: DATASET-MODEL.")
-flags.DEFINE_list(
-    "columns",
-    [c for c in COLUMNS if c in RUNNERS],
-    "Columns (algorithms) to run.",
-)
+flags.DEFINE_list("columns", list(COLUMNS), "Columns (algorithms) to run.")
 flags.DEFINE_integer("seeds", 5, "Seeds 0..seeds-1 per cell.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer(
@@ -120,17 +122,12 @@ flags.DEFINE_enum(
 FLAGS = flags.FLAGS
 
 
-def run_cell(
-    setting: str, column: str, seed: int, split, output_dir: pathlib.Path
-) -> tuple[float, float]:
-  """One (setting, column, seed) run, or its saved result: (accuracy, the
-  last round's accuracy)."""
-  out = output_dir / setting / column / f"seed_{seed}"
-  saved = out / "results.json"
-  results = json.loads(saved.read_text()) if saved.exists() else None
+def cell_config(
+    setting: str, column: str, seed: int
+) -> ml_collections.ConfigDict:
+  """The configuration of one (setting, column, seed) run from the flags."""
   dataset, model = setting.split("-")
-  config = experiment.default_config()
-  config.update(
+  settings = dict(
       algorithm=column,
       dataset=dataset,
       model=model,
@@ -139,20 +136,13 @@ def run_cell(
       num_clients=FLAGS.num_clients,
       data_dir=FLAGS.data_dir,
   )
-  if column in experiment.BASELINES:
-    config.rounds = FLAGS.rounds
-    config.eval_every = FLAGS.eval_every
-    config.pfedme_tested = FLAGS.pfedme_tested
-    if results is not None:
-      old = results["config"].get("pfedme_tested", "theta")
-      if column in ("pfedme", "pfedzo") and old != FLAGS.pfedme_tested:
-        raise ValueError(
-            f"{saved} tested pfedme_tested={old}, this table "
-            f"{FLAGS.pfedme_tested}: remove it or use another --output_dir"
-        )
-  if results is None:
-    results = RUNNERS[column](config, out, split)
-  return results["accuracy"], results.get("last_accuracy", results["accuracy"])
+  if column not in analytic.VARIANTS:  # pFedMe, pFedZO
+    settings.update(
+        rounds=FLAGS.rounds,
+        eval_every=FLAGS.eval_every,
+        pfedme_tested=FLAGS.pfedme_tested,
+    )
+  return afl.get_config(**settings)
 
 
 def summarize(accuracies: dict, lasts: dict | None = None) -> dict:
@@ -194,45 +184,50 @@ def markdown(table: dict, columns) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
-  for name in FLAGS.columns:
-    if name not in RUNNERS:
-      raise app.UsageError(
-          f"--columns: {name!r} has no runner; available: " f"{sorted(RUNNERS)}"
-      )
-  for setting in FLAGS.settings:
-    if setting not in PAPER:
-      raise app.UsageError(
-          f"--settings: {setting!r} is not one of " f"{list(PAPER)}"
-      )
-  logging.set_verbosity(logging.WARNING)  # the runs' own logs are per round
-  output_dir = pathlib.Path(FLAGS.output_dir)
+def run_table(output_dir: pathlib.Path) -> dict:
+  """Checks the flags and builds every cell's configuration, then runs (or
+  reads back) the cells, printing one line each; returns `summarize`'s
+  table."""
+  common.check_names("settings", FLAGS.settings, tuple(PAPER))
+  common.check_names("columns", FLAGS.columns, COLUMNS)
+  seeds = range(FLAGS.seeds)
+  configs = {
+      (setting, column, seed): cell_config(setting, column, seed)
+      for setting in FLAGS.settings
+      for seed in seeds
+      for column in FLAGS.columns
+  }
   accuracies = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
   lasts = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
   start = time.perf_counter()
   for setting in FLAGS.settings:
-    for seed in range(FLAGS.seeds):
-      dataset, _ = setting.split("-")
-      config = experiment.default_config()
-      config.update(
-          dataset=dataset,
-          seed=seed,
-          data_seed=FLAGS.data_seed,
-          data_dir=FLAGS.data_dir,
-          num_clients=FLAGS.num_clients,
-      )
-      split = experiment.prepare_split(config)  # shared by the columns
+    for seed in seeds:
+      split = None  # the same data for the columns of a seed
       for column in FLAGS.columns:
-        accuracy, last = run_cell(setting, column, seed, split, output_dir)
-        accuracies[setting][column].append(accuracy)
-        lasts[setting][column].append(last)
+        config = configs[setting, column, seed]
+        if split is None:
+          split = runtime.prepare_split(config)
+        results = afl.run_or_reuse(
+            config, output_dir / setting / column / f"seed_{seed}", split
+        )
+        accuracies[setting][column].append(results["accuracy"])
+        lasts[setting][column].append(results["last_accuracy"])
         print(
             f"[{time.perf_counter() - start:7.1f}s] {setting} {column} "
-            f"seed {seed}: {100 * accuracy:.2f}",
+            f"seed {seed}: {100 * results['accuracy']:.2f}",
             flush=True,
         )
-  table = summarize(accuracies, lasts)
+  return summarize(accuracies, lasts)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # the runs' own logs are per round
+  output_dir = pathlib.Path(FLAGS.output_dir)
+  try:
+    table = run_table(output_dir)
+  except ValueError as error:  # a flag, or a saved run of other settings
+    raise app.UsageError(str(error)) from None
   output_dir.mkdir(parents=True, exist_ok=True)
   (output_dir / "table2.json").write_text(json.dumps(table, indent=2))
   text = markdown(table, FLAGS.columns)

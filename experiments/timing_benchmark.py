@@ -4,15 +4,20 @@ r"""FedACnnL vs FedACnnL-WA on the simulated clock, and the clock's overhead.
       --output_dir=/tmp/timing_benchmark
 
 For MNIST-MLP and synthetic-MLP (100 clients, the paper's defaults): runs
-`fedacnnl` and `fedacnnl_wa` through `run_experiment`, checks that their
-params files are byte-identical, and prints the reduction of the idle time
-(averaged per client, and the server's) next to the paper's (Fig. 4: 13% on
-MNIST, 21% on synthetic). Then measures what the timing model adds to a
-FedACnnL run: the median, over --repeats runs, of the seconds spent in the
-clock's code (profiles, calibration and per-layer FLOPs read from their disk
-caches, the in-process caches being cleared before each run; accounting;
-summary) over the rest of the training's wall time. (Timing whole runs with
-and without the clock instead is dominated by the noise of a shared host.) Writes
+`fedacnnl` and `fedacnnl_wa` through `afl.train_and_evaluate` (replacing
+earlier runs in OUTPUT_DIR), checks that their params files are
+byte-identical, and prints the reduction of the idle time (averaged per
+client, and the server's) next to the paper's (Fig. 4: 13% on MNIST, 21% on
+synthetic). Then measures what the timing model adds to a FedACnnL run: the
+median, over --repeats runs of the built algorithm (`afl.runtime.build`,
+`afl.runtime.run_rounds` with a clock, without tests), of the seconds spent
+in the clock's code (drawing the profiles; the calibration, read from its
+disk cache, the in-process caches of it and of the per-layer FLOPs being
+cleared before each run; the per-round accounting, `Clock.round`; the
+summary) over the rest of the training's wall time; the per-layer FLOPs,
+read back from their disk cache by the algorithm's `work` outside
+`Clock.round`, are not counted. (Timing whole runs with and without the
+clock instead is dominated by the noise of a shared host.) Writes
 OUTPUT_DIR/timing_benchmark.json.
 """
 
@@ -25,8 +30,10 @@ from absl import flags
 import jax
 import numpy as np
 
+import afl
 from afl import clock
-from afl import experiment
+from afl import rng
+from afl import runtime
 
 PAPER_IDLE_REDUCTION = {"mnist": 0.13, "synthetic": 0.21}
 
@@ -38,27 +45,25 @@ flags.DEFINE_string("data_dir", None, "See experiments.run.")
 FLAGS = flags.FLAGS
 
 
-def mlp_config(dataset: str, **overrides):
-  config = experiment.default_config()
-  config.update(
+def mlp_config(dataset: str, **settings):
+  return afl.get_config(
       dataset=dataset,
       model="mlp",
       num_clients=FLAGS.num_clients,
       data_dir=FLAGS.data_dir,
-      **overrides,
+      **settings,
   )
-  return config
 
 
 def compare(dataset: str, out: pathlib.Path) -> dict:
   """Both algorithms on one split: identical weights, idle times."""
-  config = mlp_config(dataset, overwrite=True)
-  split = experiment.prepare_split(config)
-  results = {}
+  results, split = {}, None  # one split for both
   for algorithm in ("fedacnnl", "fedacnnl_wa"):
-    config.algorithm = algorithm
-    results[algorithm] = experiment.run_experiment(
-        config, out / f"{dataset}_{algorithm}", split
+    config = mlp_config(dataset, algorithm=algorithm, overwrite=True)
+    if split is None:
+      split = runtime.prepare_split(config)
+    results[algorithm] = afl.train_and_evaluate(
+        config, out / f"{dataset}_{algorithm}", split, progress=False
     )["timing"]
   params = [
       (out / f"{dataset}_{a}" / "params.msgpack").read_bytes()
@@ -87,14 +92,28 @@ def compare(dataset: str, out: pathlib.Path) -> dict:
 def overhead(dataset: str) -> dict:
   """Seconds spent in the clock's code over the rest of a training run."""
   config = mlp_config(dataset)
-  run = experiment.setup(config, experiment.prepare_split(config))
+  federation = runtime.federation(config, runtime.prepare_split(config))
+  algorithm = runtime.build(config, federation)
 
   def timed() -> tuple[float, float]:
     """(seconds in the clock, seconds of the whole training)."""
     clock.calibrate.cache_clear()
     clock.statistics_step_flops.cache_clear()
     start = time.perf_counter()
-    timer = experiment.make_clock(config, run.train_data.client_sizes())
+    profiles = clock.draw_profiles(
+        rng.stream(federation.key, "clock"),
+        config.num_clients,
+        (config.cores_min, config.cores_max),
+        (config.bandwidth_gbps_min, config.bandwidth_gbps_max),
+        (config.latency_ms_min, config.latency_ms_max),
+    )
+    timer = clock.Clock(
+        profiles,
+        clock.CostModel(clock.calibrate()),
+        config.fedacnnl.initial_batch_size,
+        federation.client_sizes,
+        adaptive=algorithm.adaptive_batch_size,
+    )
     spent = [time.perf_counter() - start]
     account = timer.round
 
@@ -105,8 +124,8 @@ def overhead(dataset: str) -> dict:
       return record
 
     timer.round = timed_round
-    trained = experiment.train(config, run, timer)
-    jax.block_until_ready(trained.params)
+    run = runtime.run_rounds(algorithm, federation.key, clock=timer)
+    jax.block_until_ready(run["tested"].params)
     began = time.perf_counter()
     timer.summary()
     spent.append(time.perf_counter() - began)

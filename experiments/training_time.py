@@ -8,10 +8,14 @@ systems meta-FedAvg (nu = 1, exact: Per-FedAvg) and PersA-FL (MAML and
 Moreau envelope, staleness bound 2), on MNIST-MLP (Dirichlet 0.1, 20 rounds
 for the iterative methods, as the paper after BAFFLE) and on
 synthetic(0.5, 0.5)-MLP (600 rounds, after pFedMe), 100 clients, one seed,
-each through `afl.experiment.run_experiment` (its results.json under
-OUTPUT_DIR/SETTING/ALGORITHM/; an interrupted study resumes). Every run is
-timed on the one simulated clock (afl.clock: the same client device
-profiles from the seed, the cost model calibrated on this host).
+each through `afl.run_or_reuse` (its results.json under
+OUTPUT_DIR/SETTING/ALGORITHM/: a saved run of the same whole configuration is
+read back, so an interrupted study resumes, and one of other settings stops
+the study with the settings that differ). The settings, the algorithms and
+every run's configuration (`afl.get_config`) are checked before the first
+run. Every run is timed on the one simulated clock (afl.clock: the same
+client device profiles from the seed, the cost model calibrated on this
+host).
 PersA-FL's server is asynchronous: its "round" is C applied updates, and
 its idle time is the clients' waiting for the staleness bound (no round
 barrier), its computation and communication those of its applied updates.
@@ -19,10 +23,11 @@ barrier), its computation and communication those of its applied updates.
 Writes OUTPUT_DIR/training_time.json (per setting and algorithm: test
 accuracy per round, the per-client averaged total training time split into
 computation / idle / communication, how much less FedACnnL's total is
-(`fedacnnl_time_reduction`), the real wall time of the simulation)
-and two figures like the paper's: fig4_time.png (stacked bars of the
-average client's computation, idle and communication time, per setting)
-and fig5_accuracy.png (test accuracy against round).
+(`fedacnnl_time_reduction`), the real wall time of the simulation,
+`experiments.common.training_seconds`) and two figures like the paper's:
+fig4_time.png (stacked bars of the average client's computation, idle and
+communication time, per setting) and fig5_accuracy.png (test accuracy
+against round).
 """
 
 import json
@@ -38,11 +43,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from afl import experiment
-from baselines import experiment as baselines_experiment
+import afl
+from afl import analytic
+from afl import runtime
+import baselines  # pylint: disable=unused-import  (registers the baselines)
+from experiments import common
 
 SETTINGS = {"mnist-mlp": 20, "synthetic-mlp": 600}  # rounds of the paper
-# name -> (title, settings over the defaults).
+# name -> (title, its settings for `afl.get_config`).
 ALGORITHMS = {
     "fedacnnl": ("FedACnnL", dict(algorithm="fedacnnl")),
     "fedacnnl_wa": ("FedACnnL-WA", dict(algorithm="fedacnnl_wa")),
@@ -62,6 +70,7 @@ ALGORITHMS = {
 }
 SPLIT = ("computation_s", "idle_s", "communication_s")
 
+
 def define_flags():
   """The command line's flags (defined only when run as a program, so that
   the study can be imported next to other entry points)."""
@@ -79,30 +88,17 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 
-def run_one(config, path: pathlib.Path, split):
-  """One run's results, or its saved results.json."""
-  saved = path / "results.json"
-  if saved.exists():
-    return json.loads(saved.read_text())
-  return experiment.run_experiment(config, path, split)
-
-
 def summary(results: dict) -> dict:
   """What the figures need from one results.json."""
-  iterative = results["algorithm"] in experiment.BASELINES
-  if iterative:
-    accuracy = results["accuracy_per_round"]
-  else:  # the analytic model is tested after its last layer-round
-    accuracy = [None] * (len(results["rounds"]) - 1) + [results["accuracy"]]
-  valid = [a for a in accuracy if a is not None]
   return {
-      "iterative": iterative,
-      "accuracy_per_round": accuracy,
-      "best_accuracy": max(valid),
-      "last_accuracy": valid[-1],
+      # The analytic model is tested once, after its last layer-round.
+      "iterative": results["algorithm"] not in analytic.VARIANTS,
+      "accuracy_per_round": results["accuracy_per_round"],
+      "best_accuracy": results["best_accuracy"],
+      "last_accuracy": results["last_accuracy"],
       "time_per_client_s": results["timing"]["mean_per_client"],
       "makespan_s": results["timing"]["makespan_s"],
-      "wall_time_s": results["wall_time_s"],
+      "wall_time_s": common.training_seconds(results),
       "compile_time_s": results["compile_time_s"],
   }
 
@@ -129,7 +125,9 @@ def plot(study: dict, output_dir: pathlib.Path) -> None:
         longest = max(
             len(v["accuracy_per_round"]) for v in study[setting].values()
         )
-        axis.hlines(accuracy[-1], len(accuracy), longest, colors="k", label=title)
+        axis.hlines(
+            accuracy[-1], len(accuracy), longest, colors="k", label=title
+        )
     axis.set(title=setting, xlabel="training round", ylabel="test accuracy (%)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
@@ -172,30 +170,43 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
       need `rounds`).
     algorithms: names of ALGORITHMS.
     rounds: rounds of the iterative methods; 0: SETTINGS'.
-    **config: settings of every run (num_clients, seed, data_dir, ...).
+    **config: common settings of every run (num_clients, seed, data_dir,
+      ...; `afl.config.COMMON`).
 
   Returns:
     {setting: {algorithm: summary(...)}}.
+
+  Raises:
+    ValueError: an unknown algorithm or setting, a setting without rounds,
+      a run's configuration refused by `afl.get_config`, or a saved run of
+      other settings (`afl.run_or_reuse`); all but the last before any run.
   """
   output_dir = pathlib.Path(output_dir)
-  unknown = set(algorithms) - set(ALGORITHMS)
-  if unknown:
-    raise ValueError(f"unknown algorithms {sorted(unknown)}; see ALGORITHMS")
+  common.check_names("algorithms", algorithms, tuple(ALGORITHMS))
+  configs = {}
+  for setting in settings:
+    if not rounds and setting not in SETTINGS:
+      raise ValueError(
+          f"setting {setting!r} has no paper rounds (those of "
+          f"{', '.join(SETTINGS)}); give the rounds"
+      )
+    dataset, model = setting.split("-")
+    for algorithm in algorithms:
+      run_settings = dict(config, dataset=dataset, model=model)
+      run_settings.update(ALGORITHMS[algorithm][1])
+      if run_settings["algorithm"] not in analytic.VARIANTS:
+        run_settings["rounds"] = rounds or SETTINGS[setting]
+      configs[setting, algorithm] = afl.get_config(**run_settings)
   results, start = {}, time.perf_counter()
   for setting in settings:
-    dataset, model = setting.split("-")
-    base = baselines_experiment.default_config()
-    base.update(
-        dataset=dataset, model=model, rounds=rounds or SETTINGS[setting]
-    )
-    base.update(config)
-    split = experiment.prepare_split(base)
+    split = None  # the same data for the algorithms of a setting
     results[setting] = {}
     for algorithm in algorithms:
-      run_config = base.copy_and_resolve_references()
-      run_config.update(ALGORITHMS[algorithm][1])
+      run_config = configs[setting, algorithm]
+      if split is None:
+        split = runtime.prepare_split(run_config)
       values = summary(
-          run_one(run_config, output_dir / setting / algorithm, split)
+          afl.run_or_reuse(run_config, output_dir / setting / algorithm, split)
       )
       results[setting][algorithm] = values
       print(
@@ -222,18 +233,19 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  for setting in FLAGS.settings:
-    if setting not in SETTINGS:
-      raise app.UsageError(f"--settings: {setting!r} not in {list(SETTINGS)}")
-  study(
-      FLAGS.output_dir,
-      FLAGS.settings,
-      FLAGS.algorithms,
-      FLAGS.rounds,
-      num_clients=FLAGS.num_clients,
-      seed=FLAGS.seed,
-      data_dir=FLAGS.data_dir,
-  )
+  try:
+    common.check_names("settings", FLAGS.settings, tuple(SETTINGS))
+    study(
+        FLAGS.output_dir,
+        FLAGS.settings,
+        FLAGS.algorithms,
+        FLAGS.rounds,
+        num_clients=FLAGS.num_clients,
+        seed=FLAGS.seed,
+        data_dir=FLAGS.data_dir,
+    )
+  except ValueError as error:  # a flag, or a saved run of other settings
+    raise app.UsageError(str(error)) from None
   print(
       f"wrote {FLAGS.output_dir}/training_time.json, fig4_time.png, "
       "fig5_accuracy.png"

@@ -259,8 +259,15 @@ def test_table2_writes_the_table_and_resumes(tmp_path):
   assert cell["paper"] == 87.81 and len(cell["seeds"]) == 2
   assert cell["mean"] == pytest.approx(np.mean(cell["seeds"]))
   saved = tmp_path / "synthetic-lr" / "fedacnnl" / "seed_1" / "results.json"
+  config = json.loads(saved.read_text())["config"]  # the cell's, nested
+  assert config["algorithm"] == "fedacnnl" and config["seed"] == 1
+  assert config["data_seed"] == 0 and config["num_clients"] == 10
+  assert config["fedacnnl"]["gamma"] == 100
   before = saved.stat().st_mtime_ns
-  subprocess.run(command, cwd=_REPO, check=True, capture_output=True)
+  again = subprocess.run(
+      command, cwd=_REPO, check=True, capture_output=True, text=True
+  )
   assert saved.stat().st_mtime_ns == before
+  assert "synthetic-lr pfedacnnl_wc seed 1:" in again.stdout
   assert json.loads((tmp_path / "table2.json").read_text()) == table
   assert "pFedACnnL-WC" in (tmp_path / "table2.md").read_text()

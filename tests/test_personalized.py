@@ -1,6 +1,7 @@
 """The personalized-FL comparison (experiments.personalized) end to end on a
 tiny federation: the table holds every method, aggregates the seeds' own
-results.json, and a study never mixes in runs of other settings."""
+results.json, never mixes in runs of other settings, and refuses unknown
+names and settings before any run."""
 
 import json
 
@@ -92,10 +93,31 @@ def test_rerun_reads_back_and_other_settings_are_refused(study):
       output_dir, ["synthetic"], ["fedavg"], SEEDS, rounds=2, **SETTINGS
   )
   assert again["synthetic"]["fedavg"] == tables["synthetic"]["fedavg"]
-  with pytest.raises(FileExistsError, match="rounds"):
+  with pytest.raises(ValueError, match=r"fedavg\.rounds: 2 -> 3"):
     personalized.study(
         output_dir, ["synthetic"], ["fedavg"], SEEDS, rounds=3, **SETTINGS
     )
   assert (saved.read_bytes(), saved.stat().st_mtime_ns) == before
-  with pytest.raises(ValueError, match="unknown methods"):
-    personalized.study(output_dir, ["synthetic"], ["fedavg", "sgd"], 1)
+
+
+def test_unknown_names_and_bad_settings_are_refused_before_any_run(tmp_path):
+  with pytest.raises(
+      ValueError, match=r"unknown methods \['sgd'\]: .*meta_nu1"
+  ):
+    personalized.study(tmp_path, ["synthetic"], ["fedavg", "sgd"], 1)
+  with pytest.raises(
+      ValueError, match=r"unknown datasets \['cifar'\]: .*cifar10"
+  ):
+    personalized.study(tmp_path, ["synthetic", "cifar"], ["fedavg"], 1)
+  # FedAvg reads --batch_size, pFedACnnL does not: refused before FedAvg runs.
+  with pytest.raises(ValueError, match="--batch_size does not apply"):
+    personalized.study(
+        tmp_path,
+        ["synthetic"],
+        ["fedavg", "pfedacnnl"],
+        1,
+        rounds=2,
+        **SETTINGS,
+        batch_size=5,
+    )
+  assert not list(tmp_path.iterdir())

@@ -49,11 +49,26 @@ def test_asynchronous_split_is_the_runs_event_totals(study):
       (output_dir / "synthetic-lr" / "persafl_me" / "results.json").read_text()
   )
   values = results["synthetic-lr"]["persafl_me"]
-  assert saved["config"]["personalization"] == "me"
+  assert saved["config"]["persafl"]["personalization"] == "me"
   assert values["time_per_client_s"] == saved["timing"]["mean_per_client"]
   assert values["makespan_s"] == saved["time_per_round_s"][-1]
 
 
-def test_unknown_algorithms_are_refused(tmp_path):
-  with pytest.raises(ValueError, match="unknown algorithms"):
-    training_time.study(tmp_path, ["synthetic-lr"], ["sgd"], ROUNDS)
+def test_unknown_algorithms_and_bad_settings_are_refused_before_any_run(
+    tmp_path,
+):
+  with pytest.raises(ValueError, match=r"unknown algorithms \['sgd'\]"):
+    training_time.study(tmp_path, ["synthetic-lr"], ["fedavg", "sgd"], ROUNDS)
+  with pytest.raises(ValueError, match="'synthetic-lr' has no paper rounds"):
+    training_time.study(tmp_path, ["synthetic-lr"], ["fedavg"])
+  # FedACnnL reads --gamma, FedAvg does not: refused before FedACnnL runs.
+  with pytest.raises(ValueError, match="--gamma does not apply"):
+    training_time.study(
+        tmp_path,
+        ["synthetic-lr"],
+        ["fedacnnl", "fedavg"],
+        ROUNDS,
+        num_clients=10,
+        gamma=1.0,
+    )
+  assert not list(tmp_path.iterdir())
