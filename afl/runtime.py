@@ -525,6 +525,25 @@ def train_and_evaluate(
   return execute(prepare(config, output_dir, split), progress)
 
 
+def saved_results(
+    config: ml_collections.ConfigDict, output_dir: str | os.PathLike
+) -> dict[str, Any] | None:
+  """The results saved in output_dir if they are of `config`'s whole
+  configuration; None if none are saved; ValueError naming the differing
+  settings if they are of another."""
+  path = pathlib.Path(output_dir) / results_lib.RESULTS
+  if not path.exists():
+    return None
+  saved = json.loads(path.read_text())
+  differ = config_lib.differences(saved.get("config", {}), config.to_dict())
+  if differ:
+    raise ValueError(
+        f"{path} holds a run of other settings ({'; '.join(differ)}): remove "
+        "it or choose another output folder"
+    )
+  return saved
+
+
 def run_or_reuse(
     config: ml_collections.ConfigDict,
     output_dir: str | os.PathLike,
@@ -532,16 +551,8 @@ def run_or_reuse(
     progress: bool = False,
 ) -> dict[str, Any]:
   """The results of `config` in output_dir: read back if a run of the same
-  configuration is saved there, else run now. A saved run of another
-  configuration is refused (ValueError naming the differing settings)."""
-  path = pathlib.Path(output_dir) / results_lib.RESULTS
-  if path.exists():
-    saved = json.loads(path.read_text())
-    differ = config_lib.differences(saved.get("config", {}), config.to_dict())
-    if not differ:
-      return saved
-    raise ValueError(
-        f"{path} holds a run of other settings ({'; '.join(differ)}): remove "
-        "it or choose another output folder"
-    )
+  configuration is saved there (`saved_results`), else run now."""
+  saved = saved_results(config, output_dir)
+  if saved is not None:
+    return saved
   return train_and_evaluate(config, output_dir, split, progress)

@@ -19,7 +19,6 @@ as JSON.
 
 import json
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -31,6 +30,7 @@ from afl import models
 from afl import runtime
 from afl import timing
 from baselines import iterative
+from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
@@ -58,7 +58,7 @@ def main(argv):
         data_dir=FLAGS.data_dir,
     )
   except ValueError as error:
-    raise app.UsageError(str(error)) from None
+    common.fail(error)
   hparams = config[config.algorithm]
   federation = runtime.federation(config)
   model, mesh = federation.model, federation.mesh
@@ -134,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

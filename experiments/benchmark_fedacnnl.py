@@ -21,7 +21,6 @@ numbers as JSON.
 
 import json
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -68,7 +67,7 @@ def main(argv):
         statistics_dtype=FLAGS.statistics_dtype,
     )
   except ValueError as error:
-    raise app.UsageError(str(error)) from None
+    common.fail(error)
   split = runtime.prepare_split(config)
   federation = runtime.federation(config, split)
 
@@ -131,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -42,7 +42,6 @@ step and was 1.4-2x slower (README "Meta-FL and PersA-FL").
 
 import json
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -54,6 +53,7 @@ from afl import models
 from afl import runtime
 from afl import timing
 from baselines import iterative
+from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
@@ -90,7 +90,7 @@ def main(argv):
   try:
     configs = {name: variant_config(**s) for name, s in variants.items()}
   except ValueError as error:
-    raise app.UsageError(str(error)) from None
+    common.fail(error)
   federation = runtime.federation(configs["fedavg"])
   model, mesh, split = federation.model, federation.mesh, federation.split
   data = lanes.client_data(federation.inputs, split.y, split.train_indices)
@@ -176,4 +176,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -1,11 +1,60 @@
-"""What the studies and benchmarks under experiments/ share.
+"""What the entry points under experiments/ share.
 
-`check_names` refuses a list flag's unknown entries (a study's columns,
-algorithms, methods, settings) before any work, naming the allowed ones;
+`run` runs an absl main so that a bad flag or setting is one line on
+standard error and exit status 2 (`fail`), not a traceback; `check_names`
+refuses a list flag's unknown entries (a study's columns, algorithms,
+methods, settings) before any work, naming the allowed ones;
 `training_seconds` is a run's training time as they report it.
 """
 
-from typing import Iterable
+import sys
+from typing import Iterable, NoReturn
+
+from absl import app
+from absl import flags
+
+
+def _program() -> str:
+  spec = getattr(sys.modules["__main__"], "__spec__", None)
+  return spec.name if spec else sys.argv[0]
+
+
+def fail(message) -> NoReturn:
+  """One line on standard error, exit status 2 (a usage error)."""
+  print(f"{_program()}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+_HELP = ("-?", "-h", "--help", "--helpshort", "--helpfull")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; --help answers with exit status 0 (absl's is 1),
+  a bad flag by `fail`."""
+  asked = [a for a in argv[1:] if a in _HELP]
+  if asked:
+    app.usage(
+        shorthelp="--helpfull" not in asked, writeto_stdout=True, exitcode=0
+    )
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    fail(error)
+
+
+def run(main) -> None:
+  """app.run(main), a bad flag or a ValueError / FileExistsError out of
+  main (a setting, the data, an output folder) reported by `fail`."""
+
+  def checked(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments: {argv[1:]}")
+    try:
+      return main(argv)
+    except (ValueError, FileExistsError) as error:
+      fail(error)
+
+  app.run(checked, flags_parser=_parse_flags)
 
 
 def check_names(flag: str, names: Iterable[str], allowed) -> None:

@@ -41,7 +41,6 @@ import json
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import matplotlib
@@ -191,6 +190,8 @@ def run_figure(output_dir: pathlib.Path) -> dict:
   {algorithm: summary}."""
   common.check_names("algorithms", FLAGS.algorithms, registry.names())
   configs = {name: config(name) for name in FLAGS.algorithms}
+  for name, run_config in configs.items():  # before any run
+    runtime.saved_results(run_config, output_dir / name)
   split = None  # one split for all
   figure = {}
   start = time.perf_counter()
@@ -214,10 +215,7 @@ def main(argv):
   distributed.initialize()
   logging.set_verbosity(logging.INFO)
   output_dir = pathlib.Path(FLAGS.output_dir)
-  try:
-    figure = run_figure(output_dir)
-  except ValueError as error:  # a flag, or a saved run of other settings
-    raise app.UsageError(str(error)) from None
+  figure = run_figure(output_dir)
   if not distributed.is_main_process():
     return
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,4 +232,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

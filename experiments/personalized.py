@@ -30,7 +30,6 @@ makespan.
 import json
 import pathlib
 
-from absl import app
 from absl import flags
 from absl import logging
 import matplotlib
@@ -42,6 +41,7 @@ import numpy as np
 
 import afl
 from afl import analytic
+from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -224,7 +224,7 @@ def study(
   Raises:
     ValueError: an unknown dataset or method, a run's configuration refused
       by `afl.get_config`, or a saved run of other settings
-      (`afl.run_or_reuse`); all but the last before any run.
+      (`runtime.saved_results`); all before any run.
   """
   output_dir = pathlib.Path(output_dir)
   common.check_names("datasets", datasets, tuple(DEFAULT_ROUNDS))
@@ -242,6 +242,10 @@ def study(
       for method in methods
       for seed in range(seeds)
   }
+  for (dataset, method, seed), config in configs.items():  # before any run
+    runtime.saved_results(
+        config, output_dir / dataset / method / f"seed_{seed}"
+    )
   tables, lines = {}, []
   for dataset in datasets:
     table = {}
@@ -270,23 +274,20 @@ def study(
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  try:
-    study(
-        FLAGS.output_dir,
-        FLAGS.datasets,
-        FLAGS.methods,
-        FLAGS.seeds,
-        rounds=FLAGS.rounds,
-        num_clients=FLAGS.num_clients,
-        data_seed=FLAGS.data_seed,
-        data_dir=FLAGS.data_dir,
-        eval_every=FLAGS.eval_every,
-    )
-  except ValueError as error:  # a flag, or a saved run of other settings
-    raise app.UsageError(str(error)) from None
+  study(
+      FLAGS.output_dir,
+      FLAGS.datasets,
+      FLAGS.methods,
+      FLAGS.seeds,
+      rounds=FLAGS.rounds,
+      num_clients=FLAGS.num_clients,
+      data_seed=FLAGS.data_seed,
+      data_dir=FLAGS.data_dir,
+      eval_every=FLAGS.eval_every,
+  )
   print((pathlib.Path(FLAGS.output_dir) / "personalized.md").read_text())
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run(main)

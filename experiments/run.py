@@ -26,7 +26,6 @@ checkpoint. A run whose loss diverged writes its results with status
 
 import sys
 
-from absl import app
 from absl import flags
 
 import afl
@@ -35,6 +34,7 @@ from afl import distributed
 from afl import registry
 from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers the baselines)
+from experiments import common
 
 _DEFINE = {
     bool: flags.DEFINE_bool,
@@ -95,35 +95,21 @@ define_flags()
 FLAGS = flags.FLAGS
 
 
-def fail(message) -> None:
-  """One line on standard error, exit status 2 (a usage error)."""
-  print(f"experiments.run: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with a bad flag reported as by `fail`."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as error:
-    fail(error)
-
-
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments: {argv[1:]}")
+  del argv
+  config = afl.get_config(**settings_from_flags())
+  if FLAGS.dry_run:
+    print(config.to_json(indent=2))
+    return
+  if not FLAGS.output_dir:
+    raise ValueError("--output_dir is required")
+  distributed.initialize()  # several processes when launched so (launch/)
+  run = runtime.prepare(config, FLAGS.output_dir)
+  # Past this point a ValueError is not the user's: a traceback.
   try:
-    config = afl.get_config(**settings_from_flags())
-    if FLAGS.dry_run:
-      print(config.to_json(indent=2))
-      return
-    if not FLAGS.output_dir:
-      raise ValueError("--output_dir is required")
-    distributed.initialize()  # several processes when launched so (launch/)
-    run = runtime.prepare(config, FLAGS.output_dir)
-  except (ValueError, FileExistsError) as error:
-    fail(error)
-  results = runtime.execute(run)
+    results = runtime.execute(run)
+  except ValueError as error:
+    raise RuntimeError(error) from error
   if results["status"] != "completed":
     print(
         f"experiments.run: the run {results['status']} at round "
@@ -135,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  common.run(main)

@@ -29,7 +29,6 @@ import json
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -197,6 +196,10 @@ def run_table(output_dir: pathlib.Path) -> dict:
       for seed in seeds
       for column in FLAGS.columns
   }
+  for (setting, column, seed), config in configs.items():  # before any run
+    runtime.saved_results(
+        config, output_dir / setting / column / f"seed_{seed}"
+    )
   accuracies = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
   lasts = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
   start = time.perf_counter()
@@ -224,10 +227,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # the runs' own logs are per round
   output_dir = pathlib.Path(FLAGS.output_dir)
-  try:
-    table = run_table(output_dir)
-  except ValueError as error:  # a flag, or a saved run of other settings
-    raise app.UsageError(str(error)) from None
+  table = run_table(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   (output_dir / "table2.json").write_text(json.dumps(table, indent=2))
   text = markdown(table, FLAGS.columns)
@@ -236,4 +236,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

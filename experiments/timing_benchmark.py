@@ -25,7 +25,6 @@ import json
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -34,6 +33,7 @@ import afl
 from afl import clock
 from afl import rng
 from afl import runtime
+from experiments import common
 
 PAPER_IDLE_REDUCTION = {"mnist": 0.13, "synthetic": 0.21}
 
@@ -165,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -34,7 +34,6 @@ import json
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import matplotlib
@@ -179,7 +178,7 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
   Raises:
     ValueError: an unknown algorithm or setting, a setting without rounds,
       a run's configuration refused by `afl.get_config`, or a saved run of
-      other settings (`afl.run_or_reuse`); all but the last before any run.
+      other settings (`runtime.saved_results`); all before any run.
   """
   output_dir = pathlib.Path(output_dir)
   common.check_names("algorithms", algorithms, tuple(ALGORITHMS))
@@ -197,6 +196,8 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
       if run_settings["algorithm"] not in analytic.VARIANTS:
         run_settings["rounds"] = rounds or SETTINGS[setting]
       configs[setting, algorithm] = afl.get_config(**run_settings)
+  for (setting, algorithm), run_config in configs.items():  # before any run
+    runtime.saved_results(run_config, output_dir / setting / algorithm)
   results, start = {}, time.perf_counter()
   for setting in settings:
     split = None  # the same data for the algorithms of a setting
@@ -233,19 +234,16 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    common.check_names("settings", FLAGS.settings, tuple(SETTINGS))
-    study(
-        FLAGS.output_dir,
-        FLAGS.settings,
-        FLAGS.algorithms,
-        FLAGS.rounds,
-        num_clients=FLAGS.num_clients,
-        seed=FLAGS.seed,
-        data_dir=FLAGS.data_dir,
-    )
-  except ValueError as error:  # a flag, or a saved run of other settings
-    raise app.UsageError(str(error)) from None
+  common.check_names("settings", FLAGS.settings, tuple(SETTINGS))
+  study(
+      FLAGS.output_dir,
+      FLAGS.settings,
+      FLAGS.algorithms,
+      FLAGS.rounds,
+      num_clients=FLAGS.num_clients,
+      seed=FLAGS.seed,
+      data_dir=FLAGS.data_dir,
+  )
   print(
       f"wrote {FLAGS.output_dir}/training_time.json, fig4_time.png, "
       "fig5_accuracy.png"
@@ -254,4 +252,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run(main)
