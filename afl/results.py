@@ -60,13 +60,9 @@ def _write_durably(path: pathlib.Path, payload: bytes) -> None:
 
 def write(
     output_dir: str | os.PathLike, results: dict, params, client_model
-) -> pathlib.Path | None:
-  """Writes the params and results.json (naming them) as one unit on
-  process 0; returns the results' path there (None elsewhere)."""
-  if not distributed.is_main_process():
-    return None
-  output_dir = pathlib.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
+) -> dict:
+  """Writes the params and results.json (naming them) as one unit, on
+  process 0; returns the results as written (on every process)."""
   payload = flax.serialization.msgpack_serialize(
       {
           "models": jax.tree.map(np.asarray, params),
@@ -75,15 +71,19 @@ def write(
   )
   digest = hashlib.sha256(payload).hexdigest()
   name = f"params-{digest[:16]}.msgpack"
-  _write_durably(output_dir / name, payload)
   results = dict(results, params_file=name, params_sha256=digest)
+  if not distributed.is_main_process():
+    return results
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  _write_durably(output_dir / name, payload)
   path = output_dir / RESULTS
   _write_durably(path, json.dumps(results, indent=2).encode("utf-8"))
   for stale in output_dir.glob("params-*.msgpack*"):
     if stale.name != name:
       stale.unlink()
   (output_dir / (RESULTS + _TEMPORARY)).unlink(missing_ok=True)
-  return path
+  return results
 
 
 def params_path(output_dir: str | os.PathLike) -> pathlib.Path:

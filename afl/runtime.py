@@ -486,7 +486,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       **algorithm.summary(out["state"]),
       "config": config.to_dict(),
   }
-  path = results_lib.write(
+  results = results_lib.write(
       run.output_dir, results, out["tested"].params, out["tested"].client_model
   )
   run.checkpoints.remove()
@@ -495,7 +495,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       + ("" if diverged is None else f"DIVERGED at round {diverged}; ")
       + f"test accuracy {best[0]:.4f} (best, round {best[1]}), last "
       f"{last.overall:.4f}; training {out['wall_time_s']:.2f}s + compile "
-      f"{out['compile_time_s']:.2f}s" + (f"; wrote {path}" if path else "")
+      f"{out['compile_time_s']:.2f}s; wrote {run.output_dir / results_lib.RESULTS}"
   )
   return results
 
