@@ -322,8 +322,15 @@ def check(
 
     bad = np.flatnonzero(values.nonfinite_statistics > 0)
     if len(bad):
+      spread = (
+          " (a NaN or Inf can spread from one segment's sums to others "
+          "combined with them at a device boundary, where sums are weighed "
+          "by 0 or 1: not every one listed need be at fault)"
+          if len(bad) > 1
+          else ""
+      )
       fail(
-          "the statistics (eq. 6's sums G, X^T Y) are not finite",
+          f"the statistics (eq. 6's sums G, X^T Y) are not finite{spread}",
           "non-finite input values (NaN or Inf), or values so large that "
           "their products overflow (|x| beyond about 1.8e19 in float32 "
           "products, 1.3e154 in float64), or a previous layer's solution "
