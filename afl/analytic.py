@@ -20,6 +20,17 @@ of the run forms the full model once (`FedACnnL.expand`), and only then is
 there a model to test. The training blocks are laid out by group, so group
 sums merge neighbours.
 
+Every round checks its solves on the host once they are done (`solve.check`
+on the `solve.Diagnostics` that the same compiled pass forms): non-finite
+or overflowing statistics, a ridge term below float64's resolution, a
+failed Cholesky factorization or a non-finite solution raise
+`solve.NumericalError` naming the round, the layer, the equation, the
+groups (server, eq. 5 / 11) or clients (eq. 13) and the likely cause, with
+the raw inputs of their clients; a condition bound beyond what float64
+resolves to 1e-6 warns. The round's metrics carry the largest condition
+bound and relative residual of its systems (`condition_bound`,
+`residual`).
+
 `train` runs the same rounds on given blocks and groups without the rest of
 a run (no clock, no test): the library's way to train on one's own
 `federated.FederatedData`.
@@ -31,6 +42,7 @@ from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from afl import algorithm as algorithm_lib
@@ -43,6 +55,7 @@ from afl import models
 from afl import pfedacnnl
 from afl import registry
 from afl import runtime
+from afl import solve
 
 FIELDS = {
     "gamma": registry.positive(
@@ -149,7 +162,7 @@ def rounds(
     layer = (index - 1) % num_layers
     if stage == "federated":
       params = state.params
-      solution = fedacnnl.solve_layer(
+      solved = fedacnnl.solve_layer(
           algorithm, data, layer, params, block_group, num_groups
       )
     else:
@@ -157,11 +170,13 @@ def rounds(
       params = state.params
       if layer == 0:
         params = algorithm.factored(tuple(s[groups] for s in state.meta))
-      solution = pfedacnnl.personalize_layer(
+      solved = pfedacnnl.personalize_layer(
           algorithm, data, layer, params, prior, eps
       )
-    solution = jax.block_until_ready(solution)
+    solved = jax.block_until_ready(solved)
     statistics_s = time.perf_counter() - began
+    conditioning = _check(solved.diagnostics, index, stage, layer)
+    solution = solved.solution
     solutions = state.solutions + (solution,)
     meta, full = state.meta, None
     if layer + 1 < num_layers:
@@ -181,7 +196,45 @@ def rounds(
         # One pass forms the statistics (eq. 6) and solves them.
         "statistics_s": statistics_s,
         "solve_s": time.perf_counter() - began - statistics_s,
+        # The numeric guards' conditioning (`solve.check`): the largest
+        # condition bound (trace G + reg) / reg and relative residual over
+        # the round's systems.
+        **conditioning,
     }
+
+  def _check(diagnostics, index, stage, layer) -> dict:
+    """`solve.check` of a round's Diagnostics, naming its groups or
+    clients (raises solve.NumericalError)."""
+    federated_stage = stage == "federated"
+    if federated_stage:
+      equation = "eq. 5" if num_groups == 1 else "eq. 11"
+    else:
+      equation = "eq. 13"
+    where = f"round {index} ({stage}, {models.layer_name(layer)}, {equation})"
+
+    def clients_of(segments):
+      if federated_stage:
+        return np.flatnonzero(np.isin(groups, segments))
+      return np.asarray(segments)
+
+    def names(segments):
+      if not federated_stage:
+        return f"client(s) {solve.listed(segments)}"
+      if num_groups == 1:
+        return "the global model (all clients)"
+      return (
+          f"group(s) {solve.listed(segments)} (clients "
+          f"{solve.listed(clients_of(segments))})"
+      )
+
+    return solve.check(
+        diagnostics,
+        where=where,
+        reg=algorithm.gamma if federated_stage else eps,
+        reg_name="gamma" if federated_stage else "eps",
+        names=names,
+        explain=lambda segments: _inputs_report(data, clients_of(segments)),
+    )
 
   if personalized:
     client_model = np.arange(data.num_clients)
@@ -205,6 +258,49 @@ def rounds(
       work=clock_work if work else None,
       adaptive_batch_size=adaptive,
       train_loss=False,
+  )
+
+
+def _inputs_report(data: federated.FederatedData, clients: np.ndarray) -> str:
+  """What the raw inputs of `clients` hold: their non-finite values and
+  largest magnitudes, against the median client's (for an error message;
+  one pass over the blocks, only when a round fails)."""
+
+  def per_block(x, mask):
+    flat = x.reshape(x.shape[:2] + (-1,))
+    finite = jnp.isfinite(flat)
+    real = mask[..., None]
+    return (
+        jnp.sum(~finite & real, (1, 2)),
+        jnp.max(jnp.where(finite & real, jnp.abs(flat), 0), (1, 2)),
+    )
+
+  sharding = getattr(data.x, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    everywhere = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec()
+    )
+    per_block = jax.jit(per_block, out_shardings=everywhere)
+  else:
+    per_block = jax.jit(per_block)
+  nonfinite, largest = (np.asarray(a) for a in per_block(data.x, data.mask))
+  owner = np.asarray(data.client)
+  client_nonfinite = np.bincount(owner, nonfinite, data.num_clients)
+  client_largest = np.zeros(data.num_clients)
+  np.maximum.at(client_largest, owner, largest.astype(np.float64))
+  order = sorted(
+      clients, key=lambda c: (-client_nonfinite[c], -client_largest[c])
+  )[:5]
+  parts = [
+      f"client {c}: {int(client_nonfinite[c])} non-finite value(s), largest "
+      f"finite |x| {client_largest[c]:.3g}"
+      for c in order
+  ]
+  return (
+      "Their raw inputs (layer 0's, the most suspicious first): "
+      + "; ".join(parts)
+      + f" (the median client's largest |x|: "
+      f"{np.median(client_largest):.3g})."
   )
 
 

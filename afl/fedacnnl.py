@@ -62,9 +62,12 @@ class FedACnnL(NamedTuple):
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments) -> Statistics: eq. 6 for every block, summed per segment.
     solve: (layer, params, data, param_index, segment_index, num_segments,
-      reg, prior [S, d, d_y] or None, dual) -> P_l [S, d, d_y], the
-      label-space solution (W_l = P_l Q_l, see `solve`) of every segment's
-      statistics (eq. 6 summed per segment): the server's eq. 5 / 11
+      reg, prior [S, d, d_y] or None, dual) -> `solve.Solved`: P_l
+      [S, d, d_y], the label-space solution (W_l = P_l Q_l, see `solve`) of
+      every segment's statistics (eq. 6 summed per segment), and the
+      numeric guards' `solve.Diagnostics` [S] of each segment's system,
+      formed by the same finalize that solves it (zeros for a segment
+      without blocks; `solve.check` reads them): the server's eq. 5 / 11
       (segments: all clients or a group, reg = gamma, no prior) or a
       client's eq. 13 (reg = eps, the meta-model's P as prior). Each
       segment's statistics are solved as soon as they are complete and
@@ -213,7 +216,7 @@ def fedacnnl(
         MAX_DUAL_BLOCKS,
         int(DUAL_ROWS_FRACTION * (width + 1)) // (block * positions),
     )
-    dual_solutions = 0.0
+    dual_solved = None
     if small:
 
       def dual_one(params, x, y, mask, segment, args):
@@ -237,7 +240,7 @@ def fedacnnl(
         )
         return solve.dual_solve(design, labels, reg, prior[segment])
 
-      dual_solutions, taken = federated.segment_apply(
+      dual_solved, taken = federated.segment_apply(
           dual_one,
           params,
           data,
@@ -254,7 +257,7 @@ def fedacnnl(
       reg, prior = args
       return solve.segment_solve(stats, reg, prior[segment])
 
-    return dual_solutions + segment_sums(
+    solved = segment_sums(
         layer,
         params,
         data,
@@ -264,6 +267,9 @@ def fedacnnl(
         finalize,
         (reg, prior),
     )
+    if dual_solved is not None:  # each segment is solved one way, zeros else
+      solved = jax.tree.map(jnp.add, dual_solved, solved)
+    return solved
 
   def layer_params(layer, solution, factored):
     """Flax params of layer `layer` from P_l [..., d, d_y]: the factor, or
@@ -315,7 +321,7 @@ def solve_layer(
     params: Params,
     block_group: jax.Array,
     num_groups: int,
-) -> jax.Array:
+) -> solve.Solved:
   """Round `layer` of FedACnnL: every client's eq. 6 statistics through the
   solved layers, summed per group and solved (eq. 5, or eq. 11 per group).
 
@@ -329,7 +335,7 @@ def solve_layer(
     num_groups: K.
 
   Returns:
-    P_l [num_groups, d, d_y].
+    P_l [num_groups, d, d_y] and the solves' Diagnostics [num_groups].
   """
   return algorithm.solve(
       layer,

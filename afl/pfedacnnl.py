@@ -44,6 +44,7 @@ from sklearn import cluster
 
 from afl import fedacnnl
 from afl import federated
+from afl import solve
 
 
 def encoded_label_vectors(
@@ -113,7 +114,7 @@ def personalize_layer(
     params: fedacnnl.Params,
     prior: jax.Array,
     eps: float,
-) -> jax.Array:
+) -> solve.Solved:
   """Personalization round `layer` (eq. 12, 13) of every client at once.
 
   Args:
@@ -128,11 +129,12 @@ def personalize_layer(
     eps: the proximal weight epsilon of eq. 12 (paper: 2500).
 
   Returns:
-    [C, d, d_y] each client's P_l. A client without training samples has
-    G_i = 0, H_i = 0: eq. 13 gives its meta-model, which it keeps (the pass
-    finalizes only clients it sees).
+    `solve.Solved`: [C, d, d_y] each client's P_l, and the Diagnostics [C]
+    of its solve. A client without training samples has G_i = 0, H_i = 0:
+    eq. 13 gives its meta-model, which it keeps (the pass finalizes only
+    clients it sees; its Diagnostics are zeros).
   """
-  solution = algorithm.solve(
+  solution, diagnostics = algorithm.solve(
       layer,
       params,
       data,
@@ -143,7 +145,7 @@ def personalize_layer(
       prior,
   )
   has_data = jnp.asarray(data.client_sizes() > 0)[:, None, None]
-  return jnp.where(has_data, solution, prior)
+  return solve.Solved(jnp.where(has_data, solution, prior), diagnostics)
 
 
 def assign_groups(

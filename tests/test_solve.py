@@ -21,7 +21,9 @@ def test_ridge_solve_is_accurate_far_below_float32_rounding(bound):
   reg = np.trace(gram) / (bound - 1)  # (trace + reg) / reg = bound
   mixed = bound <= solve.MIXED_PRECISION_BOUND
   want = np.linalg.solve(gram + reg * np.eye(80), cross + reg * prior)
-  got = solve.ridge_solve(jnp.asarray(gram), jnp.asarray(cross), reg, prior)
+  got = solve.ridge_solve(
+      jnp.asarray(gram), jnp.asarray(cross), reg, prior
+  ).solution
   assert got.dtype == jnp.float64
   error = np.linalg.norm(got - want) / np.linalg.norm(want)
   assert error < (1e-9 if mixed else 1e-7)
@@ -39,7 +41,7 @@ def test_label_space_solution_times_the_encoding_is_eq_13():
   gram, labels, prior_labels = _system(200, 60, 10, seed=1)
   encoding = np.random.default_rng(2).standard_normal((10, 32))
   eps = 2500.0
-  got = solve.ridge_solve(jnp.asarray(gram), labels, eps, prior_labels)
+  got = solve.ridge_solve(jnp.asarray(gram), labels, eps, prior_labels).solution
   # eq. 13 with H = X^T Y Q and the meta-model M = P Q.
   want = np.linalg.solve(
       gram + eps * np.eye(60),
@@ -53,7 +55,7 @@ def test_mixed_precision_runs_inside_jit_and_map():
   grams = jnp.stack([jnp.asarray(gram), jnp.asarray(gram) * 1e6])
   got = jax.jit(
       lambda g: jax.lax.map(
-          lambda a: solve.ridge_solve(a, cross, 1e3, prior), g
+          lambda a: solve.ridge_solve(a, cross, 1e3, prior).solution, g
       )
   )(grams)
   for a, out in zip(np.asarray(grams), np.asarray(got)):
@@ -77,7 +79,7 @@ def test_dual_form_equals_eq_13_and_ignores_zero_rows():
   padded_labels = np.zeros((48, 10))
   padded_labels[5:35] = labels
   for x, y in ((rows, labels), (padded, padded_labels)):
-    got = solve.dual_solve(jnp.asarray(x), jnp.asarray(y), eps, prior)
+    got = solve.dual_solve(jnp.asarray(x), jnp.asarray(y), eps, prior).solution
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
@@ -103,5 +105,5 @@ def test_statistics_are_solved_like_their_assembled_gram():
   cross = np.concatenate([rows.T @ onehot, onehot.sum(0)[None]])
   for reg in (2500.0, 1.0):  # float32 refined, float64 direct
     want = np.linalg.solve(gram + reg * np.eye(41), cross + reg * prior)
-    got = solve.segment_solve(stats, reg, prior)
+    got = solve.segment_solve(stats, reg, prior).solution
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

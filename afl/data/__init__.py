@@ -10,6 +10,7 @@ from afl.data.partition import iid_partition
 from afl.data.partition import power_law_partition
 from afl.data.partition import split_train_test
 from afl.data.partition import summarize
+from afl.data.pipeline import check_finite
 from afl.data.pipeline import ClientSplit
 from afl.data.pipeline import DATASETS
 from afl.data.pipeline import PARTITIONS
@@ -30,6 +31,7 @@ __all__ = [
     "DATASETS",
     "DataError",
     "PARTITIONS",
+    "check_finite",
     "client_label_histograms",
     "dirichlet_partition",
     "iid_partition",

@@ -11,6 +11,11 @@ predictions over the total number of test samples of all clients.
 The generator, the partition and the split draw from independent seeds,
 spawned from the one `seed` with `np.random.SeedSequence`, so that a change
 in one stage's use of randomness does not move the others.
+
+`prepare` rejects a split with a non-finite feature in any client's sample
+(`check_finite`, which also checks a split built by hand): one NaN would
+make every solve it enters NaN. Finite but huge values are left to the
+solves' own guards (`afl.solve`), which see them in the statistics.
 """
 
 from typing import NamedTuple
@@ -24,6 +29,7 @@ from afl.data import synthetic as synthetic_lib
 DATASETS = ("mnist", "cifar10", "synthetic")
 PARTITIONS = ("default", "dirichlet", "iid", "power_law")
 _SYNTHETIC_NUM_CLASSES = 10  # FedProx's synthetic data: 10 classes
+_CHECK_CHUNK = 8192  # samples per pass of `check_finite`
 
 # Per-channel (R, G, B) mean and standard deviation of the CIFAR-10 training
 # set's pixels scaled to [0, 1]: the usual normalization constants.
@@ -108,7 +114,8 @@ def prepare(
 
   Raises:
     ValueError: unknown dataset or partition, or invalid sizes.
-    sources.DataError: the dataset's files cannot be found or read.
+    sources.DataError: the dataset's files cannot be found or read, or a
+      client's sample has a non-finite feature (`check_finite`).
   """
   if dataset not in DATASETS:
     raise ValueError(
@@ -159,11 +166,78 @@ def prepare(
   train_indices, test_indices = partition_lib.split_train_test(
       client_indices, test_fraction, split_seed
   )
-  return ClientSplit(
+  split = ClientSplit(
       x=preprocess(dataset, x),
       y=y.astype(np.int32),
       train_indices=train_indices,
       test_indices=test_indices,
       num_classes=num_classes,
       name=dataset,
+  )
+  check_finite(split)
+  return split
+
+
+def check_finite(split: ClientSplit, limit: int = 10) -> None:
+  """Raises DataError if a sample of some client has a non-finite feature.
+
+  One NaN or Inf in one sample makes its client's statistics, and with them
+  every sum they enter (the global model, a group's meta-model), NaN (eq.
+  4, 6), so it is rejected here, at load. Samples that belong to no client
+  (train or test) are not looked at. Vectorized: one pass over x in chunks
+  of `_CHECK_CHUNK` samples (bounded memory), then only the non-finite
+  samples are matched to their clients.
+
+  Args:
+    split: e.g. from `prepare`, or built by hand.
+    limit: at most this many (client, sample) pairs are named.
+
+  Raises:
+    sources.DataError: naming the clients and samples, e.g. "non-finite
+      features in 1 sample(s): client 3 (train sample 1234: nan)".
+  """
+  x = np.asarray(split.x)
+  if not np.issubdtype(x.dtype, np.inexact):
+    return  # integers are finite
+  flat = x.reshape(len(x), -1)
+  finite = np.ones(len(x), bool)
+  for start in range(0, len(x), _CHECK_CHUNK):
+    finite[start : start + _CHECK_CHUNK] = np.isfinite(
+        flat[start : start + _CHECK_CHUNK]
+    ).all(1)
+  if finite.all():
+    return
+  parts = [
+      (which, np.asarray(indices, np.int64))
+      for which, per_client in (
+          ("train", split.train_indices),
+          ("test", split.test_indices),
+      )
+      for indices in per_client
+  ]
+  num_clients = len(split.train_indices)
+  samples = np.concatenate([indices for _, indices in parts])
+  client = np.repeat(
+      np.tile(np.arange(num_clients), 2), [len(i) for _, i in parts]
+  )
+  which = np.repeat([w for w, _ in parts], [len(i) for _, i in parts])
+  hit = ~finite[samples]
+  if not hit.any():
+    return
+  samples, client, which = samples[hit], client[hit], which[hit]
+  shown = np.lexsort((samples, client))[:limit]
+  rows = flat[samples[shown]]
+  values = rows[np.arange(len(shown)), np.argmax(~np.isfinite(rows), 1)]
+  pairs = [
+      f"client {c} ({w} sample {i}: {v})"
+      for c, w, i, v in zip(client[shown], which[shown], samples[shown], values)
+  ]
+  more = len(samples) - len(shown)
+  raise sources.DataError(
+      f"{split.name}: non-finite features in {len(np.unique(samples))} "
+      f"sample(s) of {len(np.unique(client))} client(s): "
+      + ", ".join(pairs)
+      + (f" and {more} more" if more > 0 else "")
+      + ". Remove or repair these samples (e.g. np.nan_to_num, or drop "
+      "their indices from the clients' train / test indices)."
   )

@@ -43,7 +43,8 @@ _NUM_CLASSES = 10
 
 
 class DataError(ValueError):
-  """A dataset file is missing, truncated or corrupt (the message says how)."""
+  """A dataset file is missing, truncated or corrupt, or a client's samples
+  are unusable (non-finite features); the message says how."""
 
 
 class ArrayDataset(NamedTuple):
