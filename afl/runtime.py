@@ -104,6 +104,7 @@ def federation(
         f"the split has {len(split.train_indices)} clients, --num_clients="
         f"{config.num_clients}"
     )
+  data_lib.check_finite(split)  # a split built by hand, too
   model = models.get_model(config.model, split.num_classes, config.width)
   profiles = clock_lib.draw_profiles(
       rng.stream(jax.random.key(config.seed), "clock"),
@@ -149,7 +150,7 @@ def _describe(record: dict, num_rounds: int) -> str:
     if name in skip or isinstance(value, (list, dict)) or value is None:
       continue
     if isinstance(value, float):
-      value = f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+      value = f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
     parts.append(f"{name} {value}")
   return (
       f"round {record['round']}/{num_rounds}: {', '.join(parts)}; "

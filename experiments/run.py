@@ -21,7 +21,9 @@ A bad flag or setting (or an output folder that holds a finished run) is
 refused before anything is written: one line on standard error, exit status
 2. A rerun into the folder of an interrupted run resumes from its last
 checkpoint. A run whose loss diverged writes its results with status
-"diverged" and exits with status 1.
+"diverged" and exits with status 1; one whose numbers break (non-finite or
+overflowing statistics, a failed Cholesky: `afl.solve.NumericalError`)
+writes nothing and exits with status 1, naming the layer and the clients.
 """
 
 import sys
@@ -33,6 +35,7 @@ from afl import config as config_lib
 from afl import distributed
 from afl import registry
 from afl import runtime
+from afl import solve
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -108,6 +111,9 @@ def main(argv):
   # Past this point a ValueError is not the user's: a traceback.
   try:
     results = runtime.execute(run)
+  except solve.NumericalError as error:  # nothing was written
+    print(f"experiments.run: {error}", file=sys.stderr)
+    sys.exit(1)
   except ValueError as error:
     raise RuntimeError(error) from error
   if results["status"] != "completed":

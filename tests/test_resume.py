@@ -175,3 +175,21 @@ def test_a_diverged_run_says_so_and_exits_non_zero(tmp_path):
   assert "diverged at round 1" in done.stderr
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["status"] == "diverged" and results["diverged_round"] == 1
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e20])
+def test_bad_numbers_in_one_client_write_nothing(value, tmp_path):
+  """A NaN or Inf feature is refused at load, a 1e20 one by the solve's
+  guards (float32 products overflow); nothing is written either way."""
+  config = afl.get_config(num_clients=10, model="lr")
+  split = afl.runtime.prepare_split(config)
+  x = split.x.copy()
+  x[split.train_indices[3][0], 5] = value
+  error = afl.data.DataError if np.isnan(value) or np.isinf(value) else (
+      afl.solve.NumericalError
+  )
+  with pytest.raises(error, match="client 3"):
+    afl.train_and_evaluate(config, tmp_path / "out", split._replace(x=x))
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(ValueError, match="--gamma=inf must be finite"):
+    afl.get_config(gamma=float("inf"))
