@@ -87,6 +87,11 @@ class Checkpoints:
     )
     self.manager.wait_until_finished()
 
+  def size_bytes(self, index: int) -> int:
+    """Bytes on disk of the checkpoint after round `index`."""
+    folder = self.path / str(index)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
   def meta(self, index: int) -> dict:
     """The meta of the checkpoint after round `index`."""
     return self.manager.restore(

@@ -395,7 +395,7 @@ def _checkpointer(run: Run):
   decision is process 0's, so that every process saves together."""
   config, saved, clock = run.config, run.checkpoints, run.clock
   last = [time.monotonic()]
-  spent = [0.0]
+  spent = {"checkpoint_time_s": 0.0, "checkpoints": 0, "checkpoint_bytes": 0}
 
   def after_round(index, state, loop: Resume):
     if config.checkpoint_every:
@@ -418,7 +418,9 @@ def _checkpointer(run: Run):
             "clock": clock.state_dict() if clock else None,
         },
     )
-    spent[0] += time.perf_counter() - began
+    spent["checkpoint_time_s"] += time.perf_counter() - began
+    spent["checkpoints"] += 1
+    spent["checkpoint_bytes"] = saved.size_bytes(index)
     last[0] = time.monotonic()
 
   return after_round, spent
@@ -442,7 +444,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
         f"resuming after round {run.resume.index} from the checkpoint in "
         f"{run.checkpoints.path}"
     )
-  after_round, checkpoint_s = _checkpointer(run)
+  after_round, checkpointing = _checkpointer(run)
   out = run_rounds(
       algorithm,
       fed.key,
@@ -478,7 +480,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "compile_time_s": out["compile_time_s"],
       "data_time_s": run.data_time_s,
       "eval_time_s": out["eval_time_s"],
-      "checkpoint_time_s": checkpoint_s[0],
+      **checkpointing,  # checkpoint_time_s, checkpoints, checkpoint_bytes
       "resumed_after_round": run.resume and run.resume.index,
       "peak_memory_gb": results_lib.peak_memory_gb(),
       "num_devices": fed.mesh.size,

@@ -31,6 +31,7 @@ import numpy as np
 
 import afl
 from afl import clock
+from afl import results as results_lib
 from afl import rng
 from afl import runtime
 from experiments import common
@@ -66,7 +67,7 @@ def compare(dataset: str, out: pathlib.Path) -> dict:
         config, out / f"{dataset}_{algorithm}", split, progress=False
     )["timing"]
   params = [
-      (out / f"{dataset}_{a}" / "params.msgpack").read_bytes()
+      results_lib.params_path(out / f"{dataset}_{a}").read_bytes()
       for a in ("fedacnnl", "fedacnnl_wa")
   ]
   adaptive, fixed = results["fedacnnl"], results["fedacnnl_wa"]
