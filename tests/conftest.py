@@ -6,16 +6,31 @@ one process share one thread pool; with multi-threaded Eigen products a
 device can wait inside a product for threads that are all parked at another
 device's collective (a deadlock seen with float64 products), so Eigen runs
 single-threaded per device here.
+
+Many tests compile the same programs, in this process and in the
+subprocesses they start (a killed run and its rerun, 2 processes against
+1): XLA's persistent compilation cache, in a folder that the pytest-xdist
+workers and their children share (the environment passes it on), compiles
+each once per session. Only compilation is cached; the executables are the
+ones a fresh compile gives.
 """
 
 import os
 import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     " --xla_cpu_multi_thread_eigen=false"
 ).strip()
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"afl-tests-xla-{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 

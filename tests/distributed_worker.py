@@ -21,13 +21,15 @@ from afl import results
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 
 # Tiny and exact: float64 analytic statistics (1 and 2 processes then agree
-# to rounding), two short rounds of every iterative algorithm.
+# to rounding), two short rounds of every iterative algorithm. FedACnnL's MLP
+# carries the layers' inputs across processes; the other analytic variants
+# take the one-layer model (their rounds are compiled per layer).
 _ANALYTIC = dict(statistics_dtype="float64", model="lr")
 _ITERATIVE = dict(rounds=2, local_steps=2, model="lr")
 SETTINGS = {
     "fedacnnl": dict(_ANALYTIC, model="mlp"),
     "fedacnnl_wa": _ANALYTIC,
-    "pfedacnnl": dict(_ANALYTIC, model="mlp", num_groups=3),
+    "pfedacnnl": dict(_ANALYTIC, num_groups=3),
     "pfedacnnl_wc": _ANALYTIC,
     "pfedacnnl_wp": dict(_ANALYTIC, num_groups=3),
     "fedavg": _ITERATIVE,

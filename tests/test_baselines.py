@@ -193,7 +193,13 @@ def test_fedavg_one_client_one_step_is_one_sgd_step():
 def test_baffle_takes_local_adam_steps_on_its_estimate():
   """BAFFLE's round with many perturbations is the round of the same local
   optimizer on the true gradient: a step per batch, not one server step per
-  round (the FedSGD form, which learnt nothing in 3 rounds on MNIST-MLP)."""
+  round (the FedSGD form, which learnt nothing in 3 rounds on MNIST-MLP).
+
+  Adam's first steps are nearly sign steps, so a coordinate with a small true
+  gradient can flip on the estimate whatever K is: over keys 1-3 the relative
+  error is 2-8% at K=20,000 (and still 2-6% at 80,000), while one server step
+  per round would be off by most of the 1.0 the exact round moves.
+  """
   x, y, indices = tiny_federation(num_clients=5)
   model = models.get_model("lr", 3)
   params = models.init_params(model, jax.random.key(0), (6,))
@@ -219,7 +225,7 @@ def test_baffle_takes_local_adam_steps_on_its_estimate():
   flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
   moved = flat(exact) - flat(params)
   error = jnp.linalg.norm(flat(estimated) - flat(exact))
-  assert jnp.linalg.norm(moved) > 0.1 and error < 0.05 * jnp.linalg.norm(
+  assert jnp.linalg.norm(moved) > 0.1 and error < 0.2 * jnp.linalg.norm(
       moved
   ), (jnp.linalg.norm(moved), error)
 
