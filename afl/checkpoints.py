@@ -22,9 +22,13 @@ structure is stored pickled (base64): restore only checkpoints you wrote.
 
 With several processes every process takes part in each save and restore
 (orbax writes host data from process 0); the folder must be shared.
+
+orbax logs some 25 INFO lines per save through absl; the run prints its own
+line when it resumes, so orbax's records below WARNING are dropped.
 """
 
 import base64
+import logging
 import pathlib
 import pickle
 import shutil
@@ -36,6 +40,13 @@ import orbax.checkpoint as ocp
 
 DIRECTORY = "checkpoints"
 MAX_TO_KEEP = 3
+
+
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+logging.getLogger("absl").addFilter(_not_orbax_info)
 
 
 class Checkpoints:
