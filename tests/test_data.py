@@ -433,6 +433,22 @@ def test_dirichlet_impossible(labels):
     afl_data.dirichlet_partition(labels, 0, 0.1, seed=0)
 
 
+def test_an_impossible_partition_names_the_settings(data_dir):
+  """prepare's message is in the settings' (flags') names."""
+  with pytest.raises(
+      ValueError,
+      match=r"num_clients=1000 min_client_size=80 on mnist \(70000 "
+      r"samples\): cannot give 1000 clients at least 80",
+  ):
+    afl_data.prepare(
+        "mnist",
+        num_clients=1000,
+        dirichlet_beta=0.01,
+        min_client_size=80,
+        data_dir=data_dir,
+    )
+
+
 def test_iid_partition():
   parts = afl_data.iid_partition(1003, 10, seed=0)
   _assert_partition(parts, 1003)

@@ -91,8 +91,8 @@ def dirichlet_partition(
   raise ValueError(
       f"dirichlet_partition: no draw in {_MAX_DIRICHLET_ATTEMPTS} attempts "
       f"gave all {num_clients} clients >= {min_size} of the {num_samples} "
-      f"samples with beta={beta}; lower min_size or num_clients, or raise "
-      "beta"
+      f"samples with beta={beta}; lower the minimum client size or the "
+      "number of clients, or raise beta"
   )
 
 

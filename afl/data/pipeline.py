@@ -146,22 +146,29 @@ def prepare(
     x = np.concatenate([data.x_train, data.x_test])
     y = np.concatenate([data.y_train, data.y_test])
     num_classes = data.num_classes
-    if partition in ("default", "dirichlet"):
-      client_indices = partition_lib.dirichlet_partition(
-          y,
-          num_clients,
-          dirichlet_beta,
-          partition_seed,
-          min_size=min_client_size,
-      )
-    elif partition == "iid":
-      client_indices = partition_lib.iid_partition(
-          len(y), num_clients, partition_seed
-      )
-    else:
-      client_indices = partition_lib.power_law_partition(
-          len(y), num_clients, partition_seed, min_size=min_client_size
-      )
+    try:
+      if partition in ("default", "dirichlet"):
+        client_indices = partition_lib.dirichlet_partition(
+            y,
+            num_clients,
+            dirichlet_beta,
+            partition_seed,
+            min_size=min_client_size,
+        )
+      elif partition == "iid":
+        client_indices = partition_lib.iid_partition(
+            len(y), num_clients, partition_seed
+        )
+      else:
+        client_indices = partition_lib.power_law_partition(
+            len(y), num_clients, partition_seed, min_size=min_client_size
+        )
+    except ValueError as error:  # in the settings' names
+      beta = f" dirichlet_beta={dirichlet_beta}" if "beta" in str(error) else ""
+      raise ValueError(
+          f"num_clients={num_clients} min_client_size={min_client_size}"
+          f"{beta} on {dataset} ({len(y)} samples): {error}"
+      ) from error
 
   train_indices, test_indices = partition_lib.split_train_test(
       client_indices, test_fraction, split_seed
