@@ -214,10 +214,18 @@ def test_command_line(tmp_path):
   assert again.returncode == 0, again.stderr
   assert json.loads(again.stdout) == results["config"]
   bad = run_command("--model=vgg", f"--output_dir={out}")
-  assert bad.returncode != 0 and "--model" in bad.stderr
-  other = run_command("--lr=0.1", f"--output_dir={tmp_path / 'lr'}")
-  assert other.returncode != 0 and "--lr does not apply" in other.stderr
-  assert not (tmp_path / "lr").exists()
+  assert bad.returncode == 2 and "--model" in bad.stderr
+  for flag, message in (
+      ("--lr=0.1", "--lr does not apply"),
+      ("--num_clients=0", "--num_clients=0 must be >= 1"),
+      ("--seed=-1", "--seed=-1 must be >= 0"),
+  ):
+    other = run_command(flag, f"--output_dir={tmp_path / 'other'}")
+    assert other.returncode == 2, other.stderr
+    assert other.stderr.startswith("experiments.run: error: "), other.stderr
+    assert message in other.stderr and other.stderr.count("\n") == 1
+  assert not (tmp_path / "other").exists()
+  assert run_command("--help").returncode == 0
 
 
 def test_pfedacnnl_run_reports_groups_and_personal_models(data_dir, tmp_path):
