@@ -437,8 +437,8 @@ def test_an_impossible_partition_names_the_settings(data_dir):
   """prepare's message is in the settings' (flags') names."""
   with pytest.raises(
       ValueError,
-      match=r"num_clients=1000 min_client_size=80 on mnist \(70000 "
-      r"samples\): cannot give 1000 clients at least 80",
+      match=r"num_clients=1000 min_client_size=80 dirichlet_beta=0.01 on "
+      r"mnist \(70000 samples\): cannot give 1000 clients at least 80",
   ):
     afl_data.prepare(
         "mnist",

@@ -146,8 +146,9 @@ def prepare(
     x = np.concatenate([data.x_train, data.x_test])
     y = np.concatenate([data.y_train, data.y_test])
     num_classes = data.num_classes
+    dirichlet = partition in ("default", "dirichlet")
     try:
-      if partition in ("default", "dirichlet"):
+      if dirichlet:
         client_indices = partition_lib.dirichlet_partition(
             y,
             num_clients,
@@ -164,7 +165,7 @@ def prepare(
             len(y), num_clients, partition_seed, min_size=min_client_size
         )
     except ValueError as error:  # in the settings' names
-      beta = f" dirichlet_beta={dirichlet_beta}" if "beta" in str(error) else ""
+      beta = f" dirichlet_beta={dirichlet_beta}" if dirichlet else ""
       raise ValueError(
           f"num_clients={num_clients} min_client_size={min_client_size}"
           f"{beta} on {dataset} ({len(y)} samples): {error}"
