@@ -7,7 +7,9 @@ style: the configuration lives in the closure, the state is a pytree that
 every function returns anew):
 
   state = algorithm.init(key)
-  state, metrics = algorithm.round(state, index, key)    # index = 1, 2, ..
+  state, metrics = algorithm.round(state, index, key, who)
+                           # index = 1, 2, ..; who: the round's
+                           # participation.Participation, None: everyone
   tested = algorithm.models(state, key)                  # None: no model yet
   work = algorithm.work(index, batch_size)               # for the clock
 
@@ -45,10 +47,12 @@ class Algorithm(NamedTuple):
 
   Attributes:
     init: root key of the stream "init" -> state.
-    round: (state, index, key) -> (state, metrics): round `index` (1-based)
-      with its key; metrics is a flat dict of numbers and short strings for
-      the round's record (a "local_loss" that is not finite stops the run
-      as diverged).
+    round: (state, index, key, who) -> (state, metrics): round `index`
+      (1-based) with its key and who took part (`participation.
+      Participation`: sampled, dropped, late; None: every client reports,
+      the common case, which the algorithms keep fast); metrics
+      is a flat dict of numbers and short strings for the round's record (a
+      "local_loss" that is not finite stops the run as diverged).
     num_rounds: rounds in the run.
     models: (state, key) -> Tested, or None while the state holds no model
       to test (the analytic algorithms before their last layer).
@@ -61,10 +65,12 @@ class Algorithm(NamedTuple):
     train_loss: the loop measures the tested models' training loss.
     layout: the client order of the training blocks the algorithm uses
       (`Federation.blocks`), or None: the clients' own order.
+    upload_rounds: the rounds 1..upload_rounds are the ones in which
+      clients upload (and can be sampled, drop out or be late); None: all.
   """
 
   init: Callable[[jax.Array], State]
-  round: Callable[[State, int, jax.Array], tuple[State, dict]]
+  round: Callable[[State, int, jax.Array, Any], tuple[State, dict]]
   num_rounds: int
   models: Callable[[State, jax.Array], Tested | None]
   work: Callable[[int, np.ndarray], clock_lib.ClientWork | None] | None
@@ -72,6 +78,7 @@ class Algorithm(NamedTuple):
   summary: Callable[[State], dict] = lambda state: {}
   train_loss: bool = True
   layout: Sequence[int] | None = None
+  upload_rounds: int | None = None
 
 
 def model_inputs(model: models.LayerwiseNet, x: np.ndarray) -> np.ndarray:

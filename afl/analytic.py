@@ -156,19 +156,25 @@ def rounds(
   def init(key):
     return State(algorithm.init(key, num_groups), (), (), None)
 
-  def round_fn(state: State, index: int, key) -> tuple[State, dict]:
+  def round_fn(state: State, index: int, key, who=None):
     del key  # nothing random: every round is a closed-form solve
     with timing.CompileClock() as compiling:
-      return timed_round(state, index, compiling)
+      return timed_round(state, index, compiling, who)
 
-  def timed_round(state: State, index: int, compiling) -> tuple[State, dict]:
+  def timed_round(state: State, index: int, compiling, who):
     began = time.perf_counter()
     stage = "federated" if index <= num_layers else "personalization"
     layer = (index - 1) % num_layers
+    missing = {}
     if stage == "federated":
       params = state.params
+      segment = block_group
+      if who is not None:  # the others' blocks count for no segment
+        reported = who.reported
+        segment = jnp.where(jnp.asarray(reported)[data.client], block_group, -1)
+        missing = _unreported_groups(reported, index)
       solved = fedacnnl.solve_layer(
-          algorithm, data, layer, params, block_group, num_groups
+          algorithm, data, layer, params, block_group, num_groups, segment
       )
     else:
       prior = state.meta[layer][groups]  # [C, d, d_y]
@@ -209,7 +215,22 @@ def rounds(
         # condition bound (trace G + reg) / reg and relative residual over
         # the round's systems.
         **conditioning,
+        **missing,
     }
+
+  def _unreported_groups(reports, index) -> dict:
+    """{"groups_unreported": [...]} for the groups of which no client
+    reported (their solve has only the ridge term: W_l = 0), warned."""
+    heard = np.bincount(groups[reports], minlength=num_groups)
+    silent = np.flatnonzero(heard == 0).tolist()
+    if silent:
+      logging.warning(
+          "round %d: no client of %s reported; its layer is the ridge "
+          "solution of no data (zero weights)",
+          index,
+          "the model" if num_groups == 1 else f"group(s) {silent}",
+      )
+    return {"groups_unreported": silent} if silent else {}
 
   def _check(diagnostics, index, stage, layer) -> dict:
     """`solve.check` of a round's Diagnostics, naming its groups or
@@ -267,6 +288,7 @@ def rounds(
       work=clock_work if work else None,
       adaptive_batch_size=adaptive,
       train_loss=False,
+      upload_rounds=num_layers,
   )
 
 
@@ -343,12 +365,16 @@ def train(
     *,
     eps: float = 2500.0,
     personalized: bool = False,
+    plan=None,
 ) -> Trained:
   """FedACnnL (groups None), its group meta-models, or pFedACnnL
   (personalized) on `data`, through the one run loop without a clock or
-  tests (see `rounds`)."""
+  tests (see `rounds`); `plan`: who reports in each federated round
+  (`afl.participation.Plan`), None: every client."""
   run = runtime.run_rounds(
-      rounds(algorithm, data, groups, eps=eps, personalized=personalized), key
+      rounds(algorithm, data, groups, eps=eps, personalized=personalized),
+      key,
+      plan=plan,
   )
   tested = run["tested"]
   return Trained(

@@ -44,6 +44,25 @@ communication_i = upload_i + download_i; a client's total is computation +
 communication + idle. The server's own aggregation and solve are not
 modelled (`server_s` = 0 unless a caller passes a time).
 
+With partial participation (`afl.participation`), the round above is that
+of the sampled clients; the server opens it at O (the previous close +
+server_s) and closes it at
+
+  close = min(max over sampled i of event_i, O + deadline_s)
+
+where event_i is client i's arrival, or, for a client that drops out, the
+end of its computation (it fails there: its work is counted, its upload
+never sent). A client not dropped whose arrival is past O + deadline_s is
+late: its upload is dropped for the round, it idles 0 and starts the next
+round once it is done (max(close + server_s, arrival_i) + download_i).
+Only the clients that reported wait (idle_i = close - arrival_i +
+server_s); the server idles from the first report to the close, the
+deadline included. A client that sits the round out computes and sends
+nothing, but downloads the round's result like every client (the analytic
+layers are needed by all). Eq. 7 adapts only the batch sizes of the
+clients that reported, the minimum taken over them; the others keep theirs
+(`adaptive_batch_size`).
+
 Eq. 7's T_l^(i) (`adaptive_batch_size`) is the arrival time on the client's
 own busy clock: T_l^(i) = sum over rounds r <= l of computation and upload,
 plus the downloads of rounds r < l, so T_l^(i) - T_{l-1}^(i) is exactly the
@@ -61,7 +80,8 @@ and, every round, passes it what each client did, the algorithm's
                     batch_size=clock.batch_size (or a fixed [C] array),
                     flops_fixed=..., flops_per_sample=... (`step_flops`),
                     bytes_up=[C], bytes_down=[C])
-  record = clock.round(work)    # logs one line, returns a dict per round
+  record, who = clock.round(work, who)  # logs a line; who: the round's
+                                        # participation, late ones marked
   clock.summary()               # results.json's "timing" section
 
 For H local steps of batch B (a gradient baseline), num_samples = H * B.
@@ -86,6 +106,7 @@ import numpy as np
 
 from afl import memory
 from afl import models
+from afl import participation as participation_lib
 from afl import statistics
 
 DEFAULT_BATCH_GRID = tuple(2**k for k in range(13))  # 1 .. 4096
@@ -403,26 +424,38 @@ def adaptive_batch_size(
     previous_arrival: np.ndarray,
     batch_size: np.ndarray,
     max_batch_size: np.ndarray,
+    reported: np.ndarray | None = None,
 ) -> np.ndarray:
   """eq. 7: B_{l+1} = min(ceil((T_l - T_{l-1}) / min_j(T_l - T_{l-1}) B_l),
-  B_max).
+  B_max), over the clients that reported in round l.
+
+  A client that did not report (not sampled, dropped, or past the
+  deadline) gave the server no T_l: it keeps B_l, and the minimum is over
+  the clients that reported (all keep theirs if none did).
 
   Args:
     arrival: [C] T_l^(i).
     previous_arrival: [C] T_{l-1}^(i) (T_0 = 0).
     batch_size: [C] B_l^(i).
     max_batch_size: [C] B_max^(i) = |D_i|.
+    reported: [C] bool, None: every client.
 
   Returns:
     [C] int64 B_{l+1}^(i).
   """
+  batch_size = np.asarray(batch_size, np.int64)
+  if reported is None:
+    reported = np.ones(len(batch_size), bool)
+  if not reported.any():
+    return batch_size
   interval = np.asarray(arrival, np.float64) - np.asarray(
       previous_arrival, np.float64
   )
-  if np.any(interval <= 0):
+  if np.any(interval[reported] <= 0):
     raise ValueError("arrival times must increase from round to round")
-  scaled = np.ceil(interval / interval.min() * np.asarray(batch_size))
-  return np.minimum(scaled, max_batch_size).astype(np.int64)
+  scaled = np.ceil(interval / interval[reported].min() * batch_size)
+  adapted = np.minimum(scaled, max_batch_size).astype(np.int64)
+  return np.where(reported, adapted, batch_size)
 
 
 class ClockState(NamedTuple):
@@ -432,16 +465,19 @@ class ClockState(NamedTuple):
     start_s: [C] server-clock time at which the client starts the round.
     busy_s: [C] its busy clock then (time spent computing or communicating).
     arrival_busy_s: [C] T_{l-1}^(i): the previous arrival on the busy clock.
+    opened_s: server-clock time at which the server opened the round (the
+      deadline counts from it).
   """
 
   start_s: np.ndarray
   busy_s: np.ndarray
   arrival_busy_s: np.ndarray
+  opened_s: np.ndarray  # [] float64
 
 
 def initial_state(num_clients: int) -> ClockState:
   zeros = np.zeros(num_clients)
-  return ClockState(zeros, zeros, zeros)
+  return ClockState(zeros, zeros, zeros, np.zeros(()))
 
 
 class RoundTiming(NamedTuple):
@@ -455,6 +491,9 @@ class RoundTiming(NamedTuple):
   arrival_busy_s: np.ndarray  # T_l^(i) of eq. 7
   idle_s: np.ndarray
   server_idle_s: float
+  sampled: np.ndarray  # [C] bool
+  dropped: np.ndarray  # [C] bool
+  late: np.ndarray  # [C] bool
 
 
 def simulate_round(
@@ -463,27 +502,52 @@ def simulate_round(
     cost_model: CostModel,
     work: ClientWork,
     server_s: float = 0.0,
+    who: participation_lib.Participation | None = None,
+    deadline_s: float = 0.0,
 ) -> tuple[ClockState, RoundTiming]:
-  """One synchronous round (the timeline of the module docstring)."""
-  computation = cost_model.computation_seconds(work, profiles.cores)
-  upload = transfer_seconds(work.bytes_up, profiles)
+  """One synchronous round (the timeline of the module docstring) of the
+  clients `who` samples (all if None), the late ones decided here."""
+  num_clients = len(profiles.cores)
+  who = who or participation_lib.everyone(num_clients)
+  sampled, dropped = who.sampled, who.dropped
+  sending = sampled & ~dropped
+  computation = np.where(
+      sampled, cost_model.computation_seconds(work, profiles.cores), 0.0
+  )
+  upload = np.where(sending, transfer_seconds(work.bytes_up, profiles), 0.0)
   download = transfer_seconds(work.bytes_down, profiles)
-  arrival = state.start_s + computation + upload
-  last = arrival.max()
+  finished = state.start_s + computation  # a dropped client fails here
+  arrival = finished + upload
+  events = np.where(dropped, finished, arrival)[sampled]
+  close = events.max() if len(events) else float(state.opened_s)
+  late = np.zeros(num_clients, bool)
+  if deadline_s:
+    cutoff = float(state.opened_s) + deadline_s
+    late = sending & (arrival > cutoff)
+    close = min(close, cutoff)
+  reported = sending & ~late
   arrival_busy = state.busy_s + computation + upload
+  first = arrival[reported].min() if reported.any() else close
   timing = RoundTiming(
       np.asarray(work.batch_size, np.int64),
       computation,
       upload,
       download,
-      arrival,
+      np.where(sampled, arrival, np.nan),
       arrival_busy,
-      last - arrival + server_s,
-      float(last - arrival.min()),
+      np.where(reported, close - arrival + server_s, 0.0),
+      float(close - first),
+      sampled,
+      dropped,
+      late,
   )
+  busy_until = np.where(sampled, np.where(dropped, finished, arrival), 0.0)
   return (
       ClockState(
-          last + server_s + download, arrival_busy + download, arrival_busy
+          np.maximum(close + server_s, busy_until) + download,
+          arrival_busy + download,
+          arrival_busy,
+          np.asarray(close + server_s),
       ),
       timing,
   )
@@ -494,6 +558,9 @@ class Clock:
 
   With `adaptive`, the batch size of the next round is eq. 7's; otherwise it
   stays at the initial one (FedACnnL-WA, or a baseline's fixed batch).
+  With `deadline_s` > 0 the server closes every round that long after
+  opening it; uploads that would arrive later are dropped for the round
+  (`afl.participation`).
   """
 
   def __init__(
@@ -503,47 +570,73 @@ class Clock:
       initial_batch_size: int,
       max_batch_size: np.ndarray,
       adaptive: bool = True,
+      deadline_s: float = 0.0,
   ):
     if initial_batch_size < 1:
       raise ValueError(
           f"initial_batch_size must be >= 1, got {initial_batch_size}"
       )
+    if deadline_s < 0:
+      raise ValueError(f"deadline_s must be >= 0, got {deadline_s}")
     self.profiles = profiles
     self.cost_model = cost_model
     self.adaptive = adaptive
+    self.deadline_s = deadline_s
     self.max_batch_size = np.maximum(np.asarray(max_batch_size, np.int64), 1)
     self.batch_size = np.minimum(initial_batch_size, self.max_batch_size)
     self.state = initial_state(len(profiles.cores))
     self.rounds: list[RoundTiming] = []
 
-  def round(self, work: ClientWork, server_s: float = 0.0) -> dict:
-    """Accounts one round; returns (and logs) its summary numbers."""
+  def round(
+      self,
+      work: ClientWork,
+      who: participation_lib.Participation | None = None,
+      server_s: float = 0.0,
+  ) -> tuple[dict, participation_lib.Participation]:
+    """Accounts one round of the clients `who` samples (all if None).
+
+    Returns:
+      (the round's summary numbers, also logged; `who` with the clients
+      that missed the deadline marked late).
+    """
     previous = self.state.arrival_busy_s
     self.state, timing = simulate_round(
-        self.state, self.profiles, self.cost_model, work, server_s
+        self.state,
+        self.profiles,
+        self.cost_model,
+        work,
+        server_s,
+        who,
+        self.deadline_s,
     )
     self.rounds.append(timing)
+    who = participation_lib.Participation(
+        timing.sampled, timing.dropped, timing.late
+    )
     if self.adaptive:
       self.batch_size = adaptive_batch_size(
           timing.arrival_busy_s,
           previous,
           timing.batch_size,
           self.max_batch_size,
+          who.reported,
       )
+    sampled = timing.sampled
     record = {
         "batch_size_mean": float(timing.batch_size.mean()),
-        "computation_s_mean": float(timing.computation_s.mean()),
+        "computation_s_mean": float(timing.computation_s[sampled].mean()),
         "communication_s_mean": float(
             (timing.upload_s + timing.download_s).mean()
         ),
-        "idle_s_mean": float(timing.idle_s.mean()),
+        "idle_s_mean": float(timing.idle_s[sampled].mean()),
         "server_idle_s": timing.server_idle_s,
-        "last_arrival_s": float(timing.arrival_s.max()),
+        "last_arrival_s": float(np.nanmax(timing.arrival_s)),
     }
     logging.info(
         "round %d timing: batch mean %.1f (%d..%d); computation mean %.4fs "
         "max %.4fs; communication mean %.6fs; client idle mean %.4fs; "
-        "server idle %.4fs; last arrival %.4fs",
+        "server idle %.4fs; last arrival %.4fs; %d sampled, %d dropped, "
+        "%d late",
         len(self.rounds),
         record["batch_size_mean"],
         timing.batch_size.min(),
@@ -554,8 +647,11 @@ class Clock:
         record["idle_s_mean"],
         timing.server_idle_s,
         record["last_arrival_s"],
+        sampled.sum(),
+        timing.dropped.sum(),
+        timing.late.sum(),
     )
-    return record
+    return record, who
 
   def state_dict(self) -> dict:
     """Where the clock stands, as JSON (a checkpoint's; `load_state`)."""
@@ -574,11 +670,16 @@ class Clock:
         *(np.asarray(saved["state"][k], np.float64) for k in ClockState._fields)
     )
     self.batch_size = np.asarray(saved["batch_size"], np.int64)
+    dtypes = dict.fromkeys(RoundTiming._fields, np.float64)
+    dtypes.update(batch_size=np.int64, sampled=bool, dropped=bool, late=bool)
     self.rounds = [
         RoundTiming(
-            np.asarray(r["batch_size"], np.int64),
-            *(np.asarray(r[k], np.float64) for k in RoundTiming._fields[1:-1]),
-            float(r["server_idle_s"]),
+            **{
+                k: float(r[k])
+                if k == "server_idle_s"
+                else np.asarray(r[k], dtypes[k])
+                for k in RoundTiming._fields
+            }
         )
         for r in saved["rounds"]
     ]
@@ -593,6 +694,7 @@ class Clock:
     per_client["total_s"] = sum(per_client.values())
     return {
         "adaptive_batch_size": self.adaptive,
+        "deadline_s": self.deadline_s,
         "mean_per_client": {k: float(v.mean()) for k, v in per_client.items()},
         "sum_over_clients": {k: float(v.sum()) for k, v in per_client.items()},
         "server_idle_s": float(sum(r.server_idle_s for r in self.rounds)),
@@ -602,17 +704,27 @@ class Clock:
         "bandwidth_bps": self.profiles.bandwidth_bps.tolist(),
         "latency_s": self.profiles.latency_s.tolist(),
         "calibration": self.cost_model.calibration._asdict(),
-        "rounds": [
-            {
-                "batch_size": r.batch_size.tolist(),
-                "arrival_s": r.arrival_s.tolist(),
-                "computation_s": r.computation_s.tolist(),
-                "idle_s": r.idle_s.tolist(),
-                "server_idle_s": r.server_idle_s,
-            }
-            for r in self.rounds
-        ],
+        "rounds": [_round_summary(r) for r in self.rounds],
     }
+
+
+def _round_summary(timing: RoundTiming) -> dict:
+  """A round of the timing section: per-client numbers (None for a client
+  not sampled) and who was sampled, dropped and late (client ids; only if
+  not every client reported)."""
+  out = {
+      "batch_size": timing.batch_size.tolist(),
+      "arrival_s": [
+          None if np.isnan(a) else float(a) for a in timing.arrival_s
+      ],
+      "computation_s": timing.computation_s.tolist(),
+      "idle_s": timing.idle_s.tolist(),
+      "server_idle_s": timing.server_idle_s,
+  }
+  if (timing.dropped | timing.late | ~timing.sampled).any():
+    for name in ("sampled", "dropped", "late"):
+      out[name] = np.flatnonzero(getattr(timing, name)).tolist()
+  return out
 
 
 @functools.lru_cache(maxsize=None)

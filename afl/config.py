@@ -144,6 +144,33 @@ COMMON = {
     "latency_ms_max": registry.non_negative(
         float, "See --latency_ms_min.", default=0.002
     ),
+    "clients_per_round": registry.non_negative(
+        float,
+        "Clients sampled per round (seeded): a whole number m, or a fraction "
+        "in (0, 1) of --num_clients; 0: every client (afl/participation.py).",
+        default=0.0,
+    ),
+    "dropout": Field(
+        float,
+        "Probability that a sampled client's upload never arrives (seeded per "
+        "round and client).",
+        minimum=0,
+        maximum=1,
+        open_maximum=True,
+        default=0.0,
+    ),
+    "deadline_s": registry.non_negative(
+        float,
+        "Simulated clock: the server closes a round this many seconds after "
+        "opening it and drops later uploads; 0: it waits for all.",
+        default=0.0,
+    ),
+    "participation_file": Field(
+        str,
+        "A [rounds, clients] matrix (.npy or text) of 0 (sits out), 1 "
+        "(reports), 2 (drops out) replacing --clients_per_round/--dropout.",
+        default=None,
+    ),
     "checkpoint_every": registry.non_negative(
         int,
         "Rounds between checkpoints of a run in progress (a rerun resumes "

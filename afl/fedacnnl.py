@@ -321,6 +321,7 @@ def solve_layer(
     params: Params,
     block_group: jax.Array,
     num_groups: int,
+    segment: jax.Array | None = None,
 ) -> solve.Solved:
   """Round `layer` of FedACnnL: every client's eq. 6 statistics through the
   solved layers, summed per group and solved (eq. 5, or eq. 11 per group).
@@ -333,6 +334,9 @@ def solve_layer(
     block_group: [num_blocks] the group of each block's client (zeros for
       one global model).
     num_groups: K.
+    segment: [num_blocks] the group whose sums each block goes to, -1 for
+      a block of a client that did not report (`afl.participation`); None:
+      block_group.
 
   Returns:
     P_l [num_groups, d, d_y] and the solves' Diagnostics [num_groups].
@@ -342,7 +346,7 @@ def solve_layer(
       params,
       data,
       block_group,
-      block_group,
+      block_group if segment is None else segment,
       num_groups,
       algorithm.gamma,
       dual=False,

@@ -336,13 +336,45 @@ class RoundOutput(NamedTuple):
   loss: jax.Array
 
 
+def pad_schedule(schedule: Schedule) -> Schedule:
+  """`schedule` with its length rounded up to one of 8 sizes per octave
+  (padding steps, at most 1/8 more): a round of a changing set of clients
+  (`afl.participation`) compiles once per size, not once per length."""
+  length = schedule.length
+  quantum = 2 ** max(0, length.bit_length() - 4)
+  padded = -(-length // quantum) * quantum
+  if padded == length:
+    return schedule
+  extra = ((0, 0), (0, padded - length))
+  return schedule._replace(
+      **{
+          name: np.pad(getattr(schedule, name), extra)
+          for name in ("client", "step", "valid", "first", "last")
+      }
+  )
+
+
+def _scan_lanes(schedule: Schedule) -> tuple[np.ndarray, ...]:
+  """The schedule's lane arrays with the steps on the scan axis: [S, L]."""
+  return tuple(
+      np.ascontiguousarray(a.T)
+      for a in (
+          schedule.client,
+          schedule.step,
+          schedule.valid,
+          schedule.first,
+          schedule.last,
+      )
+  )
+
+
 def round_fn(
     local: LocalTraining,
     schedule: Schedule,
     weights: np.ndarray,
     mesh: jax.sharding.Mesh,
 ):
-  """The round: jitted (server model, data, round key) -> RoundOutput.
+  """The round: (server model, data, round key) -> RoundOutput, jitted.
 
   Each device scans over the steps; a scan step takes one local step on
   every lane (`vmap`: each matmul of the step becomes one batched matmul
@@ -353,37 +385,33 @@ def round_fn(
   written to a per-client table; padding steps (only at a lane's end) keep
   the carry.
 
+  A round of some of the clients (`afl.participation`) passes its own
+  schedule (of the clients that train: `make_schedule` of their sizes, the
+  others' set to 0, with the same number of lanes), the upload weights
+  (0 for a client whose upload does not arrive) and the personal models
+  the clients that do not train keep.
+
   Args:
     local: what a client computes.
-    schedule: from `make_schedule`, with a multiple of mesh.size lanes.
+    schedule: from `make_schedule`, with a multiple of mesh.size lanes: the
+      round of every client.
     weights: [C] weight of each client's upload (e.g. its sample count).
     mesh: mesh with axis 'clients'.
+
+  Returns:
+    run(params, data, round_key, schedule=None, weights=None, previous=None)
+    -> RoundOutput; the upload is the weighted mean over the clients that
+    trained (zeros if their weights sum to 0), previous: [C, ...] personal
+    models of the clients that do not train (None: the server model's).
   """
   if schedule.num_lanes % mesh.size:
     raise ValueError(
         f"{schedule.num_lanes} lanes do not split over {mesh.size} devices"
     )
-  weights = np.asarray(weights, np.float64)
-  trained = schedule.steps > 0
-  total_weight = float(weights[trained].sum()) or 1.0
   num_clients = len(schedule.steps)
-  # Steps on the scan axis: [S, L]; host constants (device arrays captured
-  # by the jitted round would be committed to one device, which a mesh over
-  # several processes cannot take).
-  lanes = tuple(
-      np.ascontiguousarray(a.T)
-      for a in (
-          schedule.client,
-          schedule.step,
-          schedule.valid,
-          schedule.first,
-          schedule.last,
-      )
-  )
-  weights = np.asarray(weights, np.float32)
   batch = jax.vmap(client_batch, in_axes=(None, None, 0, 0, None, None))
 
-  def device_lanes(params, data, perm, client_root, *lanes):
+  def device_lanes(params, data, perm, client_root, weights, *lanes):
     def key_of(c):
       return jax.random.fold_in(client_root, c)
 
@@ -399,7 +427,7 @@ def round_fn(
         total, table = sums
         carry = jax.tree.map(lambda a: a[lane], carries)
         total = jax.tree.map(
-            lambda t, u: t + jnp.asarray(weights)[c[lane]] * u,
+            lambda t, u: t + weights[c[lane]] * u,
             total,
             local.upload(carry),
         )
@@ -458,26 +486,64 @@ def round_fn(
   mapped = jax.shard_map(
       device_lanes,
       mesh=mesh,
-      in_specs=(PartitionSpec(),) * 4 + (lane_spec,) * 5,
+      in_specs=(PartitionSpec(),) * 5 + (lane_spec,) * 5,
       out_specs=(PartitionSpec(),) * 3,
       check_vma=False,
   )
 
   @jax.jit
-  def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
+  def run_lanes(
+      params, data, round_key, lanes, weights, trained, total_weight, previous
+  ):
     perm_root, client_root = _keys(round_key)
     perm = permutations(perm_root, data.size, data.x.shape[0])
-    total, table, loss = mapped(params, data, perm, client_root, *lanes)
+    total, table, loss = mapped(
+        params, data, perm, client_root, weights, *lanes
+    )
     upload = jax.tree.map(lambda t: t / total_weight, total)
     models = None
-    if local.personal is not None:  # clients without data keep the server's
-      server = local.personal(local.init(params, client_root))
+    if local.personal is not None:  # the others keep theirs (or the server's)
+      if previous is None:
+        previous = local.personal(local.init(params, client_root))
+        previous = jax.tree.map(
+            lambda g: jnp.broadcast_to(g, (num_clients,) + g.shape), previous
+        )
       models = jax.tree.map(
-          lambda t, g: jnp.where(trained.reshape((-1,) + (1,) * g.ndim), t, g),
+          lambda t, g: jnp.where(
+              trained.reshape((-1,) + (1,) * (g.ndim - 1)), t, g
+          ),
           table,
-          server,
+          previous,
       )
     return RoundOutput(upload, models, loss)
+
+  def arguments(round_schedule: Schedule, round_weights: np.ndarray):
+    # Host arrays placed on the mesh (which may span processes).
+    trained = round_schedule.steps > 0
+    round_weights = np.asarray(round_weights, np.float64)
+    total_weight = round_weights[trained].sum() or 1.0
+    return distributed.replicate(
+        (
+            _scan_lanes(round_schedule),
+            round_weights.astype(np.float32),
+            trained,
+            np.float32(total_weight),
+        ),
+        mesh,
+    )
+
+  everyone = arguments(schedule, weights)
+
+  def run(
+      params,
+      data: ClientData,
+      round_key,
+      schedule=None,
+      weights=None,
+      previous=None,
+  ) -> RoundOutput:
+    placed = everyone if schedule is None else arguments(schedule, weights)
+    return run_lanes(params, data, round_key, *placed, previous)
 
   return run
 
@@ -493,10 +559,9 @@ def loop_round(
   running sums on the device, so a step costs one dispatch.
 
   Returns:
-    (server model, data, round key) -> RoundOutput.
+    run(params, data, round_key, schedule=None, weights=None, previous=None)
+    -> RoundOutput, as `round_fn`'s.
   """
-  weights = np.asarray(weights, np.float64)
-  total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
 
   @jax.jit
   def step(carry, sums, data, perm, c, k, key):
@@ -510,8 +575,19 @@ def loop_round(
   init = jax.jit(local.init)
   upload = jax.jit(local.upload)
   perms = jax.jit(permutations, static_argnums=2)
+  everyone = (schedule, weights)
 
-  def run(params, data: ClientData, round_key: jax.Array) -> RoundOutput:
+  def run(
+      params,
+      data: ClientData,
+      round_key,
+      schedule=None,
+      weights=None,
+      previous=None,
+  ) -> RoundOutput:
+    schedule, weights = everyone if schedule is None else (schedule, weights)
+    weights = np.asarray(weights, np.float64)
+    total_weight = float(weights[schedule.steps > 0].sum()) or 1.0
     perm_root, client_root = _keys(round_key)
     perm = perms(perm_root, data.size, data.x.shape[0])
     total, personal = None, []
@@ -522,7 +598,12 @@ def loop_round(
       for k in range(schedule.steps[c]):
         carry, sums = step(carry, sums, data, perm, c, k, key)
       if local.personal is not None:
-        personal.append(local.personal(carry))
+        kept = schedule.steps[c] or previous is None
+        personal.append(
+            local.personal(carry)
+            if kept
+            else jax.tree.map(lambda a: a[c], previous)
+        )
       if schedule.steps[c]:
         sent = jax.tree.map(lambda u: weights[c] * u, upload(carry))
         total = sent if total is None else jax.tree.map(jnp.add, total, sent)

@@ -50,6 +50,7 @@ from afl import distributed
 from afl import evaluation
 from afl import federated
 from afl import models
+from afl import participation as participation_lib
 from afl import registry
 from afl import results as results_lib
 from afl import rng
@@ -185,6 +186,7 @@ def run_rounds(
     progress=None,
     resume: Resume | None = None,
     after_round=None,
+    plan: participation_lib.Plan | None = None,
 ) -> dict[str, Any]:
   """Runs the algorithm's rounds from the root key.
 
@@ -199,6 +201,9 @@ def run_rounds(
     resume: go on after a checkpoint's round instead of from `init`.
     after_round: (index, state, Resume of the loop so far) -> None, called
       after every round but the last and a diverged one (checkpoints).
+    plan: who is sampled and drops out in the rounds with uploads
+      (`afl.participation`), or None: every client; the clock marks those
+      past its deadline. The round's record gets the counts and ids.
 
   Returns:
     dict: the final state, the round records, best (accuracy, round), the
@@ -216,22 +221,24 @@ def run_rounds(
     train_time, eval_time = resume.wall_time_s, resume.eval_time_s
     compiled_before = resume.compile_time_s
     for index in range(resume.index + 1, algorithm.num_rounds + 1):
+      who, timed = _participation(algorithm, index, clock, plan)
+      partial = None if who is None or who.reported.all() else who
       round_start, compile_before = time.perf_counter(), compile_clock.seconds
-      state, metrics = algorithm.round(state, index, rng.round_key(key, index))
+      state, metrics = algorithm.round(
+          state, index, rng.round_key(key, index), partial
+      )
       state = jax.block_until_ready(state)
       compile_s = compile_clock.seconds - compile_before
       record = {
           "round": index,
           **metrics,
+          **(who.record() if who is not None else {}),
           "seconds": time.perf_counter() - round_start - compile_s,
           "compile_s": compile_s,
       }
       train_time += record["seconds"]
-      work = (
-          clock and algorithm.work and algorithm.work(index, clock.batch_size)
-      )
-      if work:
-        record["timing"] = clock.round(work)
+      if timed is not None:
+        record["timing"] = timed
       diverged = not math.isfinite(metrics.get("local_loss", 0.0))
       final = index == algorithm.num_rounds or diverged
       if index % eval_every == 0 or final:
@@ -281,6 +288,64 @@ def run_rounds(
   )
 
 
+def _participation(algorithm, index, clock, plan):
+  """(round `index`'s Participation or None, the clock's record or None):
+  the plan's draw for a round with uploads, with the clock's late clients
+  when the round is on the clock."""
+  uploads = index <= (algorithm.upload_rounds or algorithm.num_rounds)
+  who = plan.draw(index) if plan is not None and uploads else None
+  work = clock and algorithm.work and algorithm.work(index, clock.batch_size)
+  if not work:
+    return who, None
+  timed, marked = clock.round(work, who)
+  if who is not None or clock.deadline_s:
+    who = marked
+  return who, timed
+
+
+def participation_plan(
+    config: ml_collections.ConfigDict,
+    fed: algorithm_lib.Federation,
+    algorithm: algorithm_lib.Algorithm,
+) -> participation_lib.Plan | None:
+  """The run's `participation.Plan` (None: every client reports), checked
+  against the algorithm; ValueError naming the setting."""
+  partial = {
+      name: config[name]
+      for name in (
+          "clients_per_round",
+          "dropout",
+          "participation_file",
+          "deadline_s",
+      )
+      if config[name]
+  }
+  if not partial:
+    return None
+  if algorithm.work is None:
+    raise ValueError(
+        f"--{next(iter(partial))} needs a synchronous algorithm whose rounds "
+        f"are on the simulated clock; --algorithm={config.algorithm} keeps "
+        "its own (asynchronous) clock"
+    )
+  if set(partial) == {"deadline_s"}:
+    return None
+  schedule = None
+  if config.participation_file:
+    schedule = participation_lib.load_schedule(
+        config.participation_file, fed.num_clients
+    )
+  plan = participation_lib.Plan(
+      fed.key,
+      fed.num_clients,
+      config.clients_per_round,
+      config.dropout,
+      schedule,
+  )
+  plan.check_rounds(algorithm.upload_rounds or algorithm.num_rounds)
+  return plan
+
+
 def evaluator(
     fed: algorithm_lib.Federation, algorithm: algorithm_lib.Algorithm
 ):
@@ -312,6 +377,7 @@ class Run(NamedTuple):
   fed: algorithm_lib.Federation
   algorithm: algorithm_lib.Algorithm
   clock: clock_lib.Clock | None
+  plan: participation_lib.Plan | None
   checkpoints: checkpoints_lib.Checkpoints
   resume: Resume | None
   data_time_s: float
@@ -362,7 +428,9 @@ def prepare(
         config[config.algorithm].get("initial_batch_size", 1),
         fed.client_sizes,
         adaptive=algorithm.adaptive_batch_size,
+        deadline_s=config.deadline_s,
     )
+  plan = participation_plan(config, fed, algorithm)
   resume = None
   if latest is not None:
     state, meta = saved.restore(latest, fed.replicated)
@@ -383,6 +451,7 @@ def prepare(
       fed,
       algorithm,
       clock,
+      plan,
       saved,
       resume,
       time.perf_counter() - start,
@@ -426,6 +495,30 @@ def _checkpointer(run: Run):
   return after_round, spent
 
 
+def _participation_summary(config, fed, records) -> dict | None:
+  """results.json's "participation": the settings, and per client the
+  rounds it was sampled in and reported in (None if everyone always
+  reports)."""
+  rounds = [r["participation"] for r in records if "participation" in r]
+  if not rounds:
+    return None
+  sampled, reported = np.zeros((2, fed.num_clients), np.int64)
+  for ids in rounds:
+    sampled[ids["sampled"]] += 1
+    reported[ids["sampled"]] += 1
+    reported[ids["dropped"] + ids["late"]] -= 1
+  return {
+      "clients_per_round": config.clients_per_round,
+      "dropout": config.dropout,
+      "deadline_s": config.deadline_s,
+      "participation_file": config.participation_file,
+      "rounds_with_uploads": len(rounds),
+      "sampled_per_client": sampled.tolist(),
+      "reported_per_client": reported.tolist(),
+      "never_reported": np.flatnonzero(reported == 0).tolist(),
+  }
+
+
 def execute(run: Run, progress: bool = True) -> dict[str, Any]:
   """Runs the prepared run's rounds (from its checkpoint, if any) and writes
   its results; returns them too."""
@@ -454,6 +547,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       progress=say,
       resume=run.resume,
       after_round=after_round,
+      plan=run.plan,
   )
   best, last = out["best"], out["last"]
   diverged = out["diverged_round"]
@@ -475,6 +569,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "per_client_test_samples": last.count.tolist(),
       "per_client_train_samples": fed.client_sizes.tolist(),
       "rounds": out["records"],
+      "participation": _participation_summary(config, fed, out["records"]),
       "timing": clock.summary() if clock else None,
       "wall_time_s": out["wall_time_s"],
       "compile_time_s": out["compile_time_s"],
@@ -490,7 +585,10 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "config": config.to_dict(),
   }
   results = results_lib.write(
-      run.output_dir, results, out["tested"].params, out["tested"].client_model
+      run.output_dir,
+      results,
+      out["tested"].params,
+      out["tested"].client_model,
   )
   run.checkpoints.remove()
   say(

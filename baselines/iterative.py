@@ -5,7 +5,16 @@ Each is a `baselines.algorithms.Baseline` (a client's local training and
 the server's update) turned into an `afl.algorithm.Algorithm`: a round runs
 every client's local training in packed lanes over the devices
 (`afl.lanes.round_fn`) from the server model and applies the server update
-to the clients' sample-weighted mean upload. The state is the server model
+to the clients' sample-weighted mean upload.
+
+With partial participation (`afl.participation`) only the round's sampled
+clients train (packed into the same lanes; a dropped or late client's work
+is done, and its personal model kept, as on a real device), the server
+applies its update to the sample-weighted mean upload of the clients that
+reported (FedAvg: the mean of their models; pFedMe, pFedZO: (1 - beta) w +
+beta times it), and keeps its model when none did. A client that sits a
+round out keeps its personal model of the last round it trained in (the
+server model before its first). The state is the server model
 and the clients' personal models of the last round (pFedMe, pFedZO). Tested
 are the server model (FedAvg, FedZO, BAFFLE), each client's personal model
 (pFedMe, pFedZO: theta_i or w_i, `--pfedme_tested`), or the server model
@@ -291,10 +300,31 @@ def _build(name: str) -> Callable:
           fed.replicated(models.init_params(model, key, fed.input_shape)), None
       )
 
-    def round_(state: State, index: int, key):
+    def round_(state: State, index: int, key, who=None):
       del index
-      out = round_fn(state.params, data, key)
-      params = baseline.server(state.params, out.upload)
+      if who is None:
+        out = round_fn(state.params, data, key)
+      else:  # the sampled clients train, the reported ones count
+        out = round_fn(
+            state.params,
+            data,
+            key,
+            lanes.pad_schedule(
+                lanes.make_schedule(
+                    np.where(who.sampled, sizes, 0),
+                    rows,
+                    hparams.local_steps,
+                    hparams.local_epochs,
+                    num_shards=mesh.size,
+                    num_lanes=schedule.num_lanes,
+                )
+            ),
+            np.where(who.reported, sizes, 0),
+            state.personal,
+        )
+      params = state.params
+      if who is None or who.reported.any():
+        params = baseline.server(state.params, out.upload)
       return State(params, out.personal), {"local_loss": float(out.loss)}
 
     def tested(state: State, key):

@@ -599,8 +599,11 @@ def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
       )
     return start(params, personal)
 
-  def round_(state: ReplayState, index: int, key):
-    del index, key  # the batches' keys depend on the client and computation
+  def round_(state: ReplayState, index: int, key, who=None):
+    # The batches' keys depend on the client and computation; who is None
+    # (the runtime refuses participation settings without a synchronous
+    # clock).
+    del index, key, who
     state, report = advance(state)
     done = arrivals[arrivals <= report.event]
     return state, {

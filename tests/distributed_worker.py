@@ -29,13 +29,15 @@ _ITERATIVE = dict(rounds=2, local_steps=2, model="lr")
 SETTINGS = {
     "fedacnnl": dict(_ANALYTIC, model="mlp"),
     "fedacnnl_wa": _ANALYTIC,
-    "pfedacnnl": dict(_ANALYTIC, num_groups=3),
+    # Partial participation across processes: the same draws, dropouts
+    # and lanes on every process.
+    "pfedacnnl": dict(_ANALYTIC, num_groups=3, dropout=0.3),
     "pfedacnnl_wc": _ANALYTIC,
     "pfedacnnl_wp": dict(_ANALYTIC, num_groups=3),
     "fedavg": _ITERATIVE,
     "fedzo": _ITERATIVE,
     "baffle": dict(_ITERATIVE, perturbations=20),
-    "pfedme": _ITERATIVE,
+    "pfedme": dict(_ITERATIVE, clients_per_round=6, dropout=0.3),
     "pfedzo": _ITERATIVE,
     "meta_fedavg": _ITERATIVE,
     "persafl": _ITERATIVE,

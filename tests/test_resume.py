@@ -106,20 +106,26 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_results(
 ):
   config = afl.get_config(**settings(algorithm))
   afl.train_and_evaluate(config, tmp_path / "whole", progress=False)
+  resumed = interrupt_and_resume(config, tmp_path / "part", 4, monkeypatch)
+  assert resumed["resumed_after_round"] == 4
+  assert_same_results(tmp_path / "part", tmp_path / "whole")
+
+
+def interrupt_and_resume(config, output_dir, index, monkeypatch) -> dict:
+  """Runs `config` into output_dir, interrupted right after round `index`'s
+  checkpoint, then again (resuming); returns the second run's results."""
   save = checkpoints.Checkpoints.save
 
-  def save_and_stop(self, index, state, meta):
-    save(self, index, state, meta)
-    if index == 4:
+  def save_and_stop(self, round_index, state, meta):
+    save(self, round_index, state, meta)
+    if round_index == index:
       raise KeyboardInterrupt
 
   monkeypatch.setattr(checkpoints.Checkpoints, "save", save_and_stop)
   with pytest.raises(KeyboardInterrupt):
-    afl.train_and_evaluate(config, tmp_path / "part", progress=False)
+    afl.train_and_evaluate(config, output_dir, progress=False)
   monkeypatch.setattr(checkpoints.Checkpoints, "save", save)
-  resumed = afl.train_and_evaluate(config, tmp_path / "part", progress=False)
-  assert resumed["resumed_after_round"] == 4
-  assert_same_results(tmp_path / "part", tmp_path / "whole")
+  return afl.train_and_evaluate(config, output_dir, progress=False)
 
 
 def test_a_run_in_progress_of_other_settings_is_refused(tmp_path, monkeypatch):
