@@ -25,6 +25,7 @@ import ml_collections
 
 from afl import models
 from afl import registry
+from afl.data import files
 from afl.data import pipeline
 
 Field = registry.Field
@@ -86,6 +87,19 @@ COMMON = {
         str,
         "Folder with mnist/ or the cifar10 files; default: $AFL_DATA_DIR, "
         "then ~/.cache/afl/data.",
+        default=None,
+    ),
+    "data_file": Field(
+        str,
+        "--dataset=npz: an .npz with x [N, ...] (float or uint8) and y [N] "
+        "integer labels (afl/data/files.py).",
+        default=None,
+    ),
+    "split_file": Field(
+        str,
+        "An .npz of the clients' train_indices, train_offsets, test_indices, "
+        "test_offsets into the pooled data (a run's split.npz); replaces "
+        "--partition, sets --num_clients.",
         default=None,
     ),
     "data_source": Field(
@@ -223,8 +237,19 @@ _DATA_USES = {
     ),
     "synthetic_alpha": (lambda c: c.dataset == "synthetic", "synthetic data"),
     "synthetic_beta": (lambda c: c.dataset == "synthetic", "synthetic data"),
-    "data_source": (lambda c: c.dataset != "synthetic", "mnist and cifar10"),
+    "data_source": (
+        lambda c: c.dataset in ("mnist", "cifar10"),
+        "mnist and cifar10",
+    ),
+    "data_file": (lambda c: c.dataset == "npz", "--dataset=npz"),
 }
+# Settings that a --split_file replaces.
+_SPLIT_REPLACES = (
+    "partition",
+    "dirichlet_beta",
+    "min_client_size",
+    "test_fraction",
+)
 
 
 def get_config(**settings) -> ml_collections.ConfigDict:
@@ -239,6 +264,8 @@ def get_config(**settings) -> ml_collections.ConfigDict:
       k: fields[k].coerce(v) if k in fields else v for k, v in settings.items()
   }
   common = {k: settings.pop(k) for k in list(settings) if k in COMMON}
+  if common.get("split_file") and "num_clients" not in common:
+    common["num_clients"] = files.num_clients_of(common["split_file"])
   config = ml_collections.ConfigDict(dict(DEFAULTS, **common))
   entry = registry.get(config.algorithm)
   own = registry.settings_of(entry.name)
@@ -301,6 +328,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"--dataset={config.dataset} --partition={config.partition} "
           f"--model={config.model}"
       )
+  _validate_data_files(config)
   for low in ("cores", "bandwidth_gbps", "latency_ms"):
     if config[low + "_min"] > config[low + "_max"]:
       raise ValueError(
@@ -309,6 +337,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
       )
   if entry.validate is not None:
     entry.validate(hparams, config)
+
+
+def _validate_data_files(config: ml_collections.ConfigDict) -> None:
+  """--dataset=npz needs --data_file; --split_file replaces the partition
+  settings and fixes --num_clients."""
+  if config.dataset == "npz" and not config.data_file:
+    raise ValueError("--dataset=npz needs --data_file=PATH (an .npz of x, y)")
+  if not config.split_file:
+    return
+  for name in _SPLIT_REPLACES:
+    if config[name] != DEFAULTS[name]:
+      raise ValueError(
+          f"--{name}={config[name]} does not apply with --split_file, which "
+          "holds the clients' train and test samples"
+      )
+  clients = files.num_clients_of(config.split_file)
+  if config.num_clients != clients:
+    raise ValueError(
+        f"--num_clients={config.num_clients} but --split_file="
+        f"{config.split_file} holds {clients} clients"
+    )
 
 
 def load_file(path: str | pathlib.Path) -> dict[str, Any]:

@@ -5,11 +5,13 @@
                                        per-round records, times, memory;
   OUTPUT_DIR/params-<sha256>.msgpack   the tested models' Flax params
                                        (`load_params`), named by
-                                       results.json's `params_file`.
+                                       results.json's `params_file`;
+  OUTPUT_DIR/split.npz                 the clients' train and test samples
+                                       (`afl.data.files`; --split_file).
 
 The pair is written as one unit (`write`, process 0 only): the params go to
-a file named by their hash, written to a temporary name, fsynced and renamed;
-then results.json, which names that file, the same way; the rename of
+a file named by their hash, written to a temporary name, fsynced and renamed
+(split.npz likewise); then results.json, which names that file, the same way; the rename of
 results.json is the commit. A write killed at any point leaves results.json
 naming a complete params file, the old pair or the new one, never a mix.
 What a killed write leaves behind (a temporary file, a params file that no
@@ -59,10 +61,15 @@ def _write_durably(path: pathlib.Path, payload: bytes) -> None:
 
 
 def write(
-    output_dir: str | os.PathLike, results: dict, params, client_model
+    output_dir: str | os.PathLike,
+    results: dict,
+    params,
+    client_model,
+    extra: dict[str, bytes] | None = None,
 ) -> dict:
-  """Writes the params and results.json (naming them) as one unit, on
-  process 0; returns the results as written (on every process)."""
+  """Writes the params, the `extra` files (name -> content) and
+  results.json (naming the params) as one unit, on process 0; returns the
+  results as written (on every process)."""
   payload = flax.serialization.msgpack_serialize(
       {
           "models": jax.tree.map(np.asarray, params),
@@ -77,6 +84,8 @@ def write(
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   _write_durably(output_dir / name, payload)
+  for extra_name, content in (extra or {}).items():
+    _write_durably(output_dir / extra_name, content)
   path = output_dir / RESULTS
   _write_durably(path, json.dumps(results, indent=2).encode("utf-8"))
   for stale in output_dir.glob("params-*.msgpack*"):

@@ -30,6 +30,7 @@ logging is set up, so a notebook shows the same lines as a terminal
 is read back only if its whole configuration equals the requested one.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -71,6 +72,8 @@ def prepare_split(config: ml_collections.ConfigDict) -> data_lib.ClientSplit:
       source=config.data_source,
       synthetic_alpha=config.synthetic_alpha,
       synthetic_beta=config.synthetic_beta,
+      data_file=config.data_file,
+      split_file=config.split_file,
   )
 
 
@@ -96,8 +99,10 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def federation(
     config: ml_collections.ConfigDict,
     split: data_lib.ClientSplit | None = None,
+    model: models.LayerwiseNet | None = None,
 ) -> algorithm_lib.Federation:
-  """The `Federation` of `config` (on `split` if given, else its data)."""
+  """The `Federation` of `config` (on `split` and `model` if given, else its
+  data and its named model)."""
   mesh = _mesh(config)
   split = split or prepare_split(config)
   if len(split.train_indices) != config.num_clients:
@@ -106,7 +111,9 @@ def federation(
         f"{config.num_clients}"
     )
   data_lib.check_finite(split)  # a split built by hand, too
-  model = models.get_model(config.model, split.num_classes, config.width)
+  model = model or models.get_model(
+      config.model, split.num_classes, config.width
+  )
   profiles = clock_lib.draw_profiles(
       rng.stream(jax.random.key(config.seed), "clock"),
       config.num_clients,
@@ -381,6 +388,7 @@ class Run(NamedTuple):
   checkpoints: checkpoints_lib.Checkpoints
   resume: Resume | None
   data_time_s: float
+  custom_model: models.LayerwiseNet | None = None
 
 
 def _check_checkpoints(
@@ -408,6 +416,7 @@ def prepare(
     config: ml_collections.ConfigDict,
     output_dir: str | os.PathLike,
     split: data_lib.ClientSplit | None = None,
+    model: models.LayerwiseNet | None = None,
 ) -> Run:
   """Checks the config and the output folder, prepares the data, builds the
   algorithm and the clock, and restores the last checkpoint of a run in
@@ -418,7 +427,7 @@ def prepare(
   saved = checkpoints_lib.Checkpoints(output_dir)
   latest = _check_checkpoints(config, saved)
   start = time.perf_counter()
-  fed = federation(config, split)
+  fed = federation(config, split, model)
   algorithm = build(config, fed)
   clock = None
   if algorithm.work is not None:
@@ -455,6 +464,7 @@ def prepare(
       saved,
       resume,
       time.perf_counter() - start,
+      model,
   )
 
 
@@ -493,6 +503,38 @@ def _checkpointer(run: Run):
     last[0] = time.monotonic()
 
   return after_round, spent
+
+
+SPLIT_FILE = "split.npz"  # a run folder's split (afl/data/files.py)
+
+
+def _split_file(split: data_lib.ClientSplit) -> bytes:
+  return data_lib.files.split_bytes(split.train_indices, split.test_indices)
+
+
+def _data_summary(split: data_lib.ClientSplit) -> dict:
+  """results.json's "data": where the samples came from (file names and
+  checksums), or, for a split built by hand, its arrays' checksum; and the
+  run folder's copy of the split."""
+  if split.origin is not None:
+    data = dict(split.origin)
+  else:
+    digest = hashlib.sha256()
+    for a in (split.x, split.y, *split.train_indices, *split.test_indices):
+      digest.update(np.ascontiguousarray(a).tobytes())
+    data = {
+        "dataset": split.name,
+        "source": "a ClientSplit given to the Python API (the config's data "
+        "settings were not used)",
+        "arrays_sha256": digest.hexdigest(),
+        "num_samples": len(split.y),
+    }
+  return dict(
+      data,
+      input_shape=list(split.x.shape[1:]),
+      num_classes=split.num_classes,
+      split_written=SPLIT_FILE,
+  )
 
 
 def _participation_summary(config, fed, records) -> dict | None:
@@ -555,8 +597,10 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "algorithm": config.algorithm,
       "status": "completed" if diverged is None else "diverged",
       "diverged_round": diverged,
-      "dataset": config.dataset,
-      "model": config.model,
+      "dataset": fed.split.name,
+      "model": config.model if run.custom_model is None else "custom",
+      "model_spec": repr(fed.model),
+      "data": _data_summary(fed.split),
       "num_clients": config.num_clients,
       "seed": config.seed,
       "accuracy": best[0],
@@ -589,6 +633,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       results,
       out["tested"].params,
       out["tested"].client_model,
+      {SPLIT_FILE: _split_file(fed.split)},
   )
   run.checkpoints.remove()
   say(
@@ -606,6 +651,7 @@ def train_and_evaluate(
     output_dir: str | os.PathLike,
     split: data_lib.ClientSplit | None = None,
     progress: bool = True,
+    model: models.LayerwiseNet | None = None,
 ) -> dict[str, Any]:
   """Runs one configuration and writes its results; returns them too.
 
@@ -618,12 +664,13 @@ def train_and_evaluate(
     split: the prepared data for `config`, to share it across runs (e.g.
       several algorithms on one seed); None prepares it.
     progress: print one line per round.
+    model: a `models.LayerwiseNet` to train instead of config.model.
 
   Returns:
     results.json's content; its "status" is "diverged" (with
     "diverged_round") if the local loss stopped being finite.
   """
-  return execute(prepare(config, output_dir, split), progress)
+  return execute(prepare(config, output_dir, split, model), progress)
 
 
 def saved_results(

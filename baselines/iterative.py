@@ -97,8 +97,8 @@ FIELDS = {
     ),
 }
 # The papers' training-time study: 20 rounds on MNIST (after BAFFLE), 600 on
-# the synthetic data (after pFedMe).
-DEFAULT_ROUNDS = {"mnist": 20, "cifar10": 20, "synthetic": 600}
+# the synthetic data (after pFedMe); 20 on the user's own data.
+DEFAULT_ROUNDS = {"mnist": 20, "cifar10": 20, "synthetic": 600, "npz": 20}
 _TRAINING = dict(batch_size=20, local_epochs=1, num_lanes=0)
 _MOREAU = dict(
     lr=0.005,

@@ -4,6 +4,7 @@
 parts (see each module's docstring for what it implements).
 """
 
+from afl.data import files
 from afl.data.partition import client_label_histograms
 from afl.data.partition import dirichlet_partition
 from afl.data.partition import iid_partition
@@ -34,6 +35,7 @@ __all__ = [
     "check_finite",
     "client_label_histograms",
     "dirichlet_partition",
+    "files",
     "iid_partition",
     "load_cifar10",
     "load_dataset",

@@ -8,6 +8,12 @@ split into a local train and test set. Synthetic: the FedProx synthetic(0.5,
 the same way. "Overall accuracy" is then the total number of correct
 predictions over the total number of test samples of all clients.
 
+The user's own data (`dataset='npz'`, an .npz of x and y) is pooled and
+partitioned the same way; a split file (`split_file`, `afl.data.files`)
+replaces the partition and the train / test split with given indices into
+the pooled data. Every split carries its `origin` (the files and their
+checksums) for results.json.
+
 The generator, the partition and the split draw from independent seeds,
 spawned from the one `seed` with `np.random.SeedSequence`, so that a change
 in one stage's use of randomness does not move the others.
@@ -22,11 +28,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from afl.data import files
 from afl.data import partition as partition_lib
 from afl.data import sources
 from afl.data import synthetic as synthetic_lib
 
-DATASETS = ("mnist", "cifar10", "synthetic")
+DATASETS = ("mnist", "cifar10", "synthetic", "npz")
 PARTITIONS = ("default", "dirichlet", "iid", "power_law")
 _SYNTHETIC_NUM_CLASSES = 10  # FedProx's synthetic data: 10 classes
 _CHECK_CHUNK = 8192  # samples per pass of `check_finite`
@@ -46,6 +53,9 @@ class ClientSplit(NamedTuple):
   test_indices: list[np.ndarray]  # per client, int64 [n_test_k] into x
   num_classes: int
   name: str
+  # Where the data came from, for results.json's "data" (`prepare`); None
+  # for a split built by hand.
+  origin: dict | None = None
 
 
 def preprocess(name: str, x: np.ndarray) -> np.ndarray:
@@ -88,15 +98,18 @@ def prepare(
     source: str = "auto",
     synthetic_alpha: float = 0.5,
     synthetic_beta: float = 0.5,
+    data_file: sources.PathLike | None = None,
+    split_file: sources.PathLike | None = None,
 ) -> ClientSplit:
   """Builds the federated dataset of the paper's protocol.
 
   Args:
-    dataset: 'mnist', 'cifar10' or 'synthetic'.
+    dataset: 'mnist', 'cifar10', 'synthetic' or 'npz' (the user's file,
+      `files.load_npz`).
     num_clients: number of clients.
-    partition: 'default' ('dirichlet' for mnist / cifar10, the generator's
-      own power-law clients for synthetic, which accepts only 'default'),
-      'dirichlet', 'iid' or 'power_law' (mnist / cifar10 only).
+    partition: 'default' ('dirichlet' for mnist / cifar10 / npz, the
+      generator's own power-law clients for synthetic, which accepts only
+      'default'), 'dirichlet', 'iid' or 'power_law' (not synthetic).
     dirichlet_beta: Dirichlet concentration of the 'dirichlet' partition.
     min_client_size: least number of samples per client ('dirichlet' and
       'power_law').
@@ -107,15 +120,19 @@ def prepare(
     source: 'auto', 'files' or 'tfds' (see `sources.load_dataset`).
     synthetic_alpha: alpha of synthetic(alpha, beta) (a standard deviation).
     synthetic_beta: beta of synthetic(alpha, beta) (a standard deviation).
+    data_file: the .npz of dataset 'npz'.
+    split_file: the clients' train and test indices (`files.load_split`)
+      instead of the partition and the train / test split.
 
   Returns:
-    all samples preprocessed, their labels, and per-client train and test
-    indices into them.
+    all samples preprocessed, their labels, per-client train and test
+    indices into them, and where they came from (`origin`).
 
   Raises:
     ValueError: unknown dataset or partition, or invalid sizes.
-    sources.DataError: the dataset's files cannot be found or read, or a
-      client's sample has a non-finite feature (`check_finite`).
+    sources.DataError: the dataset's files cannot be found or read, a split
+      file is malformed, or a client's sample has a non-finite feature
+      (`check_finite`).
   """
   if dataset not in DATASETS:
     raise ValueError(
@@ -125,8 +142,11 @@ def prepare(
     raise ValueError(
         f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}'
     )
+  if (dataset == "npz") != (data_file is not None):
+    raise ValueError("--data_file goes with --dataset=npz, and only with it")
   data_seed, partition_seed, split_seed = _stage_seeds(seed)
-
+  origin = {"dataset": dataset}
+  client_indices = None
   if dataset == "synthetic":
     if partition != "default":
       raise ValueError(
@@ -141,49 +161,76 @@ def prepare(
         num_classes=num_classes,
         seed=data_seed,
     )
+    x = preprocess(dataset, x)
+    origin["source"] = "FedProx synthetic generator"
+  elif dataset == "npz":
+    x, y, num_classes = files.load_npz(data_file)
+    origin.update(
+        source="npz file",
+        data_file=str(data_file),
+        data_sha256=files.sha256(data_file),
+    )
   else:
     data = sources.load_dataset(dataset, data_dir, source)
-    x = np.concatenate([data.x_train, data.x_test])
+    x = preprocess(dataset, np.concatenate([data.x_train, data.x_test]))
     y = np.concatenate([data.y_train, data.y_test])
     num_classes = data.num_classes
-    dirichlet = partition in ("default", "dirichlet")
-    try:
-      if dirichlet:
-        client_indices = partition_lib.dirichlet_partition(
-            y,
-            num_clients,
-            dirichlet_beta,
-            partition_seed,
-            min_size=min_client_size,
-        )
-      elif partition == "iid":
-        client_indices = partition_lib.iid_partition(
-            len(y), num_clients, partition_seed
-        )
-      else:
-        client_indices = partition_lib.power_law_partition(
-            len(y), num_clients, partition_seed, min_size=min_client_size
-        )
-    except ValueError as error:  # in the settings' names
-      beta = f" dirichlet_beta={dirichlet_beta}" if dirichlet else ""
-      raise ValueError(
-          f"num_clients={num_clients} min_client_size={min_client_size}"
-          f"{beta} on {dataset} ({len(y)} samples): {error}"
-      ) from error
-
-  train_indices, test_indices = partition_lib.split_train_test(
-      client_indices, test_fraction, split_seed
-  )
+    origin["source"] = f"{data.name}: training rows, then test rows"
+  origin["num_samples"] = len(y)
+  if split_file is not None:
+    train_indices, test_indices = files.load_split(split_file, len(y))
+    origin.update(
+        split_file=str(split_file), split_sha256=files.sha256(split_file)
+    )
+  else:
+    if client_indices is None:
+      client_indices = _partition(
+          y,
+          dataset,
+          num_clients,
+          partition,
+          dirichlet_beta,
+          min_client_size,
+          partition_seed,
+      )
+    train_indices, test_indices = partition_lib.split_train_test(
+        client_indices, test_fraction, split_seed
+    )
   split = ClientSplit(
-      x=preprocess(dataset, x),
+      x=x,
       y=y.astype(np.int32),
       train_indices=train_indices,
       test_indices=test_indices,
       num_classes=num_classes,
       name=dataset,
+      origin=origin,
   )
   check_finite(split)
   return split
+
+
+def _partition(
+    y, dataset, num_clients, partition, beta, min_size, seed
+) -> list[np.ndarray]:
+  """The clients' samples of `partition`, its errors in the settings'
+  names."""
+  dirichlet = partition in ("default", "dirichlet")
+  try:
+    if dirichlet:
+      return partition_lib.dirichlet_partition(
+          y, num_clients, beta, seed, min_size=min_size
+      )
+    if partition == "iid":
+      return partition_lib.iid_partition(len(y), num_clients, seed)
+    return partition_lib.power_law_partition(
+        len(y), num_clients, seed, min_size=min_size
+    )
+  except ValueError as error:
+    named = f" dirichlet_beta={beta}" if dirichlet else ""
+    raise ValueError(
+        f"num_clients={num_clients} min_client_size={min_size}{named} on "
+        f"{dataset} ({len(y)} samples): {error}"
+    ) from error
 
 
 def check_finite(split: ClientSplit, limit: int = 10) -> None:
