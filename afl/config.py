@@ -48,8 +48,8 @@ COMMON = {
     "num_clients": Field(int, "Clients C.", minimum=1, default=100),
     "partition": Field(
         str,
-        "Client split: default is dirichlet for mnist/cifar10 and the "
-        "generator's power-law clients for synthetic.",
+        "Client split: default is dirichlet for mnist/cifar10/npz and the "
+        "generator's power-law clients for synthetic (--split_file: given).",
         choices=pipeline.PARTITIONS,
         default="default",
     ),

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from afl.data import files
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _README = (_REPO / "README.md").read_text()
 
@@ -105,6 +107,20 @@ def test_run_commands_have_valid_settings(flags, tmp_path):
       (tmp_path / path).parent.mkdir(parents=True)
       (tmp_path / path).write_text(
           json.dumps({"config": dry_run(writer, _REPO)})
+      )
+    if flag.startswith("--split_file="):  # the split that a run writes
+      path = flag.split("=", 1)[1]
+      (writer,) = [
+          f
+          for f in experiments_run_commands()
+          if f"--output_dir={pathlib.Path(path).parent}" in f
+      ]
+      clients = dry_run(writer, _REPO)["num_clients"]
+      (tmp_path / path).parent.mkdir(parents=True)
+      files.save_split(
+          tmp_path / path,
+          [[i] for i in range(clients)],
+          [[clients + i] for i in range(clients)],
       )
   assert "algorithm" in dry_run(flags, tmp_path)
 
