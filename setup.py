@@ -35,6 +35,8 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "ml_collections>=1.0,<2",
         "matplotlib>=3.8,<4",
+        # JAX's compilation cache keeps its size bound with it.
+        "filelock>=3.12,<5",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

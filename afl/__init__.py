@@ -13,6 +13,10 @@ Importing `afl` enables float64 in JAX (`jax_enable_x64`): client statistics
 are accumulated and solved in float64 (see `afl.statistics`). Models, data and
 forward passes stay float32; code that creates arrays should give dtypes.
 
+It turns on JAX's persistent compilation cache in a per-user folder
+(`afl.compilation_cache`; AFL_COMPILATION_CACHE=off disables it), so a
+second run of the same command compiles almost nothing.
+
 It also limits OpenBLAS, which jaxlib's CPU LAPACK kernels (Cholesky) call,
 to one thread unless OPENBLAS_NUM_THREADS is set already: the solves run
 inside XLA computations that map over many systems on XLA's own threads,
@@ -29,6 +33,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_enable_x64", True)
+
+# JAX's persistent compilation cache in ~/.cache/afl/jax unless
+# AFL_COMPILATION_CACHE says otherwise (`afl.compilation_cache`).
+from afl import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+compilation_cache.enable()
 
 # The public API; importing `afl.analytic` registers the analytic algorithms.
 from afl import analytic  # pylint: disable=g-import-not-at-top,wrong-import-position
