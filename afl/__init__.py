@@ -17,6 +17,8 @@ It turns on JAX's persistent compilation cache in a per-user folder
 (`afl.compilation_cache`; AFL_COMPILATION_CACHE=off disables it), so a
 second run of the same command compiles almost nothing.
 
+It hides JAX's log line that a machine without a TPU has no libtpu.so.
+
 It also limits OpenBLAS, which jaxlib's CPU LAPACK kernels (Cholesky) call,
 to one thread unless OPENBLAS_NUM_THREADS is set already: the solves run
 inside XLA computations that map over many systems on XLA's own threads,
@@ -26,9 +28,20 @@ one thread). This takes effect when `afl` is imported before
 jax loads its LAPACK kernels (as the entry points do).
 """
 
+import logging
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _not_the_tpu_probe(record: logging.LogRecord) -> bool:
+  """JAX logs, on every machine without a TPU, that its TPU plugin has no
+  libtpu.so: not news. Other backends' failures still show."""
+  message = record.getMessage()
+  return not ("backend 'tpu'" in message and "libtpu" in message)
+
+
+logging.getLogger("jax._src.xla_bridge").addFilter(_not_the_tpu_probe)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -66,6 +66,7 @@ def test_the_main_job_runs_and_prints_rounds(tmp_path):
   assert (tmp_path / "runs" / "quickstart" / "results.json").exists()
   line = re.compile(r"round \d+/\d+: .*; \d+\.\d{3}s \(\+\d+\.\ds compile\)")
   assert line.search(result.stdout), result.stdout
+  assert "libtpu" not in result.stderr  # JAX's TPU probe is not news
   example = re.search(r"e\.g\. `(round .*?)`", _README, re.S).group(1)
   assert line.fullmatch(re.sub(r"\s+", " ", example))
 
