@@ -508,10 +508,6 @@ def _checkpointer(run: Run):
 SPLIT_FILE = "split.npz"  # a run folder's split (afl/data/files.py)
 
 
-def _split_file(split: data_lib.ClientSplit) -> bytes:
-  return data_lib.files.split_bytes(split.train_indices, split.test_indices)
-
-
 def _data_summary(split: data_lib.ClientSplit) -> dict:
   """results.json's "data": where the samples came from (file names and
   checksums), or, for a split built by hand, its arrays' checksum; and the
@@ -633,7 +629,11 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       results,
       out["tested"].params,
       out["tested"].client_model,
-      {SPLIT_FILE: _split_file(fed.split)},
+      {
+          SPLIT_FILE: data_lib.files.split_bytes(
+              fed.split.train_indices, fed.split.test_indices
+          )
+      },
   )
   run.checkpoints.remove()
   say(
