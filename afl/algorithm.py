@@ -62,6 +62,8 @@ class Algorithm(NamedTuple):
       own clock (its `summary` returns "timing").
     adaptive_batch_size: the clock adapts the batch sizes by eq. 7.
     summary: state -> dict of results.json fields of this algorithm.
+    files: state -> {file name: content}: more files of the run's folder
+      (the analytic algorithms' kept server state, `analytic.ServerState`).
     train_loss: the loop measures the tested models' training loss.
     layout: the client order of the training blocks the algorithm uses
       (`Federation.blocks`), or None: the clients' own order.
@@ -76,6 +78,7 @@ class Algorithm(NamedTuple):
   work: Callable[[int, np.ndarray], clock_lib.ClientWork | None] | None
   adaptive_batch_size: bool = False
   summary: Callable[[State], dict] = lambda state: {}
+  files: Callable[[State], dict[str, bytes]] = lambda state: {}
   train_loss: bool = True
   layout: Sequence[int] | None = None
   upload_rounds: int | None = None

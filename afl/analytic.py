@@ -31,12 +31,18 @@ resolves to 1e-6 warns. The round's metrics carry the largest condition
 bound and relative residual of its systems (`condition_bound`,
 `residual`).
 
+Round 1's sums per group (eq. 4 / 10 of layer 1, on the raw data) are
+kept in the state and written with the run (`ServerState`,
+server_state.npz): from them `afl.editing` removes or adds clients exactly
+(`rounds(..., layer_one=)` solves given sums instead of a pass).
+
 `train` runs the same rounds on given blocks and groups without the rest of
 a run (no clock, no test): the library's way to train on one's own
 `federated.FederatedData`.
 """
 
 import functools
+import io
 import time
 from typing import Any, NamedTuple
 
@@ -56,6 +62,7 @@ from afl import pfedacnnl
 from afl import registry
 from afl import runtime
 from afl import solve
+from afl import statistics
 from afl import timing
 
 FIELDS = {
@@ -114,12 +121,16 @@ class State(NamedTuple):
     solutions: the P_l [M, d, d_y] of the current stage's rounds so far.
     meta: the federated stage's P_l once all L are solved, else ().
     full: the full model of the run's last round (`expand`), else None.
+    kept: the first layer's sums per group (`statistics.Statistics` [K],
+      float64) once round 1 is done, else None: the server's kept state
+      (`ServerState`, `afl.editing`).
   """
 
   params: Any
   solutions: tuple
   meta: tuple
   full: Any
+  kept: Any = None
 
 
 def rounds(
@@ -131,6 +142,7 @@ def rounds(
     personalized: bool = False,
     work=None,
     adaptive: bool = False,
+    layer_one: statistics.Statistics | None = None,
 ) -> algorithm_lib.Algorithm:
   """The analytic rounds (module docstring) on `data`.
 
@@ -142,6 +154,9 @@ def rounds(
     personalized: run the L personalization rounds.
     work: the clock's work (`clock.analytic_work`), or None.
     adaptive: eq. 7 on the clock.
+    layer_one: the first layer's sums per group [K] to solve in round 1
+      instead of a pass over the clients' data (`afl.editing`: the kept
+      sums less the leaving clients', plus the joining ones'), or None.
   """
   num_layers = algorithm.num_layers
   if groups is None:
@@ -165,7 +180,7 @@ def rounds(
     began = time.perf_counter()
     stage = "federated" if index <= num_layers else "personalization"
     layer = (index - 1) % num_layers
-    missing = {}
+    missing, kept = {}, state.kept
     if stage == "federated":
       params = state.params
       segment = block_group
@@ -173,9 +188,17 @@ def rounds(
         reported = who.reported
         segment = jnp.where(jnp.asarray(reported)[data.client], block_group, -1)
         missing = _unreported_groups(reported, index)
-      solved = fedacnnl.solve_layer(
-          algorithm, data, layer, params, block_group, num_groups, segment
-      )
+      if layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
+        kept = layer_one
+        if kept is None:
+          kept = algorithm.client_statistics(
+              0, params, data, block_group, segment, num_groups
+          )
+        solved = algorithm.solve_sums(kept, algorithm.gamma)
+      else:
+        solved = fedacnnl.solve_layer(
+            algorithm, data, layer, params, block_group, num_groups, segment
+        )
     else:
       prior = state.meta[layer][groups]  # [C, d, d_y]
       params = state.params
@@ -201,7 +224,7 @@ def rounds(
       full = algorithm.expand(solutions)
     jax.block_until_ready((params, full))
     solve_s = time.perf_counter() - began - statistics_s - compiling.seconds
-    return State(params, solutions, meta, full), {
+    return State(params, solutions, meta, full, kept), {
         "stage": stage,
         "layer": models.layer_name(layer),
         "width": int(solution.shape[-2]),
@@ -335,6 +358,83 @@ def _inputs_report(data: federated.FederatedData, clients: np.ndarray) -> str:
   )
 
 
+SERVER_STATE = "server_state.npz"  # a run folder's ServerState
+
+
+class ServerState(NamedTuple):
+  """What the server of a finished analytic run keeps to edit it
+  (`afl.editing`: remove clients exactly, add new ones).
+
+  Layer 1's inputs are the raw data, so its sums are the only ones that a
+  client's leaving or joining changes by its own statistics alone; every
+  later layer's inputs change for every client of the group with layer 1,
+  and are formed anew by one pass. So the server keeps layer 1's sums
+  (eq. 4 / 10 before the label encoding), not the later layers'. A client
+  keeps nothing but its data: leaving, it recomputes its layer-1
+  statistics to be subtracted; it takes part in the later layers' passes.
+
+  Attributes:
+    sums: `statistics.Statistics` [K] float64, layer 1's sums per group.
+    centroid_sums: [K, d_h] float64, sum of the members' h_i (eq. 9): group
+      k's centroid is centroid_sums[k] / group_sizes[k] (the K-means
+      centroid of the final assignment), where a newcomer is assigned.
+    group_sizes: [K] int64, clients per group.
+    client_group: [C] int32.
+  """
+
+  sums: statistics.Statistics
+  centroid_sums: np.ndarray
+  group_sizes: np.ndarray
+  client_group: np.ndarray
+
+  def to_bytes(self) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        **self.sums._asdict(),
+        centroid_sums=self.centroid_sums,
+        group_sizes=self.group_sizes,
+        client_group=self.client_group,
+    )
+    return buffer.getvalue()
+
+  @classmethod
+  def load(cls, path) -> "ServerState":
+    with np.load(path) as saved:
+      arrays = {name: saved[name] for name in saved.files}
+    sums = statistics.Statistics(
+        *(arrays.pop(name) for name in statistics.Statistics._fields)
+    )
+    return cls(sums, **arrays)
+
+  def describe(self) -> dict:
+    """results.json's "server_state": its file, arrays and size."""
+    arrays = {**self.sums._asdict(), "centroid_sums": self.centroid_sums}
+    return {
+        "file": SERVER_STATE,
+        "layer": models.layer_name(0),
+        "groups": len(self.group_sizes),
+        "shapes": {name: list(a.shape) for name, a in arrays.items()},
+        "bytes": int(sum(a.nbytes for a in arrays.values())),
+    }
+
+
+def server_state(
+    state: State, vectors: np.ndarray, groups: np.ndarray
+) -> ServerState:
+  """The ServerState of a finished run's state, its clients' h_i [C, d_h]
+  (eq. 9) and groups [C]."""
+  num_groups = int(groups.max()) + 1
+  centroid_sums = np.zeros((num_groups, vectors.shape[1]))
+  np.add.at(centroid_sums, groups, vectors)
+  return ServerState(
+      jax.tree.map(lambda a: np.asarray(a, np.float64), state.kept),
+      centroid_sums,
+      np.bincount(groups, minlength=num_groups).astype(np.int64),
+      np.asarray(groups, np.int32),
+  )
+
+
 class Trained(NamedTuple):
   """Output of `train`.
 
@@ -410,6 +510,8 @@ def _build(variant: Variant):
         counts, algorithm, num_groups, fed.seed
     )
     groups = distributed.same_on_all_processes(groups)
+    vectors = pfedacnnl.label_vectors(counts, algorithm)  # the centroids'
+
     if variant.clustered:
       logging.info(
           "K-means grouping (eq. 8, 9) in %.3fs:\n%s",
@@ -454,7 +556,16 @@ def _build(variant: Variant):
         personalized=variant.personalized,
         work=work,
         adaptive=variant.adaptive,
-    )._replace(summary=lambda state: summary, layout=layout)
+    )._replace(
+        summary=lambda state: dict(
+            summary,
+            server_state=server_state(state, vectors, groups).describe(),
+        ),
+        files=lambda state: {
+            SERVER_STATE: server_state(state, vectors, groups).to_bytes()
+        },
+        layout=layout,
+    )
 
   return build
 

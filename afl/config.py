@@ -244,7 +244,7 @@ _DATA_USES = {
     "data_file": (lambda c: c.dataset == "npz", "--dataset=npz"),
 }
 # Settings that a --split_file replaces.
-_SPLIT_REPLACES = (
+SPLIT_REPLACES = (
     "partition",
     "dirichlet_beta",
     "min_client_size",
@@ -346,7 +346,7 @@ def _validate_data_files(config: ml_collections.ConfigDict) -> None:
     raise ValueError("--dataset=npz needs --data_file=PATH (an .npz of x, y)")
   if not config.split_file:
     return
-  for name in _SPLIT_REPLACES:
+  for name in SPLIT_REPLACES:
     if config[name] != DEFAULTS[name]:
       raise ValueError(
           f"--{name}={config[name]} does not apply with --split_file, which "

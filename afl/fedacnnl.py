@@ -81,6 +81,9 @@ class FedACnnL(NamedTuple):
       clients, or a group) are large, and compiling the dual form's static
       sizes (one per block count) doubled the compile time of FedACnnL:
       `solve_layer` passes dual=False.
+    solve_sums: (sums: Statistics [S] float64, reg) -> `solve.Solved` [S]:
+      eq. 5 / 11 of given sums, segment s on device s mod D (the first
+      layer's, which the server keeps: `afl.analytic`, `afl.editing`).
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
     factored: (P_l [num_models, d, d_y] for every layer) -> factored params
@@ -96,6 +99,7 @@ class FedACnnL(NamedTuple):
   init: Callable[..., Params]
   client_statistics: Callable[..., statistics.Statistics]
   solve: Callable[..., jax.Array]
+  solve_sums: Callable[..., solve.Solved]
   write_layer: Callable[..., Params]
   factored: Callable[..., Params]
   expand: Callable[..., Params]
@@ -271,6 +275,17 @@ def fedacnnl(
       solved = jax.tree.map(jnp.add, dual_solved, solved)
     return solved
 
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def solve_sums(sums: statistics.Statistics, reg) -> solve.Solved:
+    present = jnp.ones(len(sums.label_counts), bool)
+    return federated.finalize_each(
+        lambda stats, segment, reg: solve.segment_solve(stats, reg),
+        sums,
+        present,
+        reg,
+        mesh,
+    )
+
   def layer_params(layer, solution, factored):
     """Flax params of layer `layer` from P_l [..., d, d_y]: the factor, or
     the full W_l = P_l Q_l."""
@@ -304,6 +319,7 @@ def fedacnnl(
       init,
       client_statistics,
       solve_segments,
+      solve_sums,
       write_layer,
       all_layers(True),
       all_layers(False),

@@ -356,9 +356,11 @@ def _map_blocks(
   )(params, data.x, data.y, data.mask, param_index, segment_index, args)
 
 
-def _finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
+def finalize_each(finalize, sums, present, finalize_args, mesh: Mesh):
   """finalize(sums[s], s, finalize_args) for every segment s, segment s on
-  device s mod D; zeros for a segment that is not `present`.
+  device s mod D; zeros for a segment that is not `present`. (`segment_sum`
+  with few segments ends so; FedACnnL's first layer solves the server's
+  kept sums so, `fedacnnl.FedACnnL.solve_sums`.)
 
   Args:
     finalize, finalize_args: as for `segment_sum`.
@@ -715,7 +717,7 @@ def _few_segments(
     finalize_args,
 ):
   """`segment_sum` with finalize for S <= 2 D: `_plain_sums`, then each
-  segment that has blocks is finalized by one device (`_finalize_each`).
+  segment that has blocks is finalized by one device (`finalize_each`).
 
   Arguments as for `segment_sum` (param_index, segment_index int32).
   """
@@ -735,7 +737,7 @@ def _few_segments(
       .at[jnp.where(counted, segment_index, num_segments)]
       .set(True, mode="drop")
   )
-  return _finalize_each(finalize, sums, present, finalize_args, mesh)
+  return finalize_each(finalize, sums, present, finalize_args, mesh)
 
 
 def _edge_gather(

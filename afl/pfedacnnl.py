@@ -148,14 +148,27 @@ def personalize_layer(
   return solve.Solved(jnp.where(has_data, solution, prior), diagnostics)
 
 
+def label_vectors(
+    counts: np.ndarray, algorithm: fedacnnl.FedACnnL
+) -> np.ndarray:
+  """eq. 8, 9: every client's h_i [C, d_h] from its label counts [C, d_y],
+  with the narrowest hidden layer's encoding (LR: the identity)."""
+  hidden = algorithm.encodings[:-1] or algorithm.encodings  # LR: identity
+  label_encoding = min(hidden, key=lambda q: q.shape[1])  # eq. 8
+  return encoded_label_vectors(counts, label_encoding)
+
+
 def assign_groups(
     counts: np.ndarray, algorithm: fedacnnl.FedACnnL, num_groups: int, seed: int
 ) -> tuple[np.ndarray, float]:
   """Stage 1: eq. 8, 9 and K-means. Returns (groups [C], seconds)."""
   start = time.perf_counter()
-  hidden = algorithm.encodings[:-1] or algorithm.encodings  # LR: identity
-  label_encoding = min(hidden, key=lambda q: q.shape[1])  # eq. 8
-  groups = group_clients(
-      encoded_label_vectors(counts, label_encoding), num_groups, seed
-  )
+  groups = group_clients(label_vectors(counts, algorithm), num_groups, seed)
   return groups, time.perf_counter() - start
+
+
+def nearest_groups(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """[n] the group whose centroid [K, d_h] is nearest to each h [n, d_h]
+  (a late joiner's group, `afl.editing`; K-means' assignment step)."""
+  distances = ((vectors[:, None] - centroids[None]) ** 2).sum(-1)
+  return np.argmin(distances, 1).astype(np.int32)

@@ -7,12 +7,16 @@
                                        (`load_params`), named by
                                        results.json's `params_file`;
   OUTPUT_DIR/split.npz                 the clients' train and test samples
-                                       (`afl.data.files`; --split_file).
+                                       (`afl.data.files`; --split_file);
+  OUTPUT_DIR/server_state.npz          the analytic algorithms' kept
+                                       server state (`analytic.ServerState`,
+                                       `afl.editing`).
 
 The pair is written as one unit (`write`, process 0 only): the params go to
 a file named by their hash, written to a temporary name, fsynced and renamed
-(split.npz likewise); then results.json, which names that file, the same way; the rename of
-results.json is the commit. A write killed at any point leaves results.json
+(the other files likewise); then results.json, which names that file, the
+same way; the rename of results.json is the commit; its "files" gives every
+other file's size in bytes. A write killed at any point leaves results.json
 naming a complete params file, the old pair or the new one, never a mix.
 What a killed write leaves behind (a temporary file, a params file that no
 results.json names) is removed by the next write. An existing results.json

@@ -624,16 +624,19 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       **algorithm.summary(out["state"]),
       "config": config.to_dict(),
   }
+  files = {
+      SPLIT_FILE: data_lib.files.split_bytes(
+          fed.split.train_indices, fed.split.test_indices
+      ),
+      **algorithm.files(out["state"]),
+  }
+  results["files"] = {name: len(content) for name, content in files.items()}
   results = results_lib.write(
       run.output_dir,
       results,
       out["tested"].params,
       out["tested"].client_model,
-      {
-          SPLIT_FILE: data_lib.files.split_bytes(
-              fed.split.train_indices, fed.split.test_indices
-          )
-      },
+      files,
   )
   run.checkpoints.remove()
   say(
