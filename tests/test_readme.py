@@ -143,8 +143,16 @@ def test_the_launcher_command_starts_its_processes(tmp_path):
 
 
 def study_commands() -> list[list[str]]:
+  """The tables' commands and the bash blocks' other entry points (e.g.
+  experiments.edit): module, then flags."""
   table = re.findall(r"\| `python -m (experiments\.\w+)([^`]*)` \|", _README)
-  return [[module] + flags.split() for module, flags in table]
+  others = [
+      c.split()[2:]
+      for c in commands()
+      if c.startswith("python -m experiments.")
+      and not c.startswith("python -m experiments.run ")
+  ]
+  return [[module] + flags.split() for module, flags in table] + others
 
 
 @pytest.mark.parametrize("command", study_commands(), ids=str)
