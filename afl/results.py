@@ -122,6 +122,28 @@ def load_params(path: str | os.PathLike, client: int = 0):
   return jax.tree.map(lambda a: a[index], saved["models"])
 
 
+_STATUS = pathlib.Path("/proc/self/status")
+
+
+def reset_peak_memory() -> bool:
+  """Starts this process's peak resident memory afresh from what it holds
+  now (Linux: 5 to /proc/self/clear_refs resets VmHWM), so that each of
+  several runs in one process reports its own peak; False where the
+  system cannot (`peak_memory_gb` then gives the process's peak)."""
+  try:
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:
+    return False
+
+
 def peak_memory_gb() -> float:
-  """Peak resident memory of this process so far (Linux ru_maxrss is KiB)."""
+  """Peak resident memory since the last `reset_peak_memory` (VmHWM), or
+  of the process so far where /proc has no VmHWM (ru_maxrss, KiB)."""
+  try:
+    for line in _STATUS.read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20  # kB
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

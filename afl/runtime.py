@@ -424,6 +424,7 @@ def prepare(
   `afl.data.DataError`) or FileExistsError (a finished run is there)."""
   config_lib.validate(config)
   results_lib.check_output(output_dir, config.overwrite)
+  results_lib.reset_peak_memory()  # results.json's peak is this run's
   saved = checkpoints_lib.Checkpoints(output_dir)
   latest = _check_checkpoints(config, saved)
   start = time.perf_counter()

@@ -14,6 +14,7 @@ from afl import data as data_lib
 from afl import encoding
 from afl import layers
 from afl import models
+from afl import results as results_lib
 import baselines  # pylint: disable=unused-import  (registers them)
 from tests import reference
 
@@ -67,6 +68,18 @@ def test_results_file_has_what_a_researcher_needs(mnist_mlp):
   assert np.isclose(
       (per_client * counts).sum() / counts.sum(), on_disk["accuracy"]
   )
+
+
+def test_each_run_reports_its_own_peak_memory(tmp_path):
+  """Not the process's running maximum: a run after 1 GB was held and
+  freed in the same process reports less than that."""
+  held = np.ones(2**27)  # 1 GiB, touched
+  before = results_lib.peak_memory_gb()
+  del held
+  results = afl.train_and_evaluate(
+      config(model="lr", num_clients=10), tmp_path, progress=False
+  )
+  assert before >= 1.0 and results["peak_memory_gb"] < before - 0.5
 
 
 def test_mnist_mlp_accuracy_floor(mnist_mlp):
