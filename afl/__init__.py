@@ -19,19 +19,26 @@ second run of the same command compiles almost nothing.
 
 It hides JAX's log line that a machine without a TPU has no libtpu.so.
 
-It also limits OpenBLAS, which jaxlib's CPU LAPACK kernels (Cholesky) call,
-to one thread unless OPENBLAS_NUM_THREADS is set already: the solves run
-inside XLA computations that map over many systems on XLA's own threads,
-and OpenBLAS's spinning threads on top of those oversubscribe the cores (a
-785 x 785 Cholesky measured 90x slower on a loaded 2-core host than with
-one thread). This takes effect when `afl` is imported before
-jax loads its LAPACK kernels (as the entry points do).
+It sets how a CPU host runs the computations before JAX starts
+(`afl.host`): a CPU device per core (the clients are sharded over them),
+one thread each, OpenBLAS on one thread; AFL_CPU_DEFAULTS=off, or XLA_FLAGS
+naming those flags, keeps JAX's own choice. This takes effect when `afl` is
+imported before JAX has started a backend (as the entry points do).
+
+Importing `afl` does not itself import JAX (the settings above go to JAX
+through its environment when JAX is not loaded yet), and the API below is
+imported on first use: an entry point parses and checks its flags, the
+settings and the algorithms' declarations (`afl.catalog`) in a fraction of
+a second, before JAX loads.
 """
 
+import importlib
+import importlib.util
 import logging
-import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from afl import host
+
+host.apply_defaults()
 
 
 def _not_the_tpu_probe(record: logging.LogRecord) -> bool:
@@ -43,9 +50,7 @@ def _not_the_tpu_probe(record: logging.LogRecord) -> bool:
 
 logging.getLogger("jax._src.xla_bridge").addFilter(_not_the_tpu_probe)
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-jax.config.update("jax_enable_x64", True)
+host.set_jax_options(jax_enable_x64=True)
 
 # JAX's persistent compilation cache in ~/.cache/afl/jax unless
 # AFL_COMPILATION_CACHE says otherwise (`afl.compilation_cache`).
@@ -53,9 +58,21 @@ from afl import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-i
 
 compilation_cache.enable()
 
-# The public API; importing `afl.analytic` registers the analytic algorithms.
-from afl import analytic  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afl.config import get_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afl.results import load_params  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afl.runtime import run_or_reuse  # pylint: disable=g-import-not-at-top,wrong-import-position
-from afl.runtime import train_and_evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The public API, imported when first used (PEP 562), so that an entry point
+# can parse and check its flags before JAX loads (a second or more).
+_API = {
+    "get_config": "afl.config",
+    "train_and_evaluate": "afl.runtime",
+    "run_or_reuse": "afl.runtime",
+    "load_params": "afl.results",
+}
+
+
+def __getattr__(name: str):
+  """`afl.get_config` and the rest of the API above, and `afl.runtime` and
+  the other submodules, imported on first use."""
+  if name in _API:
+    return getattr(importlib.import_module(_API[name]), name)
+  if importlib.util.find_spec(f"{__name__}.{name}") is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return importlib.import_module(f"{__name__}.{name}")

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afl import algorithm as algorithm_lib
+from afl import catalog
 from afl import clock as clock_lib
 from afl import distributed
 from afl import fedacnnl
@@ -59,57 +60,13 @@ from afl import federated
 from afl import memory
 from afl import models
 from afl import pfedacnnl
-from afl import registry
 from afl import runtime
 from afl import solve
 from afl import statistics
 from afl import timing
 
-FIELDS = {
-    "gamma": registry.positive(
-        float, "Ridge coefficient (eq. 5; the meta-models' too, eq. 11)."
-    ),
-    "eps": registry.positive(
-        float, "pFedACnnL's personalization weight epsilon (eq. 12, 13)."
-    ),
-    "num_groups": registry.Field(
-        int, "pFedACnnL's number of K-means groups K.", minimum=1
-    ),
-    "statistics_dtype": registry.Field(
-        str,
-        "dtype of the clients' Gram products (sums and solves are float64 "
-        "either way); float64 is exact, float32 faster.",
-        choices=("float32", "float64"),
-    ),
-    "initial_batch_size": registry.Field(
-        int,
-        "Simulated clock: every client's local batch size B_1 in round 1 "
-        "(eq. 7 adapts it afterwards; capped at |D_i|).",
-        minimum=1,
-    ),
-}
-
-
-class Variant(NamedTuple):
-  clustered: bool  # K-means into --num_groups groups (else K = 1)
-  personalized: bool  # the personalization rounds (eq. 13)
-  adaptive: bool  # eq. 7 on the clock
-  description: str
-
-
-VARIANTS = {
-    "fedacnnl": Variant(False, False, True, "FedACnnL (Algorithm 1)"),
-    "fedacnnl_wa": Variant(
-        False, False, False, "FedACnnL without the adaptive batch size (eq. 7)"
-    ),
-    "pfedacnnl": Variant(True, True, True, "pFedACnnL (section IV)"),
-    "pfedacnnl_wc": Variant(
-        False, True, True, "pFedACnnL without clustering (K = 1)"
-    ),
-    "pfedacnnl_wp": Variant(
-        True, False, True, "pFedACnnL without personalization"
-    ),
-}
+Variant = catalog.Variant
+VARIANTS = catalog.VARIANTS
 
 
 class State(NamedTuple):
@@ -570,35 +527,5 @@ def _build(variant: Variant):
   return build
 
 
-def _defaults(variant: Variant):
-  def defaults(dataset: str, given: dict) -> dict:
-    del dataset, given
-    settings = dict(gamma=100.0)
-    if variant.personalized:
-      settings["eps"] = 2500.0
-    if variant.clustered:
-      settings["num_groups"] = 10
-    return dict(settings, statistics_dtype="float32", initial_batch_size=32)
-
-  return defaults
-
-
-def _validate(hparams, config) -> None:
-  if hparams.get("num_groups", 1) > config.num_clients:
-    raise ValueError(
-        f"--num_groups={hparams.num_groups} exceeds "
-        f"--num_clients={config.num_clients}"
-    )
-
-
-registry.declare(FIELDS)
-for _name, _variant in VARIANTS.items():
-  registry.register(
-      registry.Entry(
-          _name,
-          _build(_variant),
-          _defaults(_variant),
-          _variant.description,
-          _validate,
-      )
-  )
+# The builders by name (`afl.registry`, declared in `afl.catalog`).
+BUILDERS = {name: _build(variant) for name, variant in VARIANTS.items()}

@@ -17,12 +17,16 @@ a fresh compile gives, so results do not depend on the cache.
 Every compiled program is stored (JAX's default keeps only those over one
 second, but most of a run's compile time is in programs of 0.1 - 1 s), and
 the folder is kept under MAX_BYTES by JAX, least recently used first.
+
+The settings go to JAX through its environment (JAX_COMPILATION_CACHE_DIR,
+...) when JAX is not imported yet, so that importing `afl` imports no JAX
+(`afl.host.set_jax_options`); else through `jax.config`.
 """
 
 import os
 import pathlib
 
-import jax
+from afl import host
 
 ENV = "AFL_COMPILATION_CACHE"
 MAX_BYTES = 4 * 2**30
@@ -45,8 +49,10 @@ def enable() -> str | None:
   folder = (
       str(pathlib.Path(wanted).expanduser()) if wanted else str(default_dir())
   )
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  host.set_jax_options(
+      jax_compilation_cache_dir=folder,
+      jax_persistent_cache_min_compile_time_secs=0.0,
+      jax_persistent_cache_min_entry_size_bytes=0,
+      jax_compilation_cache_max_size=MAX_BYTES,
+  )
   return folder

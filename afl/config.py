@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from afl import models
+from afl import catalog
 from afl import registry
 from afl.data import files
 from afl.data import pipeline
@@ -41,7 +41,7 @@ COMMON = {
         str,
         "lr: multinomial logistic regression; mlp: [128, 64] ReLU; dcnn: the "
         "paper's conv net (see --width).",
-        choices=models.MODELS,
+        choices=catalog.MODELS,
         default="mlp",
     ),
     "width": registry.positive(float, "DCNN width multiplier.", default=1.0),

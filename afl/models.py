@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from afl import catalog
+
 LEAKY_RELU_SLOPE = 0.01
 GLOBAL_POOL = 0  # `Stage.pool` value: average over all spatial positions.
 
@@ -169,7 +171,7 @@ def dcnn(num_classes: int, width: float = 1.0) -> LayerwiseNet:
   )
 
 
-MODELS = ("lr", "mlp", "dcnn")
+MODELS = catalog.MODELS
 
 
 def get_model(name: str, num_classes: int, width: float = 1.0) -> LayerwiseNet:

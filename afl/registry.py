@@ -1,17 +1,21 @@
 """Algorithms by name: their builders, their settings and the papers'
 defaults.
 
-An algorithm module registers each algorithm it defines (`register`): the
-builder `(hparams, federation) -> algorithm.Algorithm`, the settings it
-reads (`Field`s, each declared once by the package that owns it), and its
-defaults, possibly by dataset (the papers' hyperparameters). The analytic
-algorithms register in `afl.analytic`, which `afl` imports; the baselines
-register when `baselines` is imported (the entry points under
-`experiments/` do). The run loop (`afl.runtime`) and the configuration
-(`afl.config`) know algorithms only through here, so adding one touches
-one module.
+A catalog module, which imports no JAX, registers each algorithm
+(`register`): the module that holds its builder `(hparams, federation) ->
+algorithm.Algorithm` (in its BUILDERS, by name), the settings it reads
+(`Field`s, each declared once by the package that owns it), and its
+defaults, possibly by dataset (the papers' hyperparameters). The builder's
+module is imported when a run builds the algorithm (`builder`), so that an
+entry point checks flags and settings before JAX loads. The analytic
+algorithms register in `afl.catalog`, which `afl.config` imports; the
+baselines in `baselines.catalog`, when `baselines` is imported (the entry
+points under `experiments/` do). The run loop (`afl.runtime`) and the
+configuration (`afl.config`) know algorithms only through here, so adding
+one touches its module and a catalog line.
 """
 
+import importlib
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -101,7 +105,8 @@ class Entry(NamedTuple):
 
   Attributes:
     name: its `--algorithm` name.
-    builder: (hparams ConfigDict, federation) -> algorithm.Algorithm.
+    module: the module whose BUILDERS[name] is its builder, (hparams
+      ConfigDict, federation) -> algorithm.Algorithm.
     defaults: (dataset, given) -> {setting: default} for every setting the
       algorithm reads (given: the settings the user chose, for defaults that
       depend on them).
@@ -111,7 +116,7 @@ class Entry(NamedTuple):
   """
 
   name: str
-  builder: Callable[..., Any]
+  module: str
   defaults: Callable[[str, dict], dict]
   description: str
   validate: Callable[[Any, Any], None] | None = None
@@ -148,6 +153,11 @@ def get(name: str) -> Entry:
         "baselines are registered by `import baselines`)"
     )
   return _ENTRIES[name]
+
+
+def builder(name: str) -> Callable[..., Any]:
+  """The builder of algorithm `name`, its module imported now."""
+  return importlib.import_module(get(name).module).BUILDERS[name]
 
 
 def names() -> tuple[str, ...]:

@@ -136,7 +136,7 @@ def build(
     config: ml_collections.ConfigDict, fed: algorithm_lib.Federation
 ) -> algorithm_lib.Algorithm:
   """The registered algorithm of `config` over `fed`."""
-  return registry.get(config.algorithm).builder(config[config.algorithm], fed)
+  return registry.builder(config.algorithm)(config[config.algorithm], fed)
 
 
 class Progress:

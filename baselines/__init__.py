@@ -3,9 +3,9 @@ FedAvg, FedZO, BAFFLE, pFedMe and pFedZO (algorithms: their local training
 and server updates; zeroth_order: the estimators), the nu-step meta-FL
 FedAvg (meta_fl) and PersA-FL's asynchronous server (persafl).
 
-Importing the package registers them (`iterative`, `persafl`) with
-`afl.registry`, so that `afl.train_and_evaluate` runs them by name.
+Importing the package registers them with `afl.registry` (`catalog`, which
+imports no JAX; their modules load when a run builds one), so that
+`afl.train_and_evaluate` runs them by name.
 """
 
-from baselines import iterative  # registers the synchronous baselines
-from baselines import persafl  # registers PersA-FL
+from baselines import catalog  # pylint: disable=unused-import  (registers them)

@@ -47,12 +47,11 @@ from jax.flatten_util import ravel_pytree
 
 from afl import evaluation
 from afl import lanes
+from baselines import catalog
 from baselines import zeroth_order
 
 Params = Any
-# pFedMe / pFedZO: which model of the carry (theta, w_i) a client is tested
-# with.
-MOREAU_TESTED = ("theta", "local")
+MOREAU_TESTED = catalog.MOREAU_TESTED
 # (loss_fn: params -> scalar, params, key) -> (loss, gradient estimate)
 Gradient = Callable[[Callable, Params, jax.Array], tuple[jax.Array, Params]]
 

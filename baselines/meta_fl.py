@@ -49,8 +49,9 @@ import numpy as np
 from afl import evaluation
 from afl import lanes
 from baselines import algorithms
+from baselines import catalog
 
-META_GRADIENTS = ("exact", "first_order")
+META_GRADIENTS = catalog.META_GRADIENTS
 
 
 def inner_steps(loss_fn, params, xs, ys, masks, alpha: float, exact: bool):

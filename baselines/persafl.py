@@ -87,13 +87,13 @@ from afl import clock as clock_lib
 from afl import lanes
 from afl import memory
 from afl import models
-from afl import registry
 from afl import rng
 from baselines import algorithms
+from baselines import catalog
 from baselines import iterative
 from baselines import meta_fl
 
-PERSONALIZATIONS = ("maml", "me")
+PERSONALIZATIONS = catalog.PERSONALIZATIONS
 
 
 class Trace(NamedTuple):
@@ -469,56 +469,6 @@ def delays(
   )
 
 
-FIELDS = {
-    "personalization": registry.Field(
-        str,
-        "persafl: MAML (one fine-tuning step) or Moreau envelope (pFedMe's "
-        "solver).",
-        choices=PERSONALIZATIONS,
-    ),
-    "max_staleness": registry.non_negative(
-        int,
-        "persafl: bound on an update's staleness in server versions (rounds "
-        "completed by every client); 0: synchronous.",
-    ),
-    "delay_spread": registry.non_negative(
-        float,
-        "persafl: sigma of the log-normal noise on each computation's delay.",
-    ),
-}
-
-
-def defaults(dataset: str, given: dict) -> dict:
-  """The synchronous counterpart's defaults (maml: meta_fedavg, me:
-  pfedme) with PersA-FL's own."""
-  personalization = given.get("personalization", "maml")
-  counterpart = iterative.paper_defaults(
-      "meta_fedavg" if personalization == "maml" else "pfedme", dataset
-  )
-  moreau = iterative.paper_defaults("pfedme", dataset)
-  return dict(
-      rounds=counterpart["rounds"],
-      batch_size=counterpart["batch_size"],
-      local_steps=counterpart["local_steps"],
-      lr=counterpart["lr"],
-      personal_lr=counterpart["personal_lr"],
-      lam=moreau["lam"],
-      inner_steps=moreau["inner_steps"],
-      pfedme_beta=1.0,
-      meta_grad="exact",
-      num_lanes=0,
-      personalization=personalization,
-      max_staleness=2,
-      delay_spread=0.5,
-  )
-
-
-def validate(hparams, config) -> None:
-  del config
-  if not hparams.local_steps:
-    raise ValueError("persafl needs --local_steps > 0 (R steps per update)")
-
-
 def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
   """PersA-FL over the federation: a "round" is C applied updates (one per
   client on average); its record's `time_s` is the simulated server time of
@@ -672,14 +622,5 @@ def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
   )
 
 
-registry.declare(FIELDS)
-registry.register(
-    registry.Entry(
-        "persafl",
-        build,
-        defaults,
-        "PersA-FL: asynchronous personalized FL (--personalization, "
-        "--max_staleness)",
-        validate,
-    )
-)
+# The builder (`afl.registry`, declared in `baselines.catalog`).
+BUILDERS = {"persafl": build}

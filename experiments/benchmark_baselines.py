@@ -29,12 +29,13 @@ from afl import lanes
 from afl import models
 from afl import runtime
 from afl import timing
+from baselines import catalog
 from baselines import iterative
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
-    "algorithm", "fedavg", list(iterative.PAPER_DEFAULTS), "Algorithm."
+    "algorithm", "fedavg", list(catalog.PAPER_DEFAULTS), "Algorithm."
 )
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
 flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")

@@ -20,7 +20,9 @@ work is done by `afl.runtime.prepare` and `execute`.
 A bad flag or setting (or an output folder that holds a finished run) is
 refused before anything is written: one line on standard error, exit status
 2. A rerun into the folder of an interrupted run resumes from its last
-checkpoint. A run whose loss diverged writes its results with status
+checkpoint. The flags are parsed and the settings checked before JAX loads
+(`afl` imports `afl.runtime` and the rest on first use), so `--help` and a
+bad flag answer at once. A run whose loss diverged writes its results with status
 "diverged" and exits with status 1; one whose numbers break (non-finite or
 overflowing statistics, a failed Cholesky: `afl.solve.NumericalError`)
 writes nothing and exits with status 1, naming the layer and the clients.
@@ -32,10 +34,7 @@ from absl import flags
 
 import afl
 from afl import config as config_lib
-from afl import distributed
 from afl import registry
-from afl import runtime
-from afl import solve
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -106,12 +105,12 @@ def main(argv):
     return
   if not FLAGS.output_dir:
     raise ValueError("--output_dir is required")
-  distributed.initialize()  # several processes when launched so (launch/)
-  run = runtime.prepare(config, FLAGS.output_dir)
+  afl.distributed.initialize()  # several processes when launched so (launch/)
+  run = afl.runtime.prepare(config, FLAGS.output_dir)
   # Past this point a ValueError is not the user's: a traceback.
   try:
-    results = runtime.execute(run)
-  except solve.NumericalError as error:  # nothing was written
+    results = afl.runtime.execute(run)
+  except afl.solve.NumericalError as error:  # nothing was written
     print(f"experiments.run: {error}", file=sys.stderr)
     sys.exit(1)
   except ValueError as error:
