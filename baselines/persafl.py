@@ -507,6 +507,7 @@ def defaults(dataset: str, given: dict) -> dict:
       pfedme_beta=1.0,
       meta_grad="exact",
       num_lanes=0,
+      init=counterpart["init"],
       personalization=personalization,
       max_staleness=2,
       delay_spread=0.5,
@@ -591,7 +592,9 @@ def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
   )
 
   def init(key):
-    params = fed.replicated(models.init_params(model, key, fed.input_shape))
+    params = fed.replicated(
+        models.init_params(model, key, fed.input_shape, init=hparams.init)
+    )
     personal = None
     if hparams.personalization == "me":
       personal = jax.tree.map(
