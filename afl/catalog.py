@@ -20,6 +20,8 @@ from typing import NamedTuple
 from afl import registry
 
 MODELS = ("lr", "mlp", "dcnn")
+# How the iterative baselines initialize a model (`models.init_params`).
+INITS = ("flax", "pytorch")
 
 FIELDS = {
     "gamma": registry.positive(

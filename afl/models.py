@@ -12,6 +12,11 @@ Each model is a `LayerwiseNet`: a sequence of *stages*, each one trainable layer
 The analytic trainer walks the stages in order (`upto=l` returns the input of
 trainable layer l) and writes ordinary Flax params (`layer_{l}/kernel`,
 `layer_{l}/bias`) that `model.apply` and the gradient baselines use unchanged.
+The gradient baselines draw their initial params as PyTorch's nn.Linear
+and nn.Conv2d do, like their papers' code (`init_params(init="pytorch")`,
+`pytorch_uniform`); Flax's defaults (lecun_normal kernels, zero biases) stay
+the analytic algorithms' (each layer they solve overwrites its init) and an
+option for the baselines.
 
 DCNN head: flattening the last 8x8x2048 feature map gives a 131,072-wide input
 to the dense layer, whose Gram matrix (eq. 5) would take 69 GB in float32. The
@@ -20,6 +25,7 @@ globally (2048 features at full width), which keeps every layer's least-squares
 problem at most 18,433 wide (the 3x3x2048 patches of the last conv layer).
 """
 
+import math
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
@@ -185,14 +191,67 @@ def get_model(name: str, num_classes: int, width: float = 1.0) -> LayerwiseNet:
   raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
+# How a trained model's params are first drawn (`init_params`).
+INITS = catalog.INITS
+
+
 def init_params(
     model: LayerwiseNet,
     key: jax.Array,
     input_shape: Sequence[int],
     encodings: Sequence[jax.Array] | None = None,
+    init: str = "flax",
 ):
-  """Ordinary Flax params of `model` for inputs of shape [batch, *input_shape]
-  (factored params with `encodings`, see `LayerwiseNet`)."""
-  return model.init(
-      key, jnp.zeros((1, *input_shape), jnp.float32), encodings=encodings
-  )
+  """Params of `model` for inputs of shape [batch, *input_shape] (factored
+  params with `encodings`, see `LayerwiseNet`), drawn by `init`: "flax"
+  (Flax's defaults: lecun_normal kernels, zero biases) or "pytorch"
+  (`pytorch_uniform`)."""
+
+  def flax_init():
+    return model.init(
+        key, jnp.zeros((1, *input_shape), jnp.float32), encodings=encodings
+    )
+
+  if init == "flax":
+    return flax_init()
+  if init == "pytorch":
+    return pytorch_uniform(jax.eval_shape(flax_init), key)
+  raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+
+
+def pytorch_uniform(params, key: jax.Array):
+  """PyTorch's default init of `nn.Linear` and `nn.Conv2d`, over Flax
+  params (arrays or shapes): every layer's kernel and bias drawn from
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in the layer's inputs per output
+  (a Dense kernel [fan_in, out]; a Conv kernel [kh, kw, cin, cout]:
+  kh kw cin). PyTorch's kaiming_uniform(a=sqrt(5)) kernel has exactly
+  this bound.
+
+  The baselines' papers' reference code is PyTorch (pFedMe's:
+  CharlieDinh/pFedMe), and their step sizes were chosen with this init.
+  With Flax's lecun_normal kernels instead (std 1/sqrt(fan_in), sqrt(3)
+  times PyTorch's) and the [128, 64] MLP on MNIST standardized per pixel
+  as the pFedMe authors' data files are ((x / 255 - mean) / (std + 0.001):
+  rarely inked border pixels reach about 200), pFedMe's inner solver blows
+  up in round 1 at the paper's settings, where the authors' code stays
+  finite (tests/test_baselines.py).
+  """
+  layers = params["params"]
+  keys = jax.random.split(key, len(layers))
+
+  def draw(layer, layer_key):
+    bound = 1.0 / math.sqrt(math.prod(layer["kernel"].shape[:-1]))
+    leaf_keys = jax.random.split(layer_key, len(layer))
+    return {
+        name: jax.random.uniform(
+            leaf_key, leaf.shape, leaf.dtype, -bound, bound
+        )
+        for (name, leaf), leaf_key in zip(sorted(layer.items()), leaf_keys)
+    }
+
+  return {
+      "params": {
+          name: draw(layer, layer_key)
+          for (name, layer), layer_key in zip(sorted(layers.items()), keys)
+      }
+  }

@@ -8,6 +8,7 @@ training-time study: 20 rounds on MNIST and CIFAR-10 (after BAFFLE), 600 on
 the synthetic data (after pFedMe).
 """
 
+from afl import catalog
 from afl import registry
 
 Field = registry.Field
@@ -66,11 +67,19 @@ FIELDS = {
         "or drop the second-order terms.",
         choices=META_GRADIENTS,
     ),
+    "init": Field(
+        str,
+        "The model's initial params: pytorch (U(+-1/sqrt(fan_in)) kernels "
+        "and biases, as the papers' PyTorch code) or flax (lecun_normal, "
+        "zero biases).",
+        choices=catalog.INITS,
+    ),
 }
 # The papers' training-time study: 20 rounds on MNIST (after BAFFLE), 600 on
 # the synthetic data (after pFedMe); 20 on the user's own data.
 DEFAULT_ROUNDS = {"mnist": 20, "cifar10": 20, "synthetic": 600, "npz": 20}
-_TRAINING = dict(batch_size=20, local_epochs=1, num_lanes=0)
+# init: the papers' reference code is PyTorch (`models.pytorch_uniform`).
+_TRAINING = dict(batch_size=20, local_epochs=1, num_lanes=0, init="pytorch")
 _MOREAU = dict(
     lr=0.005,
     local_steps=20,
@@ -164,6 +173,7 @@ def persafl_defaults(dataset: str, given: dict) -> dict:
       pfedme_beta=1.0,
       meta_grad="exact",
       num_lanes=0,
+      init=counterpart["init"],
       personalization=personalization,
       max_staleness=2,
       delay_spread=0.5,

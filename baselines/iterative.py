@@ -26,7 +26,9 @@ jitted local step from XLA's cost analysis, a whole model down and up) is
 the same every round, with fixed batches (no eq. 7).
 
 The settings and the papers' hyperparameters, their defaults, are declared
-in `baselines.catalog`.
+in `baselines.catalog`. The server model starts as in the papers' PyTorch
+code (`init="pytorch"`, `models.pytorch_uniform`; "flax": Flax's defaults,
+with which pFedMe diverges on per-pixel standardized MNIST).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -186,9 +188,10 @@ def _build(name: str) -> Callable:
     everyone = np.arange(fed.num_clients)
 
     def init(key):
-      return State(
-          fed.replicated(models.init_params(model, key, fed.input_shape)), None
+      params = models.init_params(
+          model, key, fed.input_shape, init=hparams.init
       )
+      return State(fed.replicated(params), None)
 
     def round_(state: State, index: int, key, who=None):
       del index

@@ -541,7 +541,9 @@ def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
   )
 
   def init(key):
-    params = fed.replicated(models.init_params(model, key, fed.input_shape))
+    params = fed.replicated(
+        models.init_params(model, key, fed.input_shape, init=hparams.init)
+    )
     personal = None
     if hparams.personalization == "me":
       personal = jax.tree.map(

@@ -159,6 +159,8 @@ def test_existing_results_are_not_overwritten(tmp_path, capsys):
         (dict(width=0.5), "--width=0.5 is used only by --model=dcnn"),
         (dict(algorithm="pfedacnnl", num_groups=200), "--num_groups=200"),
         (dict(algorithm="fedavg", batch_size=0), "--batch_size=0 must be >="),
+        (dict(algorithm="pfedme", init="torch"), "--init='torch' is not one"),
+        (dict(init="flax"), "--init does not apply to --algorithm=fedacnnl"),
         (dict(algorithm="persafl", local_steps=0), "--local_steps > 0"),
         (dict(foo=1), "unknown setting --foo"),
     ],
@@ -189,6 +191,8 @@ def test_paper_defaults_by_dataset():
   assert mnist.pfedme.lam == 15.0 and mnist.pfedme.rounds == 20
   assert config(algorithm="persafl", personalization="me").persafl.lr == 0.005
   assert config(algorithm="persafl").persafl.lr == 0.05  # maml: meta_fedavg
+  for name in ("fedavg", "pfedme", "baffle", "meta_fedavg", "persafl"):
+    assert config(algorithm=name)[name].init == "pytorch"  # their code's
 
 
 def test_missing_dataset_names_the_folder(tmp_path):

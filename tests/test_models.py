@@ -95,6 +95,50 @@ def test_unknown_model_names_the_valid_ones():
 
 
 @pytest.mark.parametrize(
+    "name,input_shape,fan_ins",
+    [
+        ("mlp", (28, 28, 1), [784, 128, 64]),
+        (
+            "dcnn",
+            (32, 32, 3),
+            [5 * 5 * 3, 3 * 3 * 8, 3 * 3 * 16, 3 * 3 * 32, 32],
+        ),
+    ],
+)
+def test_pytorch_init_draws_uniform_within_one_over_sqrt_fan_in(
+    name, input_shape, fan_ins
+):
+  """PyTorch's nn.Linear / nn.Conv2d default: kernel and bias of layer l
+  from U(-b, b), b = 1/sqrt(fan_in) (a conv's fan_in: kh kw cin), so a
+  large kernel's std is b / sqrt(3)."""
+  model = models.get_model(name, 10, DCNN_WIDTH)
+  params = models.init_params(
+      model, jax.random.key(0), input_shape, init="pytorch"
+  )
+  assert kernel_shapes(params) == kernel_shapes(
+      model_and_params(name, input_shape)[1]
+  )
+  for index, fan_in in enumerate(fan_ins):
+    layer = params["params"][models.layer_name(index)]
+    bound = 1 / np.sqrt(fan_in)
+    for leaf in layer.values():
+      magnitude = np.abs(np.asarray(leaf))
+      assert magnitude.max() <= bound and magnitude.max() > bound / 2
+    kernel = np.asarray(layer["kernel"])
+    if kernel.size >= 9000:
+      assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.03)
+
+
+def test_flax_init_keeps_flax_defaults_and_unknown_inits_are_named():
+  model, default = model_and_params("mlp", (28, 28, 1))
+  flax = models.init_params(model, jax.random.key(0), (28, 28, 1), init="flax")
+  jax.tree.map(np.testing.assert_array_equal, flax, default)
+  assert not np.asarray(flax["params"]["layer_0"]["bias"]).any()
+  with pytest.raises(ValueError, match=r"'torch'.*'flax', 'pytorch'"):
+    models.init_params(model, jax.random.key(0), (28, 28, 1), init="torch")
+
+
+@pytest.mark.parametrize(
     "name,input_shape,expected",
     [
         ("lr", (28, 28, 1), [(784,)]),

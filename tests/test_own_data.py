@@ -33,7 +33,8 @@ def test_an_npz_dataset_trains_and_a_written_split_reproduces_the_run(
     algorithm, tmp_path
 ):
   make_npz(tmp_path / "own.npz")
-  rounds = {"fedavg": dict(rounds=2)}.get(algorithm, {})
+  # Flax's init: PyTorch's smaller one has FedAvg at 0.31 after 2 rounds.
+  rounds = {"fedavg": dict(rounds=2, init="flax")}.get(algorithm, {})
   first = afl.train_and_evaluate(
       afl.get_config(
           algorithm=algorithm,

@@ -17,13 +17,16 @@ SEEDS = 2
 SETTINGS = dict(
     num_clients=10, data_seed=0, eval_every=1, model="lr", num_devices=1
 )
+# The iterative methods' runs: with PyTorch's smaller init, meta_nu1's best
+# accuracy (round 1) is the same at seeds 0 and 1; Flax's tells them apart.
+ITERATIVE = dict(SETTINGS, init="flax")
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
   output_dir = tmp_path_factory.mktemp("personalized")
   tables = personalized.study(
-      output_dir, ["synthetic"], METHODS, SEEDS, rounds=2, **SETTINGS
+      output_dir, ["synthetic"], METHODS, SEEDS, rounds=2, **ITERATIVE
   )
   return output_dir, tables
 
@@ -90,12 +93,12 @@ def test_rerun_reads_back_and_other_settings_are_refused(study):
   saved = output_dir / "synthetic" / "fedavg" / "seed_0" / "results.json"
   before = saved.read_bytes(), saved.stat().st_mtime_ns
   again = personalized.study(
-      output_dir, ["synthetic"], ["fedavg"], SEEDS, rounds=2, **SETTINGS
+      output_dir, ["synthetic"], ["fedavg"], SEEDS, rounds=2, **ITERATIVE
   )
   assert again["synthetic"]["fedavg"] == tables["synthetic"]["fedavg"]
   with pytest.raises(ValueError, match=r"fedavg\.rounds: 2 -> 3"):
     personalized.study(
-        output_dir, ["synthetic"], ["fedavg"], SEEDS, rounds=3, **SETTINGS
+        output_dir, ["synthetic"], ["fedavg"], SEEDS, rounds=3, **ITERATIVE
     )
   assert (saved.read_bytes(), saved.stat().st_mtime_ns) == before
 
