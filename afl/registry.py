@@ -1,13 +1,14 @@
 """Algorithms by name: their builders, their settings and the papers'
 defaults.
 
-A catalog module, which imports no JAX, registers each algorithm
-(`register`): the module that holds its builder `(hparams, federation) ->
-algorithm.Algorithm` (in its BUILDERS, by name), the settings it reads
-(`Field`s, each declared once by the package that owns it), and its
-defaults, possibly by dataset (the papers' hyperparameters). The builder's
-module is imported when a run builds the algorithm (`builder`), so that an
-entry point checks flags and settings before JAX loads. The analytic
+Each algorithm is registered (`register`) with its builder `(hparams,
+federation) -> algorithm.Algorithm`, the settings it reads (`Field`s, each
+declared once by the package that owns it), and its defaults, possibly by
+dataset (the papers' hyperparameters). The project's own register in
+catalog modules that import no JAX, naming the module that holds the
+builder (in its BUILDERS) instead of the builder: it is imported when a run
+builds the algorithm (`builder`), so an entry point checks its flags and
+settings before JAX loads. The analytic
 algorithms register in `afl.catalog`, which `afl.config` imports; the
 baselines in `baselines.catalog`, when `baselines` is imported (the entry
 points under `experiments/` do). The run loop (`afl.runtime`) and the
@@ -105,8 +106,9 @@ class Entry(NamedTuple):
 
   Attributes:
     name: its `--algorithm` name.
-    module: the module whose BUILDERS[name] is its builder, (hparams
-      ConfigDict, federation) -> algorithm.Algorithm.
+    builder: (hparams ConfigDict, federation) -> algorithm.Algorithm, or
+      the name of the module whose BUILDERS[name] it is (imported when a
+      run builds it: a catalog declares an algorithm without JAX).
     defaults: (dataset, given) -> {setting: default} for every setting the
       algorithm reads (given: the settings the user chose, for defaults that
       depend on them).
@@ -116,7 +118,7 @@ class Entry(NamedTuple):
   """
 
   name: str
-  module: str
+  builder: Callable[..., Any] | str
   defaults: Callable[[str, dict], dict]
   description: str
   validate: Callable[[Any, Any], None] | None = None
@@ -156,8 +158,11 @@ def get(name: str) -> Entry:
 
 
 def builder(name: str) -> Callable[..., Any]:
-  """The builder of algorithm `name`, its module imported now."""
-  return importlib.import_module(get(name).module).BUILDERS[name]
+  """The builder of algorithm `name` (its module imported now, if named)."""
+  found = get(name).builder
+  if isinstance(found, str):
+    return importlib.import_module(found).BUILDERS[name]
+  return found
 
 
 def names() -> tuple[str, ...]:

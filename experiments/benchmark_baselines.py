@@ -9,7 +9,8 @@ settings (`afl.get_config`, `baselines.iterative`). FedAvg: one local epoch
 over each client's data; pFedMe: K = 5 inner steps, R = 20 local steps per
 client; both in packed lanes (`afl.lanes.make_schedule`). The loop is
 `afl.lanes.loop_round`: the same jitted client step called once per local
-step, client after client, as most simulators run clients. Each is compiled
+step, client after client, as most simulators run clients, on one device
+(the lanes shard over all of them, `afl.host`). Each is compiled
 once, then all are timed `--repeats` times interleaved (so they see the same
 machine load) on the same round key; prints the medians and the loop's
 median over each (targets: FedAvg >= 2x, pFedMe >= 4x). `--lanes=2,8,100`
@@ -99,10 +100,14 @@ def main(argv):
   }
   schedule = next(iter(schedules.values()))
   rounds["loop"] = lanes.loop_round(baseline.local, schedule, sizes)
+  # The loop runs on the data's one device (the lanes shard over them all).
+  on_one = jax.device_put(params, data.x.sharding)
   key = jax.random.key(1)
   medians, times, warmup = timing.interleaved_medians(
       {
-          name: lambda fn=fn: fn(params, data, key).upload
+          name: lambda fn=fn, p=on_one if name == "loop" else params: fn(
+              p, data, key
+          ).upload
           for name, fn in rounds.items()
       },
       FLAGS.repeats,

@@ -5,10 +5,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from afl import host
 
 DEVICES = "--xla_force_host_platform_device_count"
 THREAD = "--xla_cpu_multi_thread_eigen"
+
+
+@pytest.fixture(autouse=True)
+def no_backend_yet(monkeypatch):
+  """As in a process where JAX has not started (this one has)."""
+  monkeypatch.setattr(host, "_backend_started", lambda: False)
 
 
 def test_defaults_add_a_device_per_core_and_one_thread():
@@ -28,6 +36,13 @@ def test_flags_already_set_win_and_off_adds_nothing():
   assert host.apply_defaults(environ) == [f"{DEVICES}={min(host.cores(), 8)}"]
   assert environ["OPENBLAS_NUM_THREADS"] == "4"
   environ = {"AFL_CPU_DEFAULTS": "off"}
+  assert host.apply_defaults(environ) == []
+  assert "XLA_FLAGS" not in environ
+
+
+def test_nothing_is_added_once_a_backend_has_started(monkeypatch):
+  monkeypatch.setattr(host, "_backend_started", lambda: True)
+  environ = {}
   assert host.apply_defaults(environ) == []
   assert "XLA_FLAGS" not in environ
 
