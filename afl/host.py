@@ -5,12 +5,16 @@ experiments/README.md).
 JAX's default on a CPU host is one device whose operations XLA splits over
 a pool of threads, one per core. The work here is many small operations
 (a client's local step on a batch of 20, a block's statistics), where the
-pool's hand-offs cost more than they save: on 2 cores, FedAvg's round took
-1.8x longer than in a process pinned to one core. Clients are independent,
-so the cores are better used on different clients: with a CPU device per
-core, the runtime shards the clients over the devices (`afl.federated`'s
+pool gains little or loses: on 2 cores, pFedMe's MNIST-MLP round took 1.5x
+the time of a process pinned to one core, FedAvg's as long. Clients are
+independent, so the cores are better used on different clients: with a CPU
+device per core the runtime shards the clients over the devices (`afl.federated`'s
 mesh, `afl.lanes`), and each device runs its share on one thread
-(`--xla_cpu_multi_thread_eigen=false`).
+(`--xla_cpu_multi_thread_eigen=false`). Measured on 2 cores (FedAvg,
+pFedMe, FedACnnL, pFedACnnL; experiments/README.md): 0.56-0.64x the time
+of one pinned core, 0.40-0.94x the time of JAX's default. One thread per
+device also avoids a deadlock seen when several CPU devices share Eigen's
+pool (`tests/conftest.py`).
 
 `apply_defaults` adds both XLA flags to XLA_FLAGS unless they are there
 already (a user's, the tests' or a launcher's own choice wins), and only
