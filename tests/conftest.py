@@ -16,7 +16,7 @@ subprocesses they start (a killed run and its rerun, 2 processes against
 1): XLA's persistent compilation cache, in a folder that the pytest-xdist
 workers and their children share (the environment passes it on), compiles
 each once per session. Only compilation is cached; the executables are the
-ones a fresh compile gives.
+ones a fresh compile gives. The cache is bounded, which makes JAX lock it.
 """
 
 import os
@@ -35,6 +35,11 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size bound turns on JAX's file lock around every read and write of the
+# cache; without it a worker can read an entry another process is still
+# writing, and deserializing the half-written executable aborts the worker
+# (seen in CI). The bound is far above what the suite stores.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 import pytest  # pylint: disable=g-import-not-at-top
 
