@@ -41,12 +41,27 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # (seen in CI). The bound is far above what the suite stores.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
+import gc  # pylint: disable=g-import-not-at-top
+
+import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 # Set (by .ci/run): a missing data folder fails the data tests instead of
 # skipping them with what to set.
 REQUIRE_DATA = "AFL_REQUIRE_DATA"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_executables():
+  """Drops JAX's compiled executables after each test module. Every loaded
+  XLA:CPU executable keeps several memory mappings per kernel, and a worker
+  that ran a few large modules reached Linux's limit of 65,530 mappings per
+  process (41,862 after test_editing and test_pfedacnnl alone): the next
+  executable then failed to load and the worker aborted."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
