@@ -37,8 +37,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # A size bound turns on JAX's file lock around every read and write of the
 # cache; without it a worker can read an entry another process is still
-# writing, and deserializing the half-written executable aborts the worker
-# (seen in CI). The bound is far above what the suite stores.
+# writing (JAX's checksum then rejects it and compiles again). The bound is
+# far above what the suite stores.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 import gc  # pylint: disable=g-import-not-at-top
