@@ -8,8 +8,9 @@ a pool of threads, one per core. The work here is many small operations
 pool gains little or loses: on 2 cores, pFedMe's MNIST-MLP round took 1.5x
 the time of a process pinned to one core, FedAvg's as long. Clients are
 independent, so the cores are better used on different clients: with a CPU
-device per core the runtime shards the clients over the devices (`afl.federated`'s
-mesh, `afl.lanes`), and each device runs its share on one thread
+device per core the runtime shards the clients over the devices
+(`afl.federated`'s mesh, `afl.lanes`), and each device runs its share on
+one thread
 (`--xla_cpu_multi_thread_eigen=false`). Measured on 2 cores (FedAvg,
 pFedMe, FedACnnL, pFedACnnL; experiments/README.md): 0.56-0.64x the time
 of one pinned core, 0.40-0.94x the time of JAX's default. One thread per
@@ -84,4 +85,6 @@ def set_jax_options(environ=os.environ, **options) -> None:
     if jax is not None and hasattr(jax, "config"):
       jax.config.update(name, value)
     else:
-      environ[name.upper()] = str(int(value) if isinstance(value, bool) else value)
+      environ[name.upper()] = str(
+          int(value) if isinstance(value, bool) else value
+      )

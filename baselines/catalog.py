@@ -134,7 +134,6 @@ def paper_defaults(name: str, dataset: str) -> dict:
   return settings
 
 
-
 PERSAFL_FIELDS = {
     "personalization": registry.Field(
         str,
@@ -184,7 +183,6 @@ def persafl_validate(hparams, config) -> None:
   del config
   if not hparams.local_steps:
     raise ValueError("persafl needs --local_steps > 0 (R steps per update)")
-
 
 
 DESCRIPTIONS = {

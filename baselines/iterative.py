@@ -46,6 +46,7 @@ from baselines import algorithms
 from baselines import catalog
 from baselines import meta_fl
 
+
 def make_baseline(name: str, hparams, apply_fn) -> algorithms.Baseline:
   """The `Baseline` of algorithm `name` with its settings."""
   if name == "fedavg":

@@ -22,10 +22,11 @@ refused before anything is written: one line on standard error, exit status
 2. A rerun into the folder of an interrupted run resumes from its last
 checkpoint. The flags are parsed and the settings checked before JAX loads
 (`afl` imports `afl.runtime` and the rest on first use), so `--help` and a
-bad flag answer at once. A run whose loss diverged writes its results with status
-"diverged" and exits with status 1; one whose numbers break (non-finite or
-overflowing statistics, a failed Cholesky: `afl.solve.NumericalError`)
-writes nothing and exits with status 1, naming the layer and the clients.
+bad flag answer at once. A run whose loss diverged writes its results with
+status "diverged" and exits with status 1; one whose numbers break (non-
+finite or overflowing statistics, a failed Cholesky:
+`afl.solve.NumericalError`) writes nothing and exits with status 1, naming
+the layer and the clients.
 """
 
 import sys

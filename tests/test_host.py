@@ -31,7 +31,9 @@ def test_defaults_add_a_device_per_core_and_one_thread():
 def test_flags_already_set_win_and_off_adds_nothing():
   environ = {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {DEVICES}=3"}
   assert host.apply_defaults(environ) == [f"{THREAD}=false"]
-  assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {DEVICES}=3 {THREAD}=false"
+  assert (
+      environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {DEVICES}=3 {THREAD}=false"
+  )
   environ = {"XLA_FLAGS": f"{THREAD}=true", "OPENBLAS_NUM_THREADS": "4"}
   assert host.apply_defaults(environ) == [f"{DEVICES}={min(host.cores(), 8)}"]
   assert environ["OPENBLAS_NUM_THREADS"] == "4"
