@@ -30,7 +30,7 @@ from afl import host
 
 ENV = "AFL_COMPILATION_CACHE"
 MAX_BYTES = 4 * 2**30
-_OFF = ("", "0", "off", "false", "no", "none")
+_OFF = ("",) + host.OFF
 
 
 def default_dir() -> pathlib.Path:

@@ -10,8 +10,7 @@ the time of a process pinned to one core, FedAvg's as long. Clients are
 independent, so the cores are better used on different clients: with a CPU
 device per core the runtime shards the clients over the devices
 (`afl.federated`'s mesh, `afl.lanes`), and each device runs its share on
-one thread
-(`--xla_cpu_multi_thread_eigen=false`). Measured on 2 cores (FedAvg,
+one thread (`--xla_cpu_multi_thread_eigen=false`). Measured on 2 cores (FedAvg,
 pFedMe, FedACnnL, pFedACnnL; experiments/README.md): 0.56-0.64x the time
 of one pinned core, 0.40-0.94x the time of JAX's default. One thread per
 device also avoids a deadlock seen when several CPU devices share Eigen's
@@ -41,7 +40,8 @@ import sys
 
 ENV = "AFL_CPU_DEFAULTS"
 MAX_DEVICES = 8
-_OFF = ("0", "off", "false", "no", "none")
+# Values of an AFL_* switch that turn it off.
+OFF = ("0", "off", "false", "no", "none")
 DEVICE_COUNT = "--xla_force_host_platform_device_count"
 MULTI_THREAD = "--xla_cpu_multi_thread_eigen"
 
@@ -63,7 +63,7 @@ def apply_defaults(environ=os.environ) -> list[str]:
   """Sets the defaults of the module docstring in `environ`; returns the
   XLA flags it added (none when off, already set, or too late)."""
   environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-  if environ.get(ENV, "").strip().lower() in _OFF or _backend_started():
+  if environ.get(ENV, "").strip().lower() in OFF or _backend_started():
     return []
   present = environ.get("XLA_FLAGS", "")
   added = []
