@@ -69,6 +69,9 @@ class Algorithm(NamedTuple):
       (`Federation.blocks`), or None: the clients' own order.
     upload_rounds: the rounds 1..upload_rounds are the ones in which
       clients upload (and can be sampled, drop out or be late); None: all.
+    reports_final: the run's accuracy is its final model's, not the best
+      tested round's (the analytic algorithms: their earlier models are
+      stages of the final one, and the paper reports the final).
   """
 
   init: Callable[[jax.Array], State]
@@ -82,6 +85,7 @@ class Algorithm(NamedTuple):
   train_loss: bool = True
   layout: Sequence[int] | None = None
   upload_rounds: int | None = None
+  reports_final: bool = False
 
 
 def model_inputs(model: models.LayerwiseNet, x: np.ndarray) -> np.ndarray:

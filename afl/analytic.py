@@ -246,16 +246,26 @@ def rounds(
         explain=lambda segments: _inputs_report(data, clients_of(segments)),
     )
 
-  if personalized:
-    client_model = np.arange(data.num_clients)
-  else:
-    client_model = groups
+  clients = np.arange(data.num_clients)
 
   def tested(state: State, key):
+    """The final model; before it, from round L on, the complete model of
+    the round: the federated model (meta-models) at round L, and after
+    personalization round L + l every client's layers 1..l with its
+    group's meta-model above them (Fig. 6's curves)."""
     del key
-    if state.full is None:
+    if state.full is not None:
+      return algorithm_lib.Tested(
+          state.full, clients if personalized else groups
+      )
+    if not state.meta:  # no complete model before round L
       return None
-    return algorithm_lib.Tested(state.full, client_model)
+    if not state.solutions:
+      return algorithm_lib.Tested(algorithm.expand(state.meta), groups)
+    above = tuple(p[groups] for p in state.meta[len(state.solutions) :])
+    return algorithm_lib.Tested(
+        algorithm.expand(state.solutions + above), clients
+    )
 
   def clock_work(index, batch_size):
     return work(index - 1, batch_size) if index <= num_layers else None
@@ -269,6 +279,7 @@ def rounds(
       adaptive_batch_size=adaptive,
       train_loss=False,
       upload_rounds=num_layers,
+      reports_final=True,
   )
 
 

@@ -203,7 +203,8 @@ def run_rounds(
     clock: the simulated clock that the algorithm's `work` goes to, if any.
     evaluate: Tested -> (evaluation.Accuracy, {metric: value}) for the
       tested rounds, or None.
-    eval_every: rounds between tests; the last round is always tested.
+    eval_every: rounds between tests; the last round is always tested
+      (and the only one asked for its models without `evaluate`).
     progress: a line per round goes to it, if given.
     resume: go on after a checkpoint's round instead of from `init`.
     after_round: (index, state, Resume of the loop so far) -> None, called
@@ -248,7 +249,7 @@ def run_rounds(
         record["timing"] = timed
       diverged = not math.isfinite(metrics.get("local_loss", 0.0))
       final = index == algorithm.num_rounds or diverged
-      if index % eval_every == 0 or final:
+      if (evaluate is not None and index % eval_every == 0) or final:
         eval_start = time.perf_counter()
         models = algorithm.models(
             state, jax.random.fold_in(rng.stream(key, "evaluation"), index)
@@ -600,7 +601,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "data": _data_summary(fed.split),
       "num_clients": config.num_clients,
       "seed": config.seed,
-      "accuracy": best[0],
+      "accuracy": last.overall if algorithm.reports_final else best[0],
       "best_accuracy": best[0],
       "best_round": best[1],
       "last_accuracy": last.overall,

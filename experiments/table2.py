@@ -18,6 +18,22 @@ the seeds vary the rest (label encodings, K-means, initialization): the
 paper's standard deviations of 0.00 for the deterministic LR columns imply
 one fixed dataset. --data_seed=-1 draws new data for every seed instead.
 
+Each run's folder also gets `cell.json`: what the table needs of the run
+(its accuracies per round, times, configuration) without the rest of
+results.json (a 1,000-round pFedMe run's is 11 MB, mostly its simulated
+clock per client and round). --missing=skip assembles the table from the
+runs saved in OUTPUT_DIR (results.json, else cell.json) without starting
+any: a cell rests on the seeds saved so far (each cell says how many
+seeds, and for pFedMe / pFedZO how many rounds), a cell with none is "-".
+The runs behind the table in experiments/README.md are kept in the
+repository (experiments/results/table2/, cell.json only):
+
+  python -m experiments.table2 --output_dir=experiments/results/table2 \
+      --missing=skip
+
+prints it in seconds, and the same command without --missing=skip (with
+--data_dir) continues the missing runs, each resuming from its checkpoint.
+
 The columns are the paper's (`COLUMNS`). pFedMe and pFedZO run through the
 same `afl.run_or_reuse` as the analytic columns for --rounds rounds (1,000,
 as the paper) with the papers' hyperparameters (`baselines.iterative`);
@@ -36,6 +52,7 @@ import numpy as np
 
 import afl
 from afl import analytic
+from afl import config as config_lib
 from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers pFedMe, pFedZO)
 from experiments import common
@@ -118,6 +135,13 @@ flags.DEFINE_enum(
     "paper's personalized model) or its w_i, which is what the authors' code "
     "tests and so what their published numbers measure (README).",
 )
+flags.DEFINE_enum(
+    "missing",
+    "run",
+    ["run", "skip"],
+    "A cell's seed with no saved run: run it, or leave it out of the table "
+    "(assemble the saved runs only, in seconds).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -144,14 +168,73 @@ def cell_config(
   return afl.get_config(**settings)
 
 
-def summarize(accuracies: dict, lasts: dict | None = None) -> dict:
-  """Mean and standard deviation (over seeds, ddof=0) in percent; with
-  `lasts`, also those of the last round's accuracy."""
+CELL = "cell.json"
+# What cell.json keeps of a run's results.json.
+CELL_FIELDS = (
+    "algorithm",
+    "dataset",
+    "seed",
+    "status",
+    "accuracy",
+    "best_accuracy",
+    "best_round",
+    "last_accuracy",
+    "accuracy_per_round",
+    "wall_time_s",
+    "eval_time_s",
+    "compile_time_s",
+    "num_devices",
+    "jax_version",
+    "config",
+)
+
+
+def cell_record(results: dict) -> dict:
+  """cell.json of a run: `CELL_FIELDS` of its results and its rounds."""
+  return dict(
+      {name: results.get(name) for name in CELL_FIELDS},
+      num_rounds=len(results["rounds"]),
+  )
+
+
+def saved_cell(
+    config: ml_collections.ConfigDict, folder: pathlib.Path
+) -> dict | None:
+  """The cell record of the run of `config` saved in `folder`: from its
+  results.json (writing cell.json beside it if missing), else from
+  cell.json alone; None if neither is there. A saved run of other
+  settings is a ValueError naming them (`runtime.saved_results`)."""
+  results = runtime.saved_results(config, folder)
+  if results is not None:
+    record = cell_record(results)
+    if not (folder / CELL).exists():
+      (folder / CELL).write_text(json.dumps(record, indent=1))
+    return record
+  if not (folder / CELL).exists():
+    return None
+  record = json.loads((folder / CELL).read_text())
+  differ = config_lib.differences(record["config"], config.to_dict())
+  if differ:
+    raise ValueError(
+        f"{folder / CELL} holds a run of other settings ({'; '.join(differ)})"
+        ": remove it or choose another output folder"
+    )
+  return record
+
+
+def summarize(runs: dict) -> dict:
+  """{setting: {column: [cell record of each saved seed]}} -> per cell the mean
+  and standard deviation over its seeds (ddof=0) in percent, the seeds'
+  values, and the last round's mean and std; for pFedMe / pFedZO the
+  rounds the cell rests on. Cells without a run are left out."""
   table = {}
-  for setting, columns in accuracies.items():
+  for setting, columns in runs.items():
     table[setting] = {}
-    for column, values in columns.items():
-      values = 100 * np.asarray(values)
+    for column, results in columns.items():
+      if not results:
+        continue
+      values = 100 * np.asarray([r["accuracy"] for r in results])
+      last = 100 * np.asarray([r["last_accuracy"] for r in results])
       paper = PAPER[setting].get(column)
       table[setting][column] = {
           "mean": float(values.mean()),
@@ -159,34 +242,43 @@ def summarize(accuracies: dict, lasts: dict | None = None) -> dict:
           "seeds": values.tolist(),
           "paper": paper,
           "delta": None if paper is None else float(values.mean() - paper),
+          "last_mean": float(last.mean()),
+          "last_std": float(last.std()),
+          "rounds": (
+              None
+              if column in analytic.VARIANTS
+              else min(r["num_rounds"] for r in results)
+          ),
       }
-      if lasts is not None:
-        last = 100 * np.asarray(lasts[setting][column])
-        table[setting][column].update(
-            last_mean=float(last.mean()), last_std=float(last.std())
-        )
   return table
+
+
+def _cell(cell: dict | None) -> str:
+  """A cell of the markdown table: mean +- std (paper), seeds and rounds."""
+  if cell is None:
+    return "-"
+  rests_on = f"{len(cell['seeds'])} seed{'s' * (len(cell['seeds']) > 1)}"
+  if cell["rounds"] is not None:
+    rests_on += f" x {cell['rounds']} rounds"
+  return (
+      f"{cell['mean']:.2f} +- {cell['std']:.2f} (paper {cell['paper']:.2f};"
+      f" {rests_on})"
+  )
 
 
 def markdown(table: dict, columns) -> str:
   head = "| setting | " + " | ".join(TITLES[c] for c in columns) + " |"
   lines = [head, "|" + " --- |" * (len(columns) + 1)]
   for setting, cells in table.items():
-    row = [
-        f"{cells[c]['mean']:.2f} +- {cells[c]['std']:.2f} "
-        f"(paper {cells[c]['paper']:.2f})"
-        if c in cells
-        else "-"
-        for c in columns
-    ]
+    row = [_cell(cells.get(c)) for c in columns]
     lines.append(f"| {setting} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
 
 def run_table(output_dir: pathlib.Path) -> dict:
   """Checks the flags and builds every cell's configuration, then runs (or
-  reads back) the cells, printing one line each; returns `summarize`'s
-  table."""
+  reads back; with --missing=skip only reads back) the cells, printing one
+  line each; returns `summarize`'s table."""
   common.check_names("settings", FLAGS.settings, tuple(PAPER))
   common.check_names("columns", FLAGS.columns, COLUMNS)
   seeds = range(FLAGS.seeds)
@@ -196,31 +288,34 @@ def run_table(output_dir: pathlib.Path) -> dict:
       for seed in seeds
       for column in FLAGS.columns
   }
-  for (setting, column, seed), config in configs.items():  # before any run
-    runtime.saved_results(
-        config, output_dir / setting / column / f"seed_{seed}"
-    )
-  accuracies = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
-  lasts = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
+  folders = {
+      key: output_dir / key[0] / key[1] / f"seed_{key[2]}" for key in configs
+  }
+  saved = {  # read (and checked) before any run
+      key: saved_cell(config, folders[key]) for key, config in configs.items()
+  }
+  runs = {s: {c: [] for c in FLAGS.columns} for s in FLAGS.settings}
   start = time.perf_counter()
   for setting in FLAGS.settings:
     for seed in seeds:
       split = None  # the same data for the columns of a seed
       for column in FLAGS.columns:
-        config = configs[setting, column, seed]
-        if split is None:
-          split = runtime.prepare_split(config)
-        results = afl.run_or_reuse(
-            config, output_dir / setting / column / f"seed_{seed}", split
-        )
-        accuracies[setting][column].append(results["accuracy"])
-        lasts[setting][column].append(results["last_accuracy"])
+        key = setting, column, seed
+        results = saved[key]
+        if results is None and FLAGS.missing == "run":
+          if split is None:
+            split = runtime.prepare_split(configs[key])
+          afl.run_or_reuse(configs[key], folders[key], split)
+          results = saved_cell(configs[key], folders[key])
+        if results is None:
+          continue
+        runs[setting][column].append(results)
         print(
             f"[{time.perf_counter() - start:7.1f}s] {setting} {column} "
             f"seed {seed}: {100 * results['accuracy']:.2f}",
             flush=True,
         )
-  return summarize(accuracies, lasts)
+  return summarize(runs)
 
 
 def main(argv):

@@ -296,3 +296,17 @@ def test_table2_writes_the_table_and_resumes(tmp_path):
   assert "synthetic-lr pfedacnnl_wc seed 1:" in again.stdout
   assert json.loads((tmp_path / "table2.json").read_text()) == table
   assert "pFedACnnL-WC" in (tmp_path / "table2.md").read_text()
+  # --missing=skip assembles the saved seeds and runs none: seed 2 is left
+  # out, and each cell says what it rests on; a run kept as its cell.json
+  # alone (as the repository keeps Table II's) counts as saved.
+  saved.unlink()
+  skipped = [c for c in command if not c.startswith("--seeds")]
+  subprocess.run(
+      [*skipped, "--seeds=3", "--missing=skip"],
+      cwd=_REPO,
+      check=True,
+      capture_output=True,
+  )
+  assert not (tmp_path / "synthetic-lr" / "fedacnnl" / "seed_2").exists()
+  assert json.loads((tmp_path / "table2.json").read_text()) == table
+  assert "(paper 87.81; 2 seeds)" in (tmp_path / "table2.md").read_text()

@@ -275,3 +275,29 @@ def test_small_clients_dual_form_equals_their_primal_solve(mnist):
       8,
   )[0]
   assert 0 < int((taken > 0).sum()) < len(clients)
+
+
+def test_each_round_from_layer_l_tests_a_complete_model(tmp_path):
+  """From round L on a pFedACnnL run tests the model of the round (Fig. 6):
+  at round L its group meta-models, which are pFedACnnL-WP's final model;
+  then every personalization round's; the run reports the final model's
+  accuracy (the paper's protocol), not the best round's."""
+  import afl  # pylint: disable=g-import-not-at-top
+
+  settings = dict(dataset="synthetic", model="mlp", num_clients=8, seed=3)
+  runs = {
+      name: afl.train_and_evaluate(
+          afl.get_config(algorithm=name, num_groups=2, **settings),
+          tmp_path / name,
+          progress=False,
+      )
+      for name in ("pfedacnnl", "pfedacnnl_wp")
+  }
+  per_round = runs["pfedacnnl"]["accuracy_per_round"]
+  layers = len(runs["pfedacnnl_wp"]["accuracy_per_round"])
+  assert len(per_round) == 2 * layers
+  assert per_round[: layers - 1] == [None] * (layers - 1)
+  assert per_round[layers - 1] == runs["pfedacnnl_wp"]["accuracy"]
+  assert None not in per_round[layers:]
+  assert runs["pfedacnnl"]["accuracy"] == per_round[-1]
+  assert runs["pfedacnnl"]["best_accuracy"] == max(per_round[layers - 1 :])
