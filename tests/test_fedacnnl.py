@@ -1,6 +1,7 @@
 """FedACnnL: federated == centralized float64 ACnnL, and its invariances."""
 
 import functools
+import time
 
 import jax
 import numpy as np
@@ -243,6 +244,21 @@ def test_compile_clock_counts_compilation_only():
   with timing.CompileClock() as idle:
     np.arange(3).sum()
   assert idle.seconds == 0
+
+
+def test_compile_clock_counts_overlapping_events_once():
+  """A trace that holds an inner one, or compiles on two threads, report
+  overlapping durations: their common time counts once."""
+  event = "/jax/core/compile/backend_compile_duration"
+  with timing.CompileClock() as clock:
+    timing._on_event(event, 0.2)  # pylint: disable=protected-access
+    timing._on_event(event, 0.3)  # ended now too: overlaps the first
+  assert clock.seconds == pytest.approx(0.3, abs=1e-3)  # not 0.5
+  with timing.CompileClock() as apart:
+    timing._on_event(event, 0.0)
+    time.sleep(0.02)
+    timing._on_event(event, 0.01)  # began after the first ended
+  assert apart.seconds == pytest.approx(0.01, abs=1e-6)
 
 
 def test_bad_gamma_is_rejected():
