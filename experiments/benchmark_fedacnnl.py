@@ -7,7 +7,9 @@ r"""Training time against a bare X^T X of the same data, in the same process.
 Trains `--algorithm` (default FedACnnL; MNIST-MLP, Dirichlet 0.1, 100
 clients, gamma 100, eps 2500, K 10) `--repeats` times after one compiling
 run, and times `X.T @ X` of the same training matrix (float32, [N, 784]) as
-many times, interleaved so that both see the same machine load. A
+many times, interleaved so that both see the same machine load, on the
+same devices as the run (rows split over them, the shares summed: on a
+host with a CPU device per core, `afl.host`, both use every core). A
 repetition is the algorithm's complete run on the prepared federation
 (`afl.runtime.federation`): building it (`afl.runtime.build`), which for the
 pFedACnnL variants is the grouping stage (encoding, K-means), then its
@@ -77,11 +79,18 @@ def main(argv):
     run = runtime.run_rounds(algorithm, federation.key)
     return run, algorithm.summary(run["state"])
 
-  pooled = jnp.asarray(
-      federation.inputs[np.concatenate(split.train_indices)].reshape(
-          sum(map(len, split.train_indices)), -1
-      )
+  pooled = federation.inputs[np.concatenate(split.train_indices)]
+  pooled = pooled.reshape(len(pooled), -1)
+  train_rows = len(pooled)
+  # The bare product on the run's devices: rows split over the mesh (zero
+  # rows pad them evenly and add nothing to X^T X), each device's share
+  # summed; on one device, one product.
+  devices = federation.mesh.size
+  pooled = np.pad(pooled, ((0, -len(pooled) % devices), (0, 0)))
+  rows = jax.sharding.NamedSharding(
+      federation.mesh, jax.sharding.PartitionSpec("clients")
   )
+  pooled = jax.device_put(pooled, rows)
   gram = jax.jit(lambda a: a.T @ a)
 
   first, summary = complete_run()
@@ -97,7 +106,7 @@ def main(argv):
       "dataset": FLAGS.dataset,
       "model": FLAGS.model,
       "num_clients": FLAGS.num_clients,
-      "train_rows": int(pooled.shape[0]),
+      "train_rows": train_rows,
       "features": int(pooled.shape[1]),
       "devices": federation.mesh.size,
       "block_size": summary["block_size"],
@@ -113,7 +122,7 @@ def main(argv):
   }
   print(
       f"{FLAGS.algorithm} {FLAGS.dataset}-{FLAGS.model}, "
-      f"{FLAGS.num_clients} clients, {pooled.shape[0]} x {pooled.shape[1]} "
+      f"{FLAGS.num_clients} clients, {train_rows} x {pooled.shape[1]} "
       f"training data, {federation.mesh.size} device(s), median of "
       f"{FLAGS.repeats}:"
   )
