@@ -4,7 +4,10 @@
 standard error and exit status 2 (`fail`), not a traceback; `check_names`
 refuses a list flag's unknown entries (a study's columns, algorithms,
 methods, settings) before any work, naming the allowed ones;
-`training_seconds` is a run's training time as they report it.
+`training_seconds` is a run's training time as they report it; `pyplot`
+imports matplotlib when a figure is drawn, not when the module is (with
+`afl`'s lazy submodules, `--help` and a bad flag answer before JAX or
+matplotlib load).
 """
 
 import sys
@@ -73,3 +76,13 @@ def training_seconds(results: dict) -> float:
   (`grouping_time_s`: eq. 8, 9 and K-means, which the runtime does when it
   builds the algorithm and reports apart)."""
   return results["wall_time_s"] + results.get("grouping_time_s", 0.0)
+
+
+def pyplot():
+  """matplotlib.pyplot with the file-only Agg backend, imported now."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt

@@ -22,8 +22,7 @@ before anything is written (one line on standard error, exit status 2).
 
 from absl import flags
 
-from afl import editing
-from afl import results as results_lib
+import afl
 from experiments import common
 
 flags.DEFINE_string("from", None, "The finished analytic run's folder.")
@@ -68,13 +67,13 @@ def main(argv):
     raise ValueError("--add_clients needs --add_from=SPLIT_FILE")
   remove = _ints("remove_clients", FLAGS.remove_clients)
   add_ids = _ints("add_clients", FLAGS.add_clients) or None
-  results_lib.check_output(FLAGS.output_dir, FLAGS.overwrite)
-  source = editing.load(FLAGS["from"].value)
+  afl.results.check_output(FLAGS.output_dir, FLAGS.overwrite)
+  source = afl.editing.load(FLAGS["from"].value)
   add = None
   if FLAGS.add_from:
-    add = editing.newcomers_from(source, FLAGS.add_from, add_ids)
-  edited = editing.edit(source, remove, add, retrain=FLAGS.retrain)
-  editing.write(edited, FLAGS.output_dir, FLAGS.overwrite)
+    add = afl.editing.newcomers_from(source, FLAGS.add_from, add_ids)
+  edited = afl.editing.edit(source, remove, add, retrain=FLAGS.retrain)
+  afl.editing.write(edited, FLAGS.output_dir, FLAGS.overwrite)
   print(f"wrote {FLAGS.output_dir}/results.json")
 
 

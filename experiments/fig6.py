@@ -51,18 +51,11 @@ import time
 
 from absl import flags
 from absl import logging
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 import ml_collections
 
 import afl
-from afl import analytic
-from afl import distributed
+from afl import catalog
 from afl import registry
-from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -88,7 +81,7 @@ MARKERS = dict(
 
 flags.DEFINE_list(
     "algorithms",
-    [a for a in ORDER if a in analytic.VARIANTS],
+    [a for a in ORDER if a in catalog.VARIANTS],
     f"Algorithms: those of the figure, {list(ORDER)}, or any other "
     "registered one; FedAvg (for reference) is not run by default: on a CPU "
     "it takes minutes per round on the DCNN.",
@@ -126,7 +119,7 @@ def config(algorithm: str) -> ml_collections.ConfigDict:
       data_dir=FLAGS.data_dir,
       seed=FLAGS.seed,
   )
-  if algorithm in analytic.VARIANTS:
+  if algorithm in catalog.VARIANTS:
     settings["statistics_dtype"] = FLAGS.statistics_dtype
   return afl.get_config(**settings)
 
@@ -142,7 +135,7 @@ def summary(results: dict) -> dict:
       "compile_time_s": results["compile_time_s"],
       "round_times_s": [r["seconds"] for r in results["rounds"]],
       "accuracy_per_round": results["accuracy_per_round"],
-      "analytic": results["algorithm"] in analytic.VARIANTS,
+      "analytic": results["algorithm"] in catalog.VARIANTS,
       "peak_memory_gb": results["peak_memory_gb"],
       "expected_peak_memory_gb": results.get("expected_peak_memory_gb"),
   }
@@ -154,6 +147,9 @@ def plot(figure: dict, path: pathlib.Path, title: str) -> None:
   accuracy carried forward (dashed), an iterative reference (FedAvg) is
   its best accuracy as a dotted line. Right: each round's time without
   compilation (the run's compile time is in fig6.md)."""
+  plt = common.pyplot()
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
   last_round = max(
       (len(e["accuracy_per_round"]) for e in figure.values() if e["analytic"]),
@@ -204,10 +200,10 @@ def plot(figure: dict, path: pathlib.Path, title: str) -> None:
       right.yaxis.set_major_formatter,
       right.yaxis.set_minor_formatter,
   ):
-    which(matplotlib.ticker.FormatStrFormatter("%g"))
+    which(ticker.FormatStrFormatter("%g"))
   right.legend(fontsize=8)
   for axis in (left, right):
-    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -249,8 +245,8 @@ def timed_run(
   unsaved run in the same process compiles everything, and the run that
   is saved is timed warm. The first run's compile time is kept in
   FOLDER/warmup.json and reported as the run's."""
-  saved = runtime.saved_results(run_config, folder)
-  if saved is None and run_config.algorithm in analytic.VARIANTS:
+  saved = afl.runtime.saved_results(run_config, folder)
+  if saved is None and run_config.algorithm in catalog.VARIANTS:
     warm = run_config.copy_and_resolve_references()
     warm.checkpoint_every = 10**9  # none: a throwaway run
     with tempfile.TemporaryDirectory() as scratch:
@@ -272,13 +268,13 @@ def run_figure(output_dir: pathlib.Path) -> dict:
   common.check_names("algorithms", FLAGS.algorithms, registry.names())
   configs = {name: config(name) for name in FLAGS.algorithms}
   for name, run_config in configs.items():  # before any run
-    runtime.saved_results(run_config, output_dir / name)
+    afl.runtime.saved_results(run_config, output_dir / name)
   split = None  # one split for all
   figure = {}
   start = time.perf_counter()
   for name, run_config in configs.items():
     if split is None:
-      split = runtime.prepare_split(run_config)
+      split = afl.runtime.prepare_split(run_config)
     figure[name] = summary(timed_run(run_config, output_dir / name, split))
     print(
         f"[{time.perf_counter() - start:7.1f}s] {name}: "
@@ -291,11 +287,11 @@ def run_figure(output_dir: pathlib.Path) -> dict:
 
 def main(argv):
   del argv
-  distributed.initialize()
+  afl.distributed.initialize()
   logging.set_verbosity(logging.INFO)
   output_dir = pathlib.Path(FLAGS.output_dir)
   figure = run_figure(output_dir)
-  if not distributed.is_main_process():
+  if not afl.distributed.is_main_process():
     return
   output_dir.mkdir(parents=True, exist_ok=True)
   (output_dir / "fig6.json").write_text(json.dumps(figure, indent=2))

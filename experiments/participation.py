@@ -22,14 +22,9 @@ import json
 import pathlib
 
 from absl import flags
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 import afl
-from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -104,6 +99,7 @@ def summary(results: dict) -> dict:
 
 
 def plot(report: dict, panels: dict, path: pathlib.Path) -> None:
+  plt = common.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   for name, entry in report.items():
     curve = entry["accuracy_per_round"]
@@ -153,7 +149,7 @@ def main(argv):
   report = {}
   for name, config in configs.items():
     print(f"{name} ...", flush=True)
-    results = runtime.run_or_reuse(config, out / name)
+    results = afl.runtime.run_or_reuse(config, out / name)
     report[name] = summary(results)
     print(
         f"{name}: best {report[name]['best_accuracy']:.4f}, last "

@@ -32,16 +32,11 @@ import pathlib
 
 from absl import flags
 from absl import logging
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 
 import afl
-from afl import analytic
-from afl import runtime
+from afl import catalog
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -112,7 +107,7 @@ def curve(results: dict) -> tuple[list[float], list]:
   """(simulated seconds, test accuracy) at the end of each recorded round:
   PersA-FL's `time_per_round_s`, the synchronous rounds' last arrival on
   the shared clock, pFedACnnL's makespan and accuracy (one point)."""
-  if results["algorithm"] in analytic.VARIANTS:
+  if results["algorithm"] in catalog.VARIANTS:
     return [results["timing"]["makespan_s"]], [results["accuracy"]]
   if "time_per_round_s" in results:
     times = results["time_per_round_s"]
@@ -128,7 +123,7 @@ def method_config(
   model, ...), then the method's own; `rounds` if it trains in rounds."""
   config = dict(settings, dataset=dataset, seed=seed)
   config.update(METHODS[method][1])
-  if config["algorithm"] not in analytic.VARIANTS:
+  if config["algorithm"] not in catalog.VARIANTS:
     config["rounds"] = rounds
   return afl.get_config(**config)
 
@@ -154,6 +149,7 @@ def summarize(runs: list[dict]) -> dict:
 
 def plot(title: str, table: dict, path: pathlib.Path) -> None:
   """Seed-mean test accuracy against simulated time, one line per method."""
+  plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for row in table.values():
     curves = row["curves"]
@@ -243,7 +239,7 @@ def study(
       for seed in range(seeds)
   }
   for (dataset, method, seed), config in configs.items():  # before any run
-    runtime.saved_results(
+    afl.runtime.saved_results(
         config, output_dir / dataset / method / f"seed_{seed}"
     )
   tables, lines = {}, []

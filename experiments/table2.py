@@ -51,9 +51,8 @@ import ml_collections
 import numpy as np
 
 import afl
-from afl import analytic
+from afl import catalog
 from afl import config as config_lib
-from afl import runtime
 import baselines  # pylint: disable=unused-import  (registers pFedMe, pFedZO)
 from experiments import common
 
@@ -159,7 +158,7 @@ def cell_config(
       num_clients=FLAGS.num_clients,
       data_dir=FLAGS.data_dir,
   )
-  if column not in analytic.VARIANTS:  # pFedMe, pFedZO
+  if column not in catalog.VARIANTS:  # pFedMe, pFedZO
     settings.update(
         rounds=FLAGS.rounds,
         eval_every=FLAGS.eval_every,
@@ -204,7 +203,7 @@ def saved_cell(
   results.json (writing cell.json beside it if missing), else from
   cell.json alone; None if neither is there. A saved run of other
   settings is a ValueError naming them (`runtime.saved_results`)."""
-  results = runtime.saved_results(config, folder)
+  results = afl.runtime.saved_results(config, folder)
   if results is not None:
     record = cell_record(results)
     if not (folder / CELL).exists():
@@ -246,7 +245,7 @@ def summarize(runs: dict) -> dict:
           "last_std": float(last.std()),
           "rounds": (
               None
-              if column in analytic.VARIANTS
+              if column in catalog.VARIANTS
               else min(r["num_rounds"] for r in results)
           ),
       }
@@ -304,7 +303,7 @@ def run_table(output_dir: pathlib.Path) -> dict:
         results = saved[key]
         if results is None and FLAGS.missing == "run":
           if split is None:
-            split = runtime.prepare_split(configs[key])
+            split = afl.runtime.prepare_split(configs[key])
           afl.run_or_reuse(configs[key], folders[key], split)
           results = saved_cell(configs[key], folders[key])
         if results is None:

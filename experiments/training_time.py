@@ -36,16 +36,10 @@ import time
 
 from absl import flags
 from absl import logging
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 import afl
-from afl import analytic
-from afl import runtime
+from afl import catalog
 import baselines  # pylint: disable=unused-import  (registers the baselines)
 from experiments import common
 
@@ -92,7 +86,7 @@ def summary(results: dict) -> dict:
   """What the figures need from one results.json."""
   return {
       # The analytic model is tested once, after its last layer-round.
-      "iterative": results["algorithm"] not in analytic.VARIANTS,
+      "iterative": results["algorithm"] not in catalog.VARIANTS,
       "accuracy_per_round": results["accuracy_per_round"],
       "best_accuracy": results["best_accuracy"],
       "last_accuracy": results["last_accuracy"],
@@ -107,6 +101,8 @@ def _accuracy_panel(axis, setting: str, runs: dict) -> None:
   """Fig. 5's panel: an iterative method's tested rounds as a curve; an
   analytic one's model, complete after its L layer-rounds, as a marker
   there and a dashed line carried on to the last round of the panel."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
   longest = max(len(v["accuracy_per_round"]) for v in runs.values())
   # Analytic methods of equal accuracy (FedACnnL and -WA: the same weights)
   # overlap: each its own marker, larger first, so all stay visible.
@@ -169,6 +165,7 @@ def _time_panel(axis, setting: str, runs: dict) -> None:
 
 
 def plot(study: dict, output_dir: pathlib.Path) -> None:
+  plt = common.pyplot()
   settings = list(study)
   for panel, name in (
       (_accuracy_panel, "fig5_accuracy.png"),
@@ -218,11 +215,11 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
     for algorithm in algorithms:
       run_settings = dict(config, dataset=dataset, model=model)
       run_settings.update(ALGORITHMS[algorithm][1])
-      if run_settings["algorithm"] not in analytic.VARIANTS:
+      if run_settings["algorithm"] not in catalog.VARIANTS:
         run_settings["rounds"] = rounds or SETTINGS[setting]
       configs[setting, algorithm] = afl.get_config(**run_settings)
   for (setting, algorithm), run_config in configs.items():  # before any run
-    runtime.saved_results(run_config, output_dir / setting / algorithm)
+    afl.runtime.saved_results(run_config, output_dir / setting / algorithm)
   results, start = {}, time.perf_counter()
   for setting in settings:
     split = None  # the same data for the algorithms of a setting
@@ -230,7 +227,7 @@ def study(output_dir, settings, algorithms, rounds: int = 0, **config) -> dict:
     for algorithm in algorithms:
       run_config = configs[setting, algorithm]
       if split is None:
-        split = runtime.prepare_split(run_config)
+        split = afl.runtime.prepare_split(run_config)
       values = summary(
           afl.run_or_reuse(run_config, output_dir / setting / algorithm, split)
       )

@@ -104,3 +104,39 @@ def test_fig6_refuses_a_saved_run_of_another_width(tmp_path, data_dir):
   assert "(width: 0.03125 -> 0.0625)" in done.stderr, done.stderr
   assert saved.read_bytes() == before
   assert not (tmp_path / "fig6.json").exists()
+
+
+STUDIES = (
+    "run",
+    "table2",
+    "fig6",
+    "training_time",
+    "participation",
+    "personalized",
+    "edit",
+)
+_HELP_IMPORTS = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+  runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+  assert done.code == 0, done.code
+print(sorted(m for m in ("jax", "matplotlib", "flax") if m in sys.modules))
+"""
+
+
+def test_help_answers_before_jax_or_matplotlib_load():
+  """--help (and so a bad flag, parsed at the same point) needs neither JAX
+  nor matplotlib: the entry points reach them through `afl`'s lazy
+  submodules and `common.pyplot` when they work."""
+  for study in STUDIES:
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_IMPORTS, f"experiments.{study}"],
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]", (study, done.stdout[-200:])
