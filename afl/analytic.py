@@ -229,18 +229,25 @@ def rounds(
         int(data.client_sizes().sum()) * positions,
     )
 
-    def client_statistics(clients):  # [n] ids, -1: none
+    def client_uploads(clients, args):  # [n] ids, -1: none
       local = np.full(data.num_clients, -1, np.int32)
       present = clients >= 0
       local[clients[present]] = np.flatnonzero(present)
       segment = np.where(block_real, local[block_client], -1)
       return algorithm.client_statistics(
-          layer, params, data, block_group, jnp.asarray(segment), len(clients)
+          layer,
+          params,
+          data,
+          block_group,
+          jnp.asarray(segment),
+          len(clients),
+          secure_sum_lib.finalize_upload,
+          args,
       )
 
     return secure.aggregate(
         index,
-        client_statistics,
+        client_uploads,
         encoding,
         width,
         algorithm.encodings[-1].shape[0],

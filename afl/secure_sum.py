@@ -104,8 +104,8 @@ SEED_BYTES = 16  # Shamir's secret size (pycryptodome)
 SEED_WORDS = SEED_BYTES // 4
 PAIR_INFO = b"afl.secure_sum pairwise mask seed"
 # Per-client statistics, encoded uploads and masks of one chunk of clients
-# at a time: at most about this many bytes (MNIST-MLP's first layer: 34
-# clients a chunk).
+# The uploads of one chunk of clients at a time: at most about this many
+# bytes (MNIST-MLP's first layer: all of 100 clients, 2.5 MB each).
 CHUNK_BYTES = 512 * 2**20
 
 # The largest |x| of each dataset's preprocessed inputs (`afl.data.pipeline`).
@@ -263,41 +263,65 @@ def prg(seed: jax.Array, counter, size: int) -> jax.Array:
   return jax.random.bits(key, (size,), jnp.uint64)
 
 
-def masks(seeds: jax.Array, signs: jax.Array, counter, size: int) -> jax.Array:
-  """[n, size] uint64: sum_j signs[c, j] PRG(seeds[c, j], counter) mod 2^64
-  for every row c (a client's masks, or a group's corrections).
+def client_masks(seeds: jax.Array, signs: jax.Array, counter, size: int):
+  """[size] uint64: sum_j signs[j] PRG(seeds[j], counter) mod 2^64: one
+  client's masks, or one group's corrections.
 
   Args:
-    seeds: [n, slots, SEED_WORDS] uint32.
-    signs: [n, slots] int32 in {-1, 0, +1} (0: an unused slot).
+    seeds: [slots, SEED_WORDS] uint32.
+    signs: [slots] int32 in {-1, 0, +1} (0: an unused slot).
   """
 
-  def one(seeds, signs):
-    def add(slot, total):
-      words = prg(seeds[slot], counter, size)
-      sign = signs[slot]
-      return jnp.where(
-          sign > 0, total + words, jnp.where(sign < 0, total - words, total)
-      )
+  def term(slot):
+    words = prg(seeds[slot], counter, size)
+    sign = signs[slot]
+    negative = jnp.uint64(0) - words
+    return jnp.where(sign > 0, words, jnp.where(sign < 0, negative, 0))
 
-    return jax.lax.fori_loop(
-        0, seeds.shape[0], add, jnp.zeros(size, jnp.uint64)
-    )
-
-  return jax.vmap(one)(seeds, signs)
+  # The first term starts the sum (a zeros carry would not be varying over
+  # the devices inside `federated.segment_sum`'s shard_map).
+  return jax.lax.fori_loop(
+      1, seeds.shape[0], lambda slot, total: total + term(slot), term(0)
+  )
 
 
-@jax.jit
-def masked_uploads(stats, seeds, signs, counter, scales) -> jax.Array:
-  """What clients upload: [n, m] uint64 encode(stats) + their masks."""
+def upload(stats, client, seeds, signs, counter, scales, noise_key):
+  """What client `client` uploads: [m] uint64, its encoded statistics
+  (`privatize`d first) plus its masks (seeds [slots, .], signs [slots])."""
+  stats = privatize(jax.random.fold_in(noise_key, client), stats, 0.0)
   encoded = encode(stats, scales)
-  return encoded + masks(seeds, signs, counter, encoded.shape[-1])
+  return encoded + client_masks(seeds, signs, counter, encoded.shape[-1])
+
+
+def finalize_upload(stats, segment, args):
+  """`upload` as `federated.segment_sum`'s finalize: each client's upload
+  formed on the device that completes its statistics, in the same pass
+  (args: clients [n], seeds [n, slots, .], signs [n, slots], counter,
+  scales, noise_key)."""
+  clients, seeds, signs, counter, scales, noise_key = args
+  return upload(
+      stats,
+      clients[segment],
+      seeds[segment],
+      signs[segment],
+      counter,
+      scales,
+      noise_key,
+  )
+
+
+# The same, vmapped over clients [n] (statistics given, e.g. in tests).
+masked_uploads = jax.jit(
+    jax.vmap(upload, in_axes=(0, 0, 0, 0, None, None, None))
+)
 
 
 @jax.jit
 def mask_total(seeds, signs, counter, like) -> jax.Array:
   """[K, m] the masks that seeds [K, slots, .] leave in each group's sum."""
-  return masks(seeds, signs, counter, like.shape[-1])
+  return jax.vmap(client_masks, in_axes=(0, 0, None, None))(
+      seeds, signs, counter, like.shape[-1]
+  )
 
 
 @jax.jit
@@ -490,7 +514,7 @@ class SecureSum:
   def aggregate(
       self,
       counter: int,
-      client_statistics: Callable[[np.ndarray], statistics.Statistics],
+      client_uploads: Callable[[np.ndarray, tuple], jax.Array],
       encoding: Encoding,
       width: int,
       num_classes: int,
@@ -501,8 +525,10 @@ class SecureSum:
 
     Args:
       counter: the round (1-based); distinct rounds get distinct masks.
-      client_statistics: clients [n] (ids, -1 for padding) -> their
-        Statistics [n] float64 (zeros for padding): what each computes.
+      client_uploads: (clients [n] ids, -1 for none; args) -> [n, m]
+        uint64: each client's `upload` of its statistics, args being
+        `upload`'s but the statistics, one entry per client (`masked_uploads`
+        or `finalize_upload`); what is uploaded for -1 is ignored.
       encoding: the layer's `Encoding`.
       width: d - 1 of the layer; num_classes: d_y.
       sampled: [C] bool, the clients that take part (they mask with each
@@ -527,26 +553,27 @@ class SecureSum:
     seeds, signs = self._client_masks(self_seeds, sampled)
     host_s = time.perf_counter() - began
 
-    # Clients encode and mask (on the devices) chunk by chunk; the server
-    # adds the uploads that arrive into their groups' totals.
+    # Clients encode and mask (on the devices, `client_uploads`) chunk by
+    # chunk; the server adds the uploads that arrive into their groups'.
     began = time.perf_counter()
     size = upload_size(width, num_classes)
-    chunk = max(1, min(self.num_clients, CHUNK_BYTES // (24 * width**2 + 1)))
+    chunk = max(1, min(self.num_clients, CHUNK_BYTES // (8 * size)))
     totals = jnp.zeros((self.num_groups, size), jnp.uint64)
     for first in range(0, self.num_clients, chunk):
       clients = np.arange(first, first + chunk)
       inside = clients < self.num_clients
-      clients = np.where(inside, clients, -1)
       present = np.where(inside, clients, 0)
       arrives = inside & reported[present]
-      stats = client_statistics(np.where(arrives, clients, -1))
-      stats = privatize(jax.random.fold_in(self.key, counter), stats, 0.0)
-      uploads = masked_uploads(
-          stats,
-          seeds[present],
-          np.where(arrives[:, None], signs[present], 0),
-          counter,
-          encoding.scales,
+      uploads = client_uploads(
+          np.where(arrives, clients, -1),
+          (
+              present,
+              seeds[present],
+              np.where(arrives[:, None], signs[present], 0),
+              counter,
+              encoding.scales,
+              jax.random.fold_in(self.key, counter),
+          ),
       )
       segment = np.where(arrives, self.groups[present], -1)
       totals = server_sum(uploads, jnp.asarray(segment), totals)

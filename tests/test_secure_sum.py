@@ -47,12 +47,12 @@ def client_data(num_clients=12, width=6, num_classes=3, seed=0):
   return stacked, sum(len(r) for r in rows)
 
 
-def statistics_of(stacked):
-  """client_statistics for `SecureSum.aggregate` from Statistics [C]."""
+def uploads_of(stacked):
+  """client_uploads for `SecureSum.aggregate` from Statistics [C]."""
 
-  def fn(clients):
+  def fn(clients, args):
     present = clients >= 0
-    return jax.tree.map(
+    stats = jax.tree.map(
         lambda a: jnp.asarray(
             np.where(
                 present.reshape((-1,) + (1,) * (a.ndim - 1)),
@@ -62,6 +62,7 @@ def statistics_of(stacked):
         ),
         stacked,
     )
+    return secure_sum.masked_uploads(stats, *args)
 
   return fn
 
@@ -101,7 +102,7 @@ def test_masks_cancel_and_decoded_sums_are_the_plain_sums():
   encoding = secure_sum.encoding_for(1.0, rows)
   width, classes = stacked.label_sums.shape[1:]
   sums, record = protocol.aggregate(
-      1, statistics_of(stacked), encoding, width, classes
+      1, uploads_of(stacked), encoding, width, classes
   )
   assert_sums_within_bound(sums, stacked, groups, np.ones(12, bool), encoding)
   assert record["secure_sum_recovered"] == []
@@ -111,7 +112,9 @@ def test_masks_cancel_and_decoded_sums_are_the_plain_sums():
   )
   # Masks cancel only in the sum: the pairwise masks of a group add to 0.
   seeds, signs = protocol._client_masks([bytes(16)] * 12, np.ones(12, bool))
-  pairwise = np.asarray(secure_sum.masks(seeds[:, 1:], signs[:, 1:], 3, 64))
+  pairwise = np.asarray(
+      secure_sum.mask_total(seeds[:, 1:], signs[:, 1:], 3, np.zeros(64))
+  )
   assert (pairwise != 0).all()
   for k in range(2):
     total = pairwise[groups == k].sum(0, dtype=np.uint64)
@@ -133,7 +136,7 @@ def test_dropouts_below_the_threshold_are_recovered_and_still_exact():
     reported[dropped] = False
     sums, record = protocol.aggregate(
         counter,
-        statistics_of(stacked),
+        uploads_of(stacked),
         encoding,
         width,
         classes,
@@ -156,7 +159,7 @@ def test_too_many_dropouts_are_a_clear_error_naming_the_clients():
   with pytest.raises(secure_sum.RecoveryError, match="client 0 needs 3"):
     protocol.aggregate(
         1,
-        statistics_of(stacked),
+        uploads_of(stacked),
         secure_sum.encoding_for(1.0, rows),
         width,
         classes,
@@ -193,10 +196,12 @@ def test_a_masked_upload_is_uniform_over_the_ring_whatever_the_data():
     upload = np.asarray(
         secure_sum.masked_uploads(
             jax.tree.map(lambda a: jnp.asarray(a[:1]), data),
+            np.zeros(1, np.int32),
             seeds[:1],
             signs[:1],
             1,
             encoding.scales,
+            jax.random.key(0),
         )
     )[0]
     encoded = np.asarray(
