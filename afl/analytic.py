@@ -36,6 +36,11 @@ kept in the state and written with the run (`ServerState`,
 server_state.npz): from them `afl.editing` removes or adds clients exactly
 (`rounds(..., layer_one=)` solves given sums instead of a pass).
 
+With `--secure_sum` (`afl.secure_sum`) a federated round forms every
+reporting client's statistics and its masked upload in one pass, sums the
+uploads per group, unmasks and decodes the sums, and solves them as the
+first layer's are solved (`FedACnnL.solve_sums`).
+
 `train` runs the same rounds on given blocks and groups without the rest of
 a run (no clock, no test): the library's way to train on one's own
 `federated.FederatedData`.
@@ -127,6 +132,8 @@ def rounds(
   num_groups = int(groups.max()) + 1
   if personalized and not (eps or 0) > 0:
     raise ValueError(f"eps must be > 0, got {eps}")
+  if secure is not None and not np.array_equal(secure.groups, groups):
+    raise ValueError("the secure sum's groups differ from the rounds' groups")
   block_group = jax.numpy.asarray(groups)[data.client]
   num_rounds = 2 * num_layers if personalized else num_layers
 

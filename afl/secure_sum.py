@@ -696,7 +696,9 @@ class SecureSum:
     return (seeds, signs), recovered
 
   def summary(self) -> dict:
-    """results.json's "secure_sum" section."""
+    """results.json's "secure_sum" section: the protocol's settings, and
+    what the rounds that this process ran recovered and uploaded (a
+    resumed run: the rounds since; the round records keep each round's)."""
     return {
         "ring_bits": RING_BITS,
         "neighbours": self.neighbours,

@@ -20,6 +20,7 @@ import json
 import time
 
 from absl import flags
+import jax
 import numpy as np
 
 import afl
@@ -34,6 +35,12 @@ flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions of each (medians).")
 flags.DEFINE_float("dropout", 0.0, "--dropout of both runs.")
+flags.DEFINE_enum(
+    "statistics_dtype",
+    "float32",
+    ["float32", "float64"],
+    "dtype of the clients' products (both runs).",
+)
 flags.DEFINE_string("output", None, "Optional JSON file for the numbers.")
 FLAGS = flags.FLAGS
 
@@ -48,6 +55,7 @@ def main(argv):
           num_clients=FLAGS.num_clients,
           data_dir=FLAGS.data_dir,
           dropout=FLAGS.dropout,
+          statistics_dtype=FLAGS.statistics_dtype,
           secure_sum=name == "secure",
       )
       for name in ("plain", "secure")
@@ -88,11 +96,21 @@ def main(argv):
       phase: sum(r[f"secure_sum_{phase}_s"] for r in rounds)
       for phase in ("protocol", "upload", "unmask")
   }
+  # The same model to the quantization: the largest weight difference of
+  # every layer, relative to the layer's largest weight.
+  difference = [
+      float(np.abs(p - s).max() / np.abs(p).max())
+      for p, s in zip(
+          jax.tree.leaves(last["plain"]["tested"].params),
+          jax.tree.leaves(last["secure"]["tested"].params),
+      )
+  ]
   numbers = {
       "dataset": FLAGS.dataset,
       "model": FLAGS.model,
       "num_clients": FLAGS.num_clients,
       "dropout": FLAGS.dropout,
+      "statistics_dtype": FLAGS.statistics_dtype,
       "devices": federation.mesh.size,
       "plain_median_s": medians["plain"],
       "secure_median_s": medians["secure"],
@@ -107,6 +125,7 @@ def main(argv):
       "upload_bytes_per_client": section["upload_bytes_per_client"],
       "plain_upload_bytes_per_client": statistics_bytes,
       "recovered_clients": section["recovered_clients"],
+      "weights_relative_difference": difference,
       "rounds": [
           {k: v for k, v in r.items() if k.startswith("secure_sum_")}
           for r in rounds
@@ -114,7 +133,8 @@ def main(argv):
   }
   print(
       f"FedACnnL {FLAGS.dataset}-{FLAGS.model}, {FLAGS.num_clients} "
-      f"clients, dropout {FLAGS.dropout}, {federation.mesh.size} "
+      f"clients, dropout {FLAGS.dropout}, {FLAGS.statistics_dtype} "
+      f"products, {federation.mesh.size} "
       f"device(s), median of {FLAGS.repeats} alternating runs:"
   )
   print(f"  plain              {medians['plain']:8.3f} s")
@@ -130,6 +150,10 @@ def main(argv):
       f"(k = {section['neighbours']}, t = {section['threshold']})"
   )
   print(f"  recovered clients  {section['recovered_clients']}")
+  print(
+      "  weights vs plain   max |difference| / max |weight| per leaf "
+      + " ".join(f"{d:.1e}" for d in difference)
+  )
   if FLAGS.output:
     with open(FLAGS.output, "w", encoding="utf-8") as f:
       json.dump(numbers, f, indent=2)
