@@ -15,6 +15,7 @@ from scipy import stats as scipy_stats
 
 import afl
 from afl import analytic
+from afl import catalog
 from afl import data as data_lib
 from afl import fedacnnl
 from afl import federated
@@ -25,6 +26,8 @@ from afl import secure_sum
 from afl import statistics
 from tests.test_participation import schedule_dropping
 from tests.test_pfedacnnl import mnist  # noqa: F401  (a fixture)
+from tests.test_resume import assert_same_results
+from tests.test_resume import interrupt_and_resume
 
 EPS64 = 2.0**-52
 
@@ -265,7 +268,11 @@ def test_fedacnnl_with_secure_sum_equals_plain_within_the_bound(
   assert first == pytest.approx(1.001) and second > first
 
 
-def test_a_run_with_secure_sum_and_dropout_writes_its_section(tmp_path):
+def test_a_run_with_secure_sum_and_dropout_writes_its_section_and_resumes(
+    tmp_path, monkeypatch
+):
+  """Masks cancel exactly in the ring, so a resumed run (fresh keys after
+  the checkpoint) gives the uninterrupted run's weights bit for bit."""
   config = afl.get_config(
       algorithm="fedacnnl",
       dataset="synthetic",
@@ -276,6 +283,7 @@ def test_a_run_with_secure_sum_and_dropout_writes_its_section(tmp_path):
       secure_sum_bound=1e3,
       secure_sum_neighbours=4,
       secure_sum_threshold=2,
+      checkpoint_every=1,
   )
   results = afl.train_and_evaluate(config, tmp_path / "run", progress=False)
   section = results["secure_sum"]
@@ -289,6 +297,32 @@ def test_a_run_with_secure_sum_and_dropout_writes_its_section(tmp_path):
   assert section["upload_bytes_per_client"]["statistics"] > 0
   saved = json.loads((tmp_path / "run" / "results.json").read_text())
   assert saved["secure_sum"]["recovered_clients"] == dropped
+  resumed = interrupt_and_resume(config, tmp_path / "part", 1, monkeypatch)
+  assert resumed["resumed_after_round"] == 1
+  assert_same_results(tmp_path / "part", tmp_path / "run")
+
+
+def test_pfedacnnl_runs_with_secure_sum_as_without(tmp_path):
+  """K-means groups (some of one client, which holds its own shares), group
+  sums, then personalization: every client's accuracy as without."""
+  settings = dict(
+      algorithm="pfedacnnl",
+      dataset="synthetic",
+      model="mlp",
+      num_clients=10,
+      num_groups=4,
+      statistics_dtype="float64",
+  )
+  plain = afl.train_and_evaluate(
+      afl.get_config(**settings), tmp_path / "plain", progress=False
+  )
+  secured = afl.train_and_evaluate(
+      afl.get_config(**settings, secure_sum=True, secure_sum_bound=1e3),
+      tmp_path / "secure",
+      progress=False,
+  )
+  assert secured["per_client_accuracy"] == plain["per_client_accuracy"]
+  assert len(secured["secure_sum"]["rounds"]) == 3  # the federated rounds
 
 
 @pytest.mark.parametrize(
@@ -312,6 +346,15 @@ def test_a_run_with_secure_sum_and_dropout_writes_its_section(tmp_path):
             "clients_per_round",
         ),
         (dict(algorithm="fedavg", secure_sum=True), "does not apply"),
+        (
+            dict(
+                algorithm="fedacnnl",
+                dataset="synthetic",
+                secure_sum=True,
+                secure_sum_bound=0.01,
+            ),
+            "exceeded by",
+        ),
     ],
 )
 def test_settings_that_cannot_apply_are_refused(tmp_path, settings, match):
@@ -321,3 +364,8 @@ def test_settings_that_cannot_apply_are_refused(tmp_path, settings, match):
     config = afl.get_config(num_clients=10, **settings)
     runtime.prepare(config, tmp_path / "out")
   assert not (tmp_path / "out").exists()
+
+
+def test_the_catalog_knows_the_datasets_with_an_input_bound():
+  assert set(catalog.BOUNDED_DATASETS) == set(secure_sum.DATA_BOUNDS)
+  assert secure_sum.DATA_BOUNDS["cifar10"] == pytest.approx(2.1256, abs=1e-3)
