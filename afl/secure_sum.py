@@ -52,8 +52,12 @@ uploads
 with sign_ij = +1 if i < j, else -1, so the pairwise masks of two clients
 that both upload cancel in their group's sum. PRG(seed, r) is JAX's
 threefry (counter-based), keyed by the seed and the round, expanded on the
-devices into uint64 words for all clients and all their neighbours at once
-(`masks`, vmapped over clients; a device loop over the k + 1 seeds).
+devices into uint64 words: each client's upload is formed as soon as its
+statistics are complete, in the same pass over the data on the device that
+formed them (`finalize_upload`, a device loop over its k + 1 seeds), and
+only the [C, m] uploads leave the pass (MNIST-MLP's first layer: m =
+315,570, 2.5 MB a client; more than `CHUNK_BYTES` of them go in chunks of
+clients, a pass each). The server adds them up per group (`server_sum`).
 (Threefry-2x32's key is 64 bits: a 16-byte seed is folded into it. A
 deployment expands masks with AES-CTR or ChaCha20 keyed by the full seed;
 the arithmetic is the same.)
@@ -93,6 +97,7 @@ import numpy as np
 
 from afl import models
 from afl import rng as rng_lib
+from afl import solve
 from afl import statistics
 from afl.data import pipeline
 
@@ -103,7 +108,6 @@ HEADROOM_BITS = 2
 SEED_BYTES = 16  # Shamir's secret size (pycryptodome)
 SEED_WORDS = SEED_BYTES // 4
 PAIR_INFO = b"afl.secure_sum pairwise mask seed"
-# Per-client statistics, encoded uploads and masks of one chunk of clients
 # The uploads of one chunk of clients at a time: at most about this many
 # bytes (MNIST-MLP's first layer: all of 100 clients, 2.5 MB each).
 CHUNK_BYTES = 512 * 2**20
@@ -398,12 +402,6 @@ def _public_bytes(private: x25519.X25519PrivateKey) -> bytes:
   )
 
 
-def listed(clients) -> str:
-  clients = list(clients)
-  text = ", ".join(map(str, clients[:10]))
-  return text + (f" and {len(clients) - 10} more" if len(clients) > 10 else "")
-
-
 class SecureSum:
   """SecAgg+ for the analytic rounds of one run (module docstring).
 
@@ -458,7 +456,7 @@ class SecureSum:
     self._private = [None] * self.num_clients
     self._public = [b""] * self.num_clients
     self._key_shares = [None] * self.num_clients
-    self.rekeyed, self.recovered = [], []
+    self.recovered = []  # the clients whose private key was rebuilt
     for i in range(self.num_clients):
       self._new_key_pair(i)
     for i in range(self.num_clients):
@@ -597,7 +595,6 @@ class SecureSum:
     for j in recovered:  # the server knows sk_j now: j re-keys
       self._new_key_pair(j)
       self._agree(j)
-    self.rekeyed.extend(recovered)
     self.recovered.extend(recovered)
     record = {
         "secure_sum_recovered": recovered,
@@ -642,7 +639,6 @@ class SecureSum:
     """The masks left in each group's total, rebuilt from the shares that
     reporting clients hand over: [K, slots, SEED_WORDS] seeds and [K,
     slots] signs, and the dropped clients whose pairwise masks they are."""
-    del counter
     terms = [[] for _ in range(self.num_groups)]
     missing = []
 
@@ -677,12 +673,14 @@ class SecureSum:
       recovered.append(int(j))
     if missing:
       raise RecoveryError(
-          "secure sum: cannot unmask the sum; "
+          f"secure sum, round {counter}: cannot unmask the sum of "
+          f"{len(missing)} client(s)' masks: "
           + "; ".join(
               f"client {i} needs {self.threshold[i]} shares but only {n} of "
-              f"its holders ({listed(self.holders[i])}) reported"
-              for i, n in missing
+              f"its holders ({solve.listed(self.holders[i])}) reported"
+              for i, n in missing[:5]
           )
+          + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
           + ". Unmasking needs at most k - t of each client's k holders "
           "to drop out (--secure_sum_neighbours, --secure_sum_threshold)."
       )
@@ -715,6 +713,5 @@ class SecureSum:
             **self.protocol_bytes(len(self.rounds)),
         },
         "recovered_clients": sorted(set(self.recovered)),
-        "rekeyed_clients": sorted(set(self.rekeyed)),
         "rounds": self.rounds,
     }

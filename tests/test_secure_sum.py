@@ -132,6 +132,7 @@ def test_dropouts_below_the_threshold_are_recovered_and_still_exact():
   )
   encoding = secure_sum.encoding_for(1.0, rows)
   width, classes = stacked.label_sums.shape[1:]
+  first_key = secure_sum._private_bytes(protocol._private[2])
   sampled = np.ones(16, bool)
   sampled[15] = False  # sits out: masks with no one
   for counter, dropped in ((1, [2, 9]), (2, [2, 5, 11])):
@@ -148,8 +149,10 @@ def test_dropouts_below_the_threshold_are_recovered_and_still_exact():
     )
     assert record["secure_sum_recovered"] == dropped
     assert_sums_within_bound(sums, stacked, groups, reported, encoding)
-  # Client 2's private key was rebuilt in round 1: it re-keyed since.
-  assert protocol.rekeyed == [2, 9, 2, 5, 11]
+  # Client 2's private key was rebuilt in round 1: it re-keyed since, and
+  # round 2 rebuilt its new one.
+  assert protocol.recovered == [2, 9, 2, 5, 11]
+  assert secure_sum._private_bytes(protocol._private[2]) != first_key
 
 
 def test_too_many_dropouts_are_a_clear_error_naming_the_clients():
@@ -159,7 +162,9 @@ def test_too_many_dropouts_are_a_clear_error_naming_the_clients():
   # Two of client 0's four neighbours drop: it has 2 < 3 shares left.
   reported[protocol.graph[0][:2]] = False
   width, classes = stacked.label_sums.shape[1:]
-  with pytest.raises(secure_sum.RecoveryError, match="client 0 needs 3"):
+  with pytest.raises(
+      secure_sum.RecoveryError, match="round 1: .* client 0 needs 3"
+  ):
     protocol.aggregate(
         1,
         uploads_of(stacked),
