@@ -124,14 +124,19 @@ def test_masks_cancel_and_decoded_sums_are_the_plain_sums():
     np.testing.assert_array_equal(total, 0)
 
 
-def test_dropouts_below_the_threshold_are_recovered_and_still_exact():
+def test_dropouts_below_the_threshold_are_recovered_and_still_exact(
+    monkeypatch,
+):
   stacked, rows = client_data(num_clients=16)
+  width, classes = stacked.label_sums.shape[1:]
+  # Uploads in chunks of 5 clients, the last one padded.
+  upload_bytes = 8 * secure_sum.upload_size(width, classes)
+  monkeypatch.setattr(secure_sum, "CHUNK_BYTES", 5 * upload_bytes)
   groups = np.zeros(16, np.int32)
   protocol = secure_sum.SecureSum(
       jax.random.key(1), groups, input_bound=1.0, neighbours=6, threshold=3
   )
   encoding = secure_sum.encoding_for(1.0, rows)
-  width, classes = stacked.label_sums.shape[1:]
   first_key = secure_sum._private_bytes(protocol._private[2])
   sampled = np.ones(16, bool)
   sampled[15] = False  # sits out: masks with no one
@@ -224,10 +229,14 @@ def test_a_masked_upload_is_uniform_over_the_ring_whatever_the_data():
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_fedacnnl_with_secure_sum_equals_plain_within_the_bound(
-    mnist, grouped  # noqa: F811
+    mnist, grouped, monkeypatch  # noqa: F811
 ):
   """FedACnnL (one group) and pFedACnnL's group meta-models (three groups),
-  with two clients dropping out of every round."""
+  with two clients dropping out of every round; the first layer's uploads
+  in passes of 5 clients."""
+  monkeypatch.setattr(
+      secure_sum, "CHUNK_BYTES", 5 * 8 * secure_sum.upload_size(784, 10)
+  )
   x, y, clients = mnist
   model = models.mlp(10, hidden=(16,))
   mesh = federated.client_mesh()
