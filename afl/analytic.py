@@ -216,8 +216,9 @@ def rounds(
         **missing,
     }
 
-  block_client = np.asarray(data.client)
-  block_real = np.asarray(data.mask).any(1)
+  if secure is not None:  # one process (`_secure_sum`): on the host
+    block_client = np.asarray(data.client)
+    block_real = np.asarray(data.mask).any(1)
 
   def _secure_sums(state, index, layer, params, who):
     """Round `index`'s sums per group [K] by `secure` (eq. 4 / 10 of
@@ -608,8 +609,6 @@ def _build(variant: Variant):
 def _secure_sum(hparams, fed, groups) -> secure_sum_lib.SecureSum:
   """`--secure_sum`'s protocol for the run, its input bound checked
   against every client's data (ValueError naming the clients)."""
-  if jax.process_count() > 1:
-    raise ValueError("--secure_sum runs in one process")
   bound = hparams.secure_sum_bound or secure_sum_lib.DATA_BOUNDS.get(
       fed.split.name
   )

@@ -428,6 +428,8 @@ class SecureSum:
       neighbours: k, 0: `default_neighbours` of the largest group.
       threshold: t, 0: a majority of each client's neighbours.
     """
+    if jax.process_count() > 1:  # the protocol's host side is one process's
+      raise ValueError("--secure_sum runs in one process")
     start = time.perf_counter()
     self.groups = np.asarray(groups, np.int64)
     self.num_clients = len(self.groups)
