@@ -149,7 +149,7 @@ def rounds(
     began = time.perf_counter()
     stage = "federated" if index <= num_layers else "personalization"
     layer = (index - 1) % num_layers
-    missing, kept = {}, state.kept
+    missing, secured, kept = {}, {}, state.kept
     if stage == "federated":
       params = state.params
       segment = block_group
@@ -159,7 +159,6 @@ def rounds(
         missing = _unreported_groups(reported, index)
       if secure is not None and (layer > 0 or layer_one is None):
         sums, secured = _secure_sums(state, index, layer, params, who)
-        missing.update(secured)
         if layer == 0:
           kept = sums
         solved = algorithm.solve_sums(sums, algorithm.gamma)
@@ -214,6 +213,7 @@ def rounds(
         # the round's systems.
         **conditioning,
         **missing,
+        **secured,  # --secure_sum: its scales, bounds, recoveries, times
     }
 
   if secure is not None:  # one process (`_secure_sum`): on the host
