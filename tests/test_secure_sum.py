@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 import afl
 from afl import analytic
 from afl import catalog
-from afl import data as data_lib
+from afl import editing
 from afl import fedacnnl
 from afl import federated
 from afl import models
@@ -337,6 +337,8 @@ def test_pfedacnnl_runs_with_secure_sum_as_without(tmp_path):
   )
   assert secured["per_client_accuracy"] == plain["per_client_accuracy"]
   assert len(secured["secure_sum"]["rounds"]) == 3  # the federated rounds
+  with pytest.raises(ValueError, match="ran with --secure_sum"):
+    editing.load(tmp_path / "secure")
 
 
 @pytest.mark.parametrize(
