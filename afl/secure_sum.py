@@ -541,109 +541,87 @@ class SecureSum:
     Raises:
       RecoveryError: too few surviving holders of some client's shares.
     """
+    # Every phase is timed without compilation.
     with timing.CompileClock() as compiling:
-      return self._aggregate(
-          counter,
-          client_uploads,
-          encoding,
+      lap = [time.perf_counter(), 0.0]
+
+      def seconds() -> float:
+        """Since the last call, less what was compiled meanwhile."""
+        now, compiled = time.perf_counter(), compiling.seconds
+        elapsed = now - lap[0] - (compiled - lap[1])
+        lap[:] = now, compiled
+        return elapsed
+
+      every = np.ones(self.num_clients, bool)
+      sampled = every if sampled is None else np.asarray(sampled, bool)
+      reported = sampled if reported is None else sampled & reported
+      # Each sampled client draws its self-mask seed b_i and shares it.
+      self_seeds = [self._generator.bytes(SEED_BYTES) for _ in every]
+      self_shares = [
+          self._split(i, self_seeds[i]) if sampled[i] else None
+          for i in range(self.num_clients)
+      ]
+      seeds, signs = self._client_masks(self_seeds, sampled)
+      host_s = seconds()
+
+      # Clients encode and mask (on the devices, `client_uploads`) chunk by
+      # chunk; the server adds the uploads that arrive into their groups'.
+      size = upload_size(width, num_classes)
+      chunk = max(1, min(self.num_clients, CHUNK_BYTES // (8 * size)))
+      totals = jnp.zeros((self.num_groups, size), jnp.uint64)
+      for first in range(0, self.num_clients, chunk):
+        clients = np.arange(first, first + chunk)
+        inside = clients < self.num_clients
+        present = np.where(inside, clients, 0)
+        arrives = inside & reported[present]
+        uploads = client_uploads(
+            np.where(arrives, clients, -1),
+            (
+                present,
+                seeds[present],
+                np.where(arrives[:, None], signs[present], 0),
+                counter,
+                encoding.scales,
+                jax.random.fold_in(self.key, counter),
+            ),
+        )
+        segment = np.where(arrives, self.groups[present], -1)
+        totals = server_sum(uploads, jnp.asarray(segment), totals)
+      totals = jax.block_until_ready(totals)
+      upload_s = seconds()
+      corrections, recovered = self._unmask(
+          counter, sampled, reported, self_shares
+      )
+      protocol_s = host_s + seconds()
+      sums = decode(
+          totals - mask_total(*corrections, counter, totals),
+          encoding.scales,
           width,
           num_classes,
-          sampled,
-          reported,
-          compiling,
       )
-
-  def _aggregate(
-      self,
-      counter,
-      client_uploads,
-      encoding,
-      width,
-      num_classes,
-      sampled,
-      reported,
-      compiling,
-  ):
-    """`aggregate`, its phases timed without compilation."""
-    lap = [time.perf_counter(), 0.0]
-
-    def seconds() -> float:
-      """Since the last call, less what was compiled meanwhile."""
-      now, compiled = time.perf_counter(), compiling.seconds
-      elapsed = now - lap[0] - (compiled - lap[1])
-      lap[:] = now, compiled
-      return elapsed
-
-    every = np.ones(self.num_clients, bool)
-    sampled = every if sampled is None else np.asarray(sampled, bool)
-    reported = sampled if reported is None else sampled & reported
-    # Each sampled client draws its self-mask seed b_i and shares it.
-    self_seeds = [self._generator.bytes(SEED_BYTES) for _ in every]
-    self_shares = [
-        self._split(i, self_seeds[i]) if sampled[i] else None
-        for i in range(self.num_clients)
-    ]
-    seeds, signs = self._client_masks(self_seeds, sampled)
-    host_s = seconds()
-
-    # Clients encode and mask (on the devices, `client_uploads`) chunk by
-    # chunk; the server adds the uploads that arrive into their groups'.
-    size = upload_size(width, num_classes)
-    chunk = max(1, min(self.num_clients, CHUNK_BYTES // (8 * size)))
-    totals = jnp.zeros((self.num_groups, size), jnp.uint64)
-    for first in range(0, self.num_clients, chunk):
-      clients = np.arange(first, first + chunk)
-      inside = clients < self.num_clients
-      present = np.where(inside, clients, 0)
-      arrives = inside & reported[present]
-      uploads = client_uploads(
-          np.where(arrives, clients, -1),
-          (
-              present,
-              seeds[present],
-              np.where(arrives[:, None], signs[present], 0),
-              counter,
-              encoding.scales,
-              jax.random.fold_in(self.key, counter),
-          ),
-      )
-      segment = np.where(arrives, self.groups[present], -1)
-      totals = server_sum(uploads, jnp.asarray(segment), totals)
-    totals = jax.block_until_ready(totals)
-    upload_s = seconds()
-    corrections, recovered = self._unmask(
-        counter, sampled, reported, self_shares
-    )
-    protocol_s = host_s + seconds()
-    sums = decode(
-        totals - mask_total(*corrections, counter, totals),
-        encoding.scales,
-        width,
-        num_classes,
-    )
-    sums = jax.block_until_ready(sums)
-    unmask_s = seconds()
-    for j in recovered:  # the server knows sk_j now: j re-keys
-      self._new_key_pair(j)
-      self._agree(j)
-    protocol_s += seconds()
-    self.recovered.extend(recovered)
-    record = {
-        "secure_sum_recovered": recovered,
-        "secure_sum_upload_bytes": self.upload_bytes(width, num_classes),
-        # Without compilation: the host's keys and shares (the clients'
-        # and the server's), the clients' pass with their uploads and the
-        # server's sums, the server's removal of the left masks and decoding.
-        "secure_sum_protocol_s": protocol_s,
-        "secure_sum_upload_s": upload_s,
-        "secure_sum_unmask_s": unmask_s,
-        **{
-            f"secure_sum_{k}": v
-            for k, v in encoding.describe(int(reported.sum())).items()
-        },
-    }
-    self.rounds.append(dict(record, round=counter))
-    return sums, record
+      sums = jax.block_until_ready(sums)
+      unmask_s = seconds()
+      for j in recovered:  # the server knows sk_j now: j re-keys
+        self._new_key_pair(j)
+        self._agree(j)
+      protocol_s += seconds()
+      self.recovered.extend(recovered)
+      record = {
+          "secure_sum_recovered": recovered,
+          "secure_sum_upload_bytes": self.upload_bytes(width, num_classes),
+          # Without compilation: the host's keys and shares (the clients'
+          # and the server's), the clients' pass with their uploads and the
+          # server's sums, the server's removal of the left masks and decoding.
+          "secure_sum_protocol_s": protocol_s,
+          "secure_sum_upload_s": upload_s,
+          "secure_sum_unmask_s": unmask_s,
+          **{
+              f"secure_sum_{k}": v
+              for k, v in encoding.describe(int(reported.sum())).items()
+          },
+      }
+      self.rounds.append(dict(record, round=counter))
+      return sums, record
 
   def _client_masks(self, self_seeds, sampled):
     """[C, 1 + k, SEED_WORDS] seeds and [C, 1 + k] signs of every client's
