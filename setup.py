@@ -35,6 +35,9 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "ml_collections>=1.0,<2",
         "matplotlib>=3.8,<4",
+        # --secure_sum: X25519 + HKDF key agreement, Shamir secret sharing.
+        "cryptography>=42,<52",
+        "pycryptodome>=3.20,<5",
         # JAX's compilation cache keeps its size bound with it.
         "filelock>=3.12,<5",
     ],

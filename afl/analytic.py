@@ -36,6 +36,11 @@ kept in the state and written with the run (`ServerState`,
 server_state.npz): from them `afl.editing` removes or adds clients exactly
 (`rounds(..., layer_one=)` solves given sums instead of a pass).
 
+With `--secure_sum` (`afl.secure_sum`) a federated round forms every
+reporting client's statistics and its masked upload in one pass, sums the
+uploads per group, unmasks and decodes the sums, and solves them as the
+first layer's are solved (`FedACnnL.solve_sums`).
+
 `train` runs the same rounds on given blocks and groups without the rest of
 a run (no clock, no test): the library's way to train on one's own
 `federated.FederatedData`.
@@ -61,6 +66,7 @@ from afl import memory
 from afl import models
 from afl import pfedacnnl
 from afl import runtime
+from afl import secure_sum as secure_sum_lib
 from afl import solve
 from afl import statistics
 from afl import timing
@@ -100,6 +106,7 @@ def rounds(
     work=None,
     adaptive: bool = False,
     layer_one: statistics.Statistics | None = None,
+    secure: secure_sum_lib.SecureSum | None = None,
 ) -> algorithm_lib.Algorithm:
   """The analytic rounds (module docstring) on `data`.
 
@@ -114,6 +121,9 @@ def rounds(
     layer_one: the first layer's sums per group [K] to solve in round 1
       instead of a pass over the clients' data (`afl.editing`: the kept
       sums less the leaving clients', plus the joining ones'), or None.
+    secure: sum the federated rounds' statistics securely
+      (`afl.secure_sum`, `--secure_sum`): per-client statistics, masked,
+      summed per group, unmasked; then the same solves. None: in the clear.
   """
   num_layers = algorithm.num_layers
   if groups is None:
@@ -122,6 +132,8 @@ def rounds(
   num_groups = int(groups.max()) + 1
   if personalized and not (eps or 0) > 0:
     raise ValueError(f"eps must be > 0, got {eps}")
+  if secure is not None and not np.array_equal(secure.groups, groups):
+    raise ValueError("the secure sum's groups differ from the rounds' groups")
   block_group = jax.numpy.asarray(groups)[data.client]
   num_rounds = 2 * num_layers if personalized else num_layers
 
@@ -137,7 +149,7 @@ def rounds(
     began = time.perf_counter()
     stage = "federated" if index <= num_layers else "personalization"
     layer = (index - 1) % num_layers
-    missing, kept = {}, state.kept
+    missing, secured, kept = {}, {}, state.kept
     if stage == "federated":
       params = state.params
       segment = block_group
@@ -145,7 +157,12 @@ def rounds(
         reported = who.reported
         segment = jnp.where(jnp.asarray(reported)[data.client], block_group, -1)
         missing = _unreported_groups(reported, index)
-      if layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
+      if secure is not None and (layer > 0 or layer_one is None):
+        sums, secured = _secure_sums(state, index, layer, params, who)
+        if layer == 0:
+          kept = sums
+        solved = algorithm.solve_sums(sums, algorithm.gamma)
+      elif layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
         kept = layer_one
         if kept is None:
           kept = algorithm.client_statistics(
@@ -196,7 +213,55 @@ def rounds(
         # the round's systems.
         **conditioning,
         **missing,
+        **secured,  # --secure_sum: its scales, bounds, recoveries, times
     }
+
+  if secure is not None:  # one process (`_secure_sum`): on the host
+    block_client = np.asarray(data.client)
+    block_real = np.asarray(data.mask).any(1)
+
+  def _secure_sums(state, index, layer, params, who):
+    """Round `index`'s sums per group [K] by `secure` (eq. 4 / 10 of
+    every client's statistics, encoded, masked, summed, unmasked) and the
+    round's record."""
+    _, positions, width = statistics.design_shape(
+        algorithm.model, layer, params, data, algorithm.encodings
+    )
+    encoding = secure_sum_lib.encoding_for(
+        secure_sum_lib.row_bound(
+            algorithm.model,
+            algorithm.encodings,
+            state.solutions,
+            secure.input_bound,
+        ),
+        int(data.client_sizes().sum()) * positions,
+    )
+
+    def client_uploads(clients, args):  # [n] ids, -1: none
+      local = np.full(data.num_clients, -1, np.int32)
+      present = clients >= 0
+      local[clients[present]] = np.flatnonzero(present)
+      segment = np.where(block_real, local[block_client], -1)
+      return algorithm.client_statistics(
+          layer,
+          params,
+          data,
+          block_group,
+          jnp.asarray(segment),
+          len(clients),
+          secure_sum_lib.finalize_upload,
+          args,
+      )
+
+    return secure.aggregate(
+        index,
+        client_uploads,
+        encoding,
+        width,
+        algorithm.encodings[-1].shape[0],
+        None if who is None else who.sampled,
+        None if who is None else who.reported,
+    )
 
   def _unreported_groups(reports, index) -> dict:
     """{"groups_unreported": [...]} for the groups of which no client
@@ -434,13 +499,22 @@ def train(
     eps: float = 2500.0,
     personalized: bool = False,
     plan=None,
+    secure: secure_sum_lib.SecureSum | None = None,
 ) -> Trained:
   """FedACnnL (groups None), its group meta-models, or pFedACnnL
   (personalized) on `data`, through the one run loop without a clock or
   tests (see `rounds`); `plan`: who reports in each federated round
-  (`afl.participation.Plan`), None: every client."""
+  (`afl.participation.Plan`), None: every client; `secure`: sum the
+  statistics securely (`rounds`)."""
   run = runtime.run_rounds(
-      rounds(algorithm, data, groups, eps=eps, personalized=personalized),
+      rounds(
+          algorithm,
+          data,
+          groups,
+          eps=eps,
+          personalized=personalized,
+          secure=secure,
+      ),
       key,
       plan=plan,
   )
@@ -486,6 +560,9 @@ def _build(variant: Variant):
           grouping_s,
           pfedacnnl.grouping_report(groups, counts),
       )
+    secure = None
+    if hparams.get("secure_sum"):
+      secure = _secure_sum(hparams, fed, groups)
     layout = np.argsort(groups, kind="stable")
     data = fed.blocks("train", layout)
     expected = memory.estimate(
@@ -524,10 +601,12 @@ def _build(variant: Variant):
         personalized=variant.personalized,
         work=work,
         adaptive=variant.adaptive,
+        secure=secure,
     )._replace(
         summary=lambda state: dict(
             summary,
             server_state=server_state(state, vectors, groups).describe(),
+            **({"secure_sum": secure.summary()} if secure else {}),
         ),
         files=lambda state: {
             SERVER_STATE: server_state(state, vectors, groups).to_bytes()
@@ -536,6 +615,27 @@ def _build(variant: Variant):
     )
 
   return build
+
+
+def _secure_sum(hparams, fed, groups) -> secure_sum_lib.SecureSum:
+  """`--secure_sum`'s protocol for the run, its input bound checked
+  against every client's data (ValueError naming the clients)."""
+  bound = hparams.secure_sum_bound or secure_sum_lib.DATA_BOUNDS.get(
+      fed.split.name
+  )
+  if not bound:
+    raise ValueError(
+        f"--secure_sum needs a bound on the inputs of --dataset="
+        f"{fed.split.name}: set --secure_sum_bound"
+    )
+  secure_sum_lib.check_inputs(fed.inputs, fed.split.train_indices, bound)
+  return secure_sum_lib.SecureSum(
+      fed.key,
+      groups,
+      input_bound=bound,
+      neighbours=hparams.secure_sum_neighbours,
+      threshold=hparams.secure_sum_threshold,
+  )
 
 
 # The builders by name (`afl.registry`, declared in `afl.catalog`).

@@ -39,6 +39,26 @@ FIELDS = {
         "either way); float64 is exact, float32 faster.",
         choices=("float32", "float64"),
     ),
+    "secure_sum": registry.Field(
+        bool,
+        "Sum the clients' statistics by secure aggregation (SecAgg+, "
+        "afl/secure_sum.py): the server sees only masked uploads and sums.",
+    ),
+    "secure_sum_neighbours": registry.non_negative(
+        int,
+        "--secure_sum: each client's neighbours k in its group's mask graph; "
+        "0: 2 ceil(log2 n) for the largest group's n.",
+    ),
+    "secure_sum_threshold": registry.non_negative(
+        int,
+        "--secure_sum: Shamir threshold t (shares needed to unmask a "
+        "client); 0: a majority of its neighbours.",
+    ),
+    "secure_sum_bound": registry.non_negative(
+        float,
+        "--secure_sum: the largest |x| of the raw inputs (for the fixed-"
+        "point scale); 0: the dataset's known range (mnist, cifar10).",
+    ),
     "initial_batch_size": registry.Field(
         int,
         "Simulated clock: every client's local batch size B_1 in round 1 "
@@ -78,9 +98,25 @@ def _defaults(variant: Variant):
       settings["eps"] = 2500.0
     if variant.clustered:
       settings["num_groups"] = 10
-    return dict(settings, statistics_dtype="float32", initial_batch_size=32)
+    return dict(
+        settings,
+        statistics_dtype="float32",
+        initial_batch_size=32,
+        **SECURE_SUM_OFF,
+    )
 
   return defaults
+
+
+# --secure_sum off, and its options at their defaults.
+SECURE_SUM_OFF = dict(
+    secure_sum=False,
+    secure_sum_neighbours=0,
+    secure_sum_threshold=0,
+    secure_sum_bound=0.0,
+)
+# Datasets whose inputs have a known range (`afl.secure_sum.DATA_BOUNDS`).
+BOUNDED_DATASETS = ("mnist", "cifar10")
 
 
 def _validate(hparams, config) -> None:
@@ -88,6 +124,36 @@ def _validate(hparams, config) -> None:
     raise ValueError(
         f"--num_groups={hparams.num_groups} exceeds "
         f"--num_clients={config.num_clients}"
+    )
+  _validate_secure_sum(hparams, config)
+
+
+def _validate_secure_sum(hparams, config) -> None:
+  if not hparams.get("secure_sum"):
+    for name, off in SECURE_SUM_OFF.items():
+      if hparams.get(name, off) != off:
+        raise ValueError(f"--{name} is used only with --secure_sum")
+    return
+  if config.get("clients_per_round"):
+    raise ValueError(
+        "--secure_sum draws its neighbour graph once per run over all "
+        "clients; --clients_per_round is not supported with it"
+    )
+  if not hparams.secure_sum_bound and config.dataset not in BOUNDED_DATASETS:
+    raise ValueError(
+        f"--secure_sum needs a bound on the inputs of --dataset="
+        f"{config.dataset}: set --secure_sum_bound"
+    )
+  neighbours, threshold = (
+      hparams.secure_sum_neighbours,
+      hparams.secure_sum_threshold,
+  )
+  if neighbours == 1:
+    raise ValueError("--secure_sum_neighbours must be 0 (default) or >= 2")
+  if neighbours and threshold > neighbours:
+    raise ValueError(
+        f"--secure_sum_threshold={threshold} exceeds "
+        f"--secure_sum_neighbours={neighbours}"
     )
 
 

@@ -41,7 +41,8 @@ pass, so the edit equals retraining to float32's rounding of the products
 the float64 bound above.
 
 Runs with partial participation or dropouts (their layer-1 sums lack the
-clients that did not report) cannot be edited and are refused.
+clients that did not report) cannot be edited and are refused; so are runs
+with `--secure_sum` (an edit's passes are in the clear).
 
 A client's ids in an edited run are its position there: the staying
 clients in their old order, then the joining ones (results.json's
@@ -155,6 +156,12 @@ def load(
         f"--from={run_dir} ran with {', '.join(partial)}: its layer-1 sums "
         "lack the clients that did not report, so it cannot be edited "
         "exactly"
+    )
+  if config[name].get("secure_sum"):
+    raise ValueError(
+        f"--from={run_dir} ran with --secure_sum: an edit would form the "
+        "leaving clients' statistics and the later layers' sums in the "
+        "clear"
     )
   state_file = run_dir / analytic.SERVER_STATE
   if not state_file.is_file():

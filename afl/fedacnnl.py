@@ -60,7 +60,10 @@ class FedACnnL(NamedTuple):
     init: key -> factored params stacked [num_models, ...]: any
       initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
-      num_segments) -> Statistics: eq. 6 for every block, summed per segment.
+      num_segments, finalize=None, finalize_args=()) -> Statistics: eq. 6
+      for every block, summed per segment; or finalize (static) of each
+      segment's sums (`federated.segment_sum`; `--secure_sum`'s masked
+      uploads, `afl.secure_sum.finalize_upload`).
     solve: (layer, params, data, param_index, segment_index, num_segments,
       reg, prior [S, d, d_y] or None, dual) -> `solve.Solved`: P_l
       [S, d, d_y], the label-space solution (W_l = P_l Q_l, see `solve`) of
@@ -193,7 +196,7 @@ def fedacnnl(
     )
 
   client_statistics = functools.partial(
-      jax.jit, static_argnames=("layer", "num_segments")
+      jax.jit, static_argnames=("layer", "num_segments", "finalize")
   )(segment_sums)
 
   @functools.partial(jax.jit, static_argnames=("layer", "num_segments", "dual"))

@@ -28,6 +28,10 @@ def test_every_algorithm_is_registered_with_its_settings():
       "gamma",
       "statistics_dtype",
       "initial_batch_size",
+      "secure_sum",
+      "secure_sum_neighbours",
+      "secure_sum_threshold",
+      "secure_sum_bound",
   )
   for name in registry.names():
     config = afl.get_config(algorithm=name)
