@@ -37,6 +37,8 @@ setuptools.setup(
         "matplotlib>=3.8,<4",
         # JAX's compilation cache keeps its size bound with it.
         "filelock>=3.12,<5",
+        # Differential privacy's accountant and calibration (afl/privacy.py).
+        "dp-accounting>=0.4,<0.7",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

@@ -60,6 +60,8 @@ from afl import federated
 from afl import memory
 from afl import models
 from afl import pfedacnnl
+from afl import privacy
+from afl import rng
 from afl import runtime
 from afl import solve
 from afl import statistics
@@ -100,6 +102,8 @@ def rounds(
     work=None,
     adaptive: bool = False,
     layer_one: statistics.Statistics | None = None,
+    private: privacy.Privacy | None = None,
+    noise_key: jax.Array | None = None,
 ) -> algorithm_lib.Algorithm:
   """The analytic rounds (module docstring) on `data`.
 
@@ -114,6 +118,11 @@ def rounds(
     layer_one: the first layer's sums per group [K] to solve in round 1
       instead of a pass over the clients' data (`afl.editing`: the kept
       sums less the leaving clients', plus the joining ones'), or None.
+    private: differential privacy of the federated rounds' uploads
+      (`afl.privacy`: rows clipped, sums noised, solved through the PSD
+      projection), or None; not private unless `private.enabled`.
+    noise_key: the privacy noise's stream (with `private`); round r draws
+      from fold_in(noise_key, r).
   """
   num_layers = algorithm.num_layers
   if groups is None:
@@ -124,6 +133,8 @@ def rounds(
     raise ValueError(f"eps must be > 0, got {eps}")
   block_group = jax.numpy.asarray(groups)[data.client]
   num_rounds = 2 * num_layers if personalized else num_layers
+  if private is not None and not private.enabled:
+    private = None
 
   def init(key):
     return State(algorithm.init(key, num_groups), (), (), None)
@@ -137,15 +148,22 @@ def rounds(
     began = time.perf_counter()
     stage = "federated" if index <= num_layers else "personalization"
     layer = (index - 1) % num_layers
-    missing, kept = {}, state.kept
+    extra, kept = {}, state.kept  # more of the round's record
     if stage == "federated":
       params = state.params
       segment = block_group
       if who is not None:  # the others' blocks count for no segment
         reported = who.reported
         segment = jnp.where(jnp.asarray(reported)[data.client], block_group, -1)
-        missing = _unreported_groups(reported, index)
-      if layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
+        extra = _unreported_groups(reported, index)
+      if private is not None:  # eq. 4 / 10 of noisy sums (`afl.privacy`)
+        reported = np.ones(len(groups), bool) if who is None else who.reported
+        sums, extra["dp_noise_std"] = _noisy_sums(
+            layer, params, segment, reported, index
+        )
+        kept = sums if layer == 0 else kept
+        solved = algorithm.solve_sums(sums, algorithm.gamma, private=True)
+      elif layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
         kept = layer_one
         if kept is None:
           kept = algorithm.client_statistics(
@@ -195,8 +213,29 @@ def rounds(
         # condition bound (trace G + reg) / reg and relative residual over
         # the round's systems.
         **conditioning,
-        **missing,
+        **extra,
     }
+
+  def _noisy_sums(layer, params, segment, reported, index):
+    """Round `index`'s sums per group of clipped rows with the noise of the
+    reporting clients' uploads (`afl.privacy`), and that noise's std per
+    upload."""
+    sums = algorithm.client_statistics(
+        layer, params, data, block_group, segment, num_groups, clip=private.clip
+    )
+    positions = statistics.design_shape(
+        algorithm.model, layer, params, data, algorithm.encodings
+    )[1]
+    std = private.noise_multiplier * privacy.sensitivity(
+        private.clip, positions
+    )
+    contributors = np.bincount(groups[reported], minlength=num_groups)
+    noisy = privacy.add_noise(
+        jax.random.fold_in(noise_key, index),
+        sums,
+        privacy.sum_std(std, contributors, private.mode),
+    )
+    return noisy, std
 
   def _unreported_groups(reports, index) -> dict:
     """{"groups_unreported": [...]} for the groups of which no client
@@ -463,11 +502,23 @@ def _build(variant: Variant):
     )
     counts = fed.label_counts
     num_groups = hparams.num_groups if variant.clustered else 1
+    # Releases: the grouping's label counts (clustered), and every layer.
+    private = privacy.from_settings(
+        hparams, algorithm.num_layers + variant.clustered
+    )
+    noise_key = rng.stream(fed.key, "privacy")
+    released = counts  # what the server sees of them (eq. 9's input)
+    if private.enabled and variant.clustered:
+      released = privacy.noisy_label_counts(
+          jax.random.fold_in(noise_key, 0),
+          counts,
+          private.noise_multiplier * privacy.LABEL_COUNT_SENSITIVITY,
+      )
     groups, grouping_s = pfedacnnl.assign_groups(
-        counts, algorithm, num_groups, fed.seed
+        released, algorithm, num_groups, fed.seed
     )
     groups = distributed.same_on_all_processes(groups)
-    vectors = pfedacnnl.label_vectors(counts, algorithm)  # the centroids'
+    vectors = pfedacnnl.label_vectors(released, algorithm)  # the centroids'
 
     if variant.clustered:
       logging.info(
@@ -504,6 +555,7 @@ def _build(variant: Variant):
         "grouping_time_s": grouping_s,
         "expected_peak_memory_gb": expected.peak / memory.GIB,
         "block_size": data.block_size,
+        "privacy": private.summary(),
     }
     return rounds(
         algorithm,
@@ -513,6 +565,8 @@ def _build(variant: Variant):
         personalized=variant.personalized,
         work=work,
         adaptive=variant.adaptive,
+        private=private,
+        noise_key=noise_key,
     )._replace(
         summary=lambda state: dict(
             summary,

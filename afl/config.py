@@ -400,6 +400,12 @@ def differences(saved: dict, wanted: dict) -> list[str]:
     return out
 
   a, b = flat(saved), flat(wanted)
+  # A run saved before the privacy settings existed was not private: it is
+  # the run of dp_mode "off" (whose other dp_ settings are the defaults).
+  if all(v == "off" for k, v in b.items() if k.endswith(".dp_mode")):
+    for k in set(b) - set(a):
+      if k.rsplit(".", 1)[-1] in catalog.PRIVACY_FIELDS:
+        a[k] = b[k]
   return [
       f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
       for k in sorted(set(a) | set(b))

@@ -60,7 +60,9 @@ class FedACnnL(NamedTuple):
     init: key -> factored params stacked [num_models, ...]: any
       initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
-      num_segments) -> Statistics: eq. 6 for every block, summed per segment.
+      num_segments, clip=None) -> Statistics: eq. 6 for every block, summed
+      per segment; `clip`: every design row clipped to that norm first
+      (`afl.privacy`).
     solve: (layer, params, data, param_index, segment_index, num_segments,
       reg, prior [S, d, d_y] or None, dual) -> `solve.Solved`: P_l
       [S, d, d_y], the label-space solution (W_l = P_l Q_l, see `solve`) of
@@ -81,9 +83,11 @@ class FedACnnL(NamedTuple):
       clients, or a group) are large, and compiling the dual form's static
       sizes (one per block count) doubled the compile time of FedACnnL:
       `solve_layer` passes dual=False.
-    solve_sums: (sums: Statistics [S] float64, reg) -> `solve.Solved` [S]:
-      eq. 5 / 11 of given sums, segment s on device s mod D (the first
-      layer's, which the server keeps: `afl.analytic`, `afl.editing`).
+    solve_sums: (sums: Statistics [S] float64, reg, private=False) ->
+      `solve.Solved` [S]: eq. 5 / 11 of given sums, segment s on device s
+      mod D (the first layer's, which the server keeps: `afl.analytic`,
+      `afl.editing`; with `private`, noisy sums, each gram projected onto
+      the PSD cone first: `solve.private_segment_solve`).
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
     factored: (P_l [num_models, d, d_y] for every layer) -> factored params
@@ -174,6 +178,7 @@ def fedacnnl(
       num_segments,
       finalize=None,
       finalize_args=(),
+      clip=None,
   ):
     return statistics.segment_statistics(
         model,
@@ -190,6 +195,7 @@ def fedacnnl(
         finalize,
         finalize_args,
         encodings,
+        clip,
     )
 
   client_statistics = functools.partial(
@@ -275,11 +281,18 @@ def fedacnnl(
       solved = jax.tree.map(jnp.add, dual_solved, solved)
     return solved
 
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def solve_sums(sums: statistics.Statistics, reg) -> solve.Solved:
+  @functools.partial(
+      jax.jit, static_argnames="private", out_shardings=replicated
+  )
+  def solve_sums(
+      sums: statistics.Statistics, reg, private: bool = False
+  ) -> solve.Solved:
     present = jnp.ones(len(sums.label_counts), bool)
+    segment_solve = (
+        solve.private_segment_solve if private else solve.segment_solve
+    )
     return federated.finalize_each(
-        lambda stats, segment, reg: solve.segment_solve(stats, reg),
+        lambda stats, segment, reg: segment_solve(stats, reg),
         sums,
         present,
         reg,

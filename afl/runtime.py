@@ -622,6 +622,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "num_devices": fed.mesh.size,
       "num_processes": jax.process_count(),
       "jax_version": jax.__version__,
+      "privacy": None,  # the private algorithms' summary has it
       **algorithm.summary(out["state"]),
       "config": config.to_dict(),
   }

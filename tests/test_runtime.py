@@ -28,6 +28,10 @@ def test_every_algorithm_is_registered_with_its_settings():
       "gamma",
       "statistics_dtype",
       "initial_batch_size",
+      "dp_mode",
+      "dp_epsilon",
+      "dp_delta",
+      "dp_clip",
   )
   for name in registry.names():
     config = afl.get_config(algorithm=name)
