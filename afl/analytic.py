@@ -158,11 +158,14 @@ def rounds(
         extra = _unreported_groups(reported, index)
       if private is not None:  # eq. 4 / 10 of noisy sums (`afl.privacy`)
         reported = np.ones(len(groups), bool) if who is None else who.reported
-        sums, extra["dp_noise_std"] = _noisy_sums(
+        sums, ridge, extra["dp_noise_std"] = _noisy_sums(
             layer, params, segment, reported, index
         )
+        extra["dp_ridge"] = float(ridge.max())
         kept = sums if layer == 0 else kept
-        solved = algorithm.solve_sums(sums, algorithm.gamma, private=True)
+        solved = algorithm.solve_sums(
+            sums, algorithm.gamma + ridge, private=True
+        )
       elif layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
         kept = layer_one
         if kept is None:
@@ -218,8 +221,8 @@ def rounds(
 
   def _noisy_sums(layer, params, segment, reported, index):
     """Round `index`'s sums per group of clipped rows with the noise of the
-    reporting clients' uploads (`afl.privacy`), and that noise's std per
-    upload."""
+    reporting clients' uploads (`afl.privacy`), the ridge that noise needs
+    per group [K] (`privacy.noise_ridge`), and its std per upload."""
     sums = algorithm.client_statistics(
         layer, params, data, block_group, segment, num_groups, clip=private.clip
     )
@@ -230,12 +233,12 @@ def rounds(
         private.clip, positions
     )
     contributors = np.bincount(groups[reported], minlength=num_groups)
+    sum_std = privacy.sum_std(std, contributors, private.mode)
     noisy = privacy.add_noise(
-        jax.random.fold_in(noise_key, index),
-        sums,
-        privacy.sum_std(std, contributors, private.mode),
+        jax.random.fold_in(noise_key, index), sums, sum_std
     )
-    return noisy, std
+    width = sums.gram.shape[-1] + 1  # d, with the bias
+    return noisy, privacy.noise_ridge(sum_std, width), std
 
   def _unreported_groups(reports, index) -> dict:
     """{"groups_unreported": [...]} for the groups of which no client

@@ -87,7 +87,8 @@ class FedACnnL(NamedTuple):
       `solve.Solved` [S]: eq. 5 / 11 of given sums, segment s on device s
       mod D (the first layer's, which the server keeps: `afl.analytic`,
       `afl.editing`; with `private`, noisy sums, each gram projected onto
-      the PSD cone first: `solve.private_segment_solve`).
+      the PSD cone first, `solve.private_segment_solve`, and reg [S] per
+      segment).
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
     factored: (P_l [num_models, d, d_y] for every layer) -> factored params
@@ -288,11 +289,16 @@ def fedacnnl(
       sums: statistics.Statistics, reg, private: bool = False
   ) -> solve.Solved:
     present = jnp.ones(len(sums.label_counts), bool)
-    segment_solve = (
-        solve.private_segment_solve if private else solve.segment_solve
-    )
+    if private:  # reg: [S], each segment's own
+      segment_solve = lambda stats, segment, reg: solve.private_segment_solve(
+          stats, reg[segment]
+      )
+    else:
+      segment_solve = lambda stats, segment, reg: solve.segment_solve(
+          stats, reg
+      )
     return federated.finalize_each(
-        lambda stats, segment, reg: segment_solve(stats, reg),
+        segment_solve,
         sums,
         present,
         reg,
