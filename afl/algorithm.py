@@ -69,6 +69,9 @@ class Algorithm(NamedTuple):
       (`Federation.blocks`), or None: the clients' own order.
     upload_rounds: the rounds 1..upload_rounds are the ones in which
       clients upload (and can be sampled, drop out or be late); None: all.
+    model: the network the tested params are for, if not the federation's
+      (a private analytic run's clips every layer's input rows,
+      `afl.privacy`); None: the federation's.
   """
 
   init: Callable[[jax.Array], State]
@@ -82,6 +85,7 @@ class Algorithm(NamedTuple):
   train_loss: bool = True
   layout: Sequence[int] | None = None
   upload_rounds: int | None = None
+  model: Any = None
 
 
 def model_inputs(model: models.LayerwiseNet, x: np.ndarray) -> np.ndarray:

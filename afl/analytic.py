@@ -124,6 +124,14 @@ def rounds(
     noise_key: the privacy noise's stream (with `private`); round r draws
       from fold_in(noise_key, r).
   """
+  if private is not None and not private.enabled:
+    private = None
+  if private is not None and algorithm.model.row_clip != private.clip:
+    raise ValueError(
+        f"a private run's model must clip its rows at --dp_clip="
+        f"{private.clip} (model.clone(row_clip=C)), got "
+        f"{algorithm.model.row_clip}"
+    )
   num_layers = algorithm.num_layers
   if groups is None:
     groups = np.zeros(data.num_clients, np.int32)
@@ -133,8 +141,6 @@ def rounds(
     raise ValueError(f"eps must be > 0, got {eps}")
   block_group = jax.numpy.asarray(groups)[data.client]
   num_rounds = 2 * num_layers if personalized else num_layers
-  if private is not None and not private.enabled:
-    private = None
 
   def init(key):
     return State(algorithm.init(key, num_groups), (), (), None)
@@ -223,8 +229,8 @@ def rounds(
     """Round `index`'s sums per group of clipped rows with the noise of the
     reporting clients' uploads (`afl.privacy`), the ridge that noise needs
     per group [K] (`privacy.noise_ridge`), and its std per upload."""
-    sums = algorithm.client_statistics(
-        layer, params, data, block_group, segment, num_groups, clip=private.clip
+    sums = algorithm.client_statistics(  # of rows clipped by the model
+        layer, params, data, block_group, segment, num_groups
     )
     positions = statistics.design_shape(
         algorithm.model, layer, params, data, algorithm.encodings
@@ -494,8 +500,15 @@ build_fedacnnl = functools.lru_cache(maxsize=16)(fedacnnl.fedacnnl)
 
 def _build(variant: Variant):
   def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
+    # Releases: the grouping's label counts (clustered), and every layer.
+    private = privacy.from_settings(
+        hparams, len(fed.model.stages) + variant.clustered
+    )
+    model = fed.model  # private: trained and tested on clipped rows
+    if private.enabled:
+      model = model.clone(row_clip=private.clip)
     algorithm = build_fedacnnl(
-        fed.model,
+        model,
         num_classes=fed.num_classes,
         input_shape=fed.input_shape,
         mesh=fed.mesh,
@@ -505,10 +518,6 @@ def _build(variant: Variant):
     )
     counts = fed.label_counts
     num_groups = hparams.num_groups if variant.clustered else 1
-    # Releases: the grouping's label counts (clustered), and every layer.
-    private = privacy.from_settings(
-        hparams, algorithm.num_layers + variant.clustered
-    )
     noise_key = rng.stream(fed.key, "privacy")
     released = counts  # what the server sees of them (eq. 9's input)
     if private.enabled and variant.clustered:
@@ -579,6 +588,7 @@ def _build(variant: Variant):
             SERVER_STATE: server_state(state, vectors, groups).to_bytes()
         },
         layout=layout,
+        model=model if private.enabled else None,
     )
 
   return build

@@ -39,6 +39,7 @@ from afl import encoding
 from afl import federated
 from afl import layers
 from afl import models
+from afl import privacy
 from afl import solve
 from afl import statistics
 
@@ -60,9 +61,8 @@ class FedACnnL(NamedTuple):
     init: key -> factored params stacked [num_models, ...]: any
       initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
-      num_segments, clip=None) -> Statistics: eq. 6 for every block, summed
-      per segment; `clip`: every design row clipped to that norm first
-      (`afl.privacy`).
+      num_segments) -> Statistics: eq. 6 for every block, summed per segment
+      (of rows clipped to the model's row_clip, if set: `afl.privacy`).
     solve: (layer, params, data, param_index, segment_index, num_segments,
       reg, prior [S, d, d_y] or None, dual) -> `solve.Solved`: P_l
       [S, d, d_y], the label-space solution (W_l = P_l Q_l, see `solve`) of
@@ -179,7 +179,6 @@ def fedacnnl(
       num_segments,
       finalize=None,
       finalize_args=(),
-      clip=None,
   ):
     return statistics.segment_statistics(
         model,
@@ -196,7 +195,6 @@ def fedacnnl(
         finalize,
         finalize_args,
         encodings,
-        clip,
     )
 
   client_statistics = functools.partial(
@@ -238,6 +236,8 @@ def fedacnnl(
             model.apply(params, x, upto=layer, encodings=encodings),
             None if layer == 0 else mask,
         )  # [n, positions, d - 1]
+        if model.row_clip is not None:  # as `statistics.block_statistics`
+          rows = privacy.clip_rows(rows, model.row_clip)
         row_mask = jnp.broadcast_to(mask[:, None], rows.shape[:2]).reshape(-1)
         design = jnp.concatenate(  # X [n * positions, d], bias last
             [rows.reshape(len(row_mask), width), row_mask[:, None]], 1

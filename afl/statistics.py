@@ -89,7 +89,6 @@ def block_statistics(
     num_classes: int,
     dtype=jnp.float32,
     encodings=None,
-    clip=None,
 ) -> Statistics:
   """One client's batch: eq. 6's summand for layer `layer`.
 
@@ -104,7 +103,6 @@ def block_statistics(
     num_classes: d_y.
     dtype: of the products (float32 or float64).
     encodings: None, or the Q_l of factored params.
-    clip: None, or the norm bound C of every design row r (`afl.privacy`).
 
   Returns:
     Statistics of this batch (no segment axis), in `dtype`.
@@ -116,8 +114,8 @@ def block_statistics(
   rows = layers.design_rows(
       model.stages[layer].layer, inputs, None if layer == 0 else mask
   ).astype(dtype)
-  if clip is not None:
-    rows = privacy.clip_rows(rows, clip)
+  if model.row_clip is not None:  # a private run's (`afl.privacy`)
+    rows = privacy.clip_rows(rows, model.row_clip)
   flat = rows.reshape(-1, rows.shape[-1])  # [B * positions, d - 1]
   contract_rows = (((0,), (0,)), ((), ()))
   onehot = jax.nn.one_hot(y, num_classes, dtype=rows.dtype)
@@ -163,7 +161,6 @@ def segment_statistics(
     finalize=None,
     finalize_args=(),
     encodings=None,
-    clip=None,
 ) -> Statistics:
   """eq. 6 for every block, summed per segment, over a device mesh.
 
@@ -185,7 +182,6 @@ def segment_statistics(
     finalize, finalize_args: see `federated.segment_sum`: what is kept of
       each segment's complete Statistics (e.g. its solve) instead of them.
     encodings: None, or the Q_l of factored params.
-    clip: None, or every design row's norm bound (`afl.privacy`).
 
   Returns:
     Statistics with [S, ...] float64 entries, or finalize's results [S, ...],
@@ -198,7 +194,6 @@ def segment_statistics(
       num_classes=num_classes,
       dtype=dtype,
       encodings=encodings,
-      clip=clip,
   )
   positions = design_shape(model, layer, params, data, encodings)[1]
   return federated.segment_sum(

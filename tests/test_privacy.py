@@ -15,9 +15,11 @@ from scipy import stats as scipy_stats
 import afl
 from afl import analytic
 from afl import catalog
+from afl import editing
 from afl import fedacnnl
 from afl import federated
 from afl import lanes
+from afl import layers
 from afl import models
 from afl import privacy
 from afl import runtime
@@ -143,11 +145,11 @@ def test_a_private_round_adds_the_calibrated_noise_to_the_sums(mode):
   """End to end: round 1's noisy sums (the server's kept state) less the
   exact sums of the clipped rows are N(0, sum_std^2) entry by entry."""
   x, _, clients, mesh, blocks = _federation()
-  model = models.logistic_regression(3)
+  clip = 3.0  # clips most rows (norms about 5)
+  model = models.logistic_regression(3).clone(row_clip=clip)
   algorithm = fedacnnl.fedacnnl(
       model, num_classes=3, input_shape=x.shape[1:], mesh=mesh
   )
-  clip = 3.0  # clips most rows (norms about 5)
   private = privacy.plan(mode, 1.0, DELTA, clip, 1)
   run = runtime.run_rounds(
       analytic.rounds(
@@ -158,9 +160,7 @@ def test_a_private_round_adds_the_calibrated_noise_to_the_sums(mode):
   noisy = run["state"].kept
   params = algorithm.init(jax.random.key(0), 1)
   group = jnp.zeros(blocks.num_blocks, jnp.int32)
-  exact = algorithm.client_statistics(
-      0, params, blocks, group, group, 1, clip=clip
-  )
+  exact = algorithm.client_statistics(0, params, blocks, group, group, 1)
   std = private.noise_multiplier * privacy.sensitivity(clip)
   assert run["records"][0]["dp_noise_std"] == pytest.approx(std)
   total = privacy.sum_std(std, [len(clients)], mode)[0]
@@ -179,18 +179,18 @@ def test_a_private_round_adds_the_calibrated_noise_to_the_sums(mode):
 def test_one_sample_changes_the_statistics_by_at_most_the_sensitivity(layer):
   """Adding a sample of huge rows moves (gram, label_sums, label_counts) by
   at most Delta = P sqrt(C^4 + C^2 + 1), P the rows per sample."""
-  model = models.LayerwiseNet((models.Stage(layer),))
+  clip = 2.0
+  model = models.LayerwiseNet((models.Stage(layer),), row_clip=clip)
   shape = (5, 5, 2)
   params = models.init_params(model, jax.random.key(0), shape)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(9, *shape)) * 50, jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 9), jnp.int32)
-  clip = 2.0
 
   def of(n):
     mask = jnp.arange(9) < n
     return statistics.block_statistics(
-        model, 0, params, x * mask[:, None, None, None], y, mask, 3, clip=clip
+        model, 0, params, x * mask[:, None, None, None], y, mask, 3
     )
 
   with_it, without = of(9), of(8)
@@ -202,6 +202,42 @@ def test_one_sample_changes_the_statistics_by_at_most_the_sensitivity(layer):
   assert change <= bound * (1 + 1e-5)
   if positions == 1:  # every row at the bound: Delta is attained
     assert change == pytest.approx(bound, rel=1e-4)
+
+
+@pytest.mark.parametrize("layer", [models.Dense(4), models.Conv(4, 3)])
+def test_the_private_model_clips_every_row_as_its_statistics(layer):
+  """The tested model's layer sees the same clipped rows (a Conv layer's
+  patches) that its statistics were formed from."""
+  net = models.LayerwiseNet(
+      (models.Stage(layer, "relu"), models.Stage(models.Dense(3))),
+      row_clip=2.0,
+  )
+  x = jax.random.normal(jax.random.key(0), (5, 6, 6, 2)) * 3
+  params = models.init_params(net, jax.random.key(1), (6, 6, 2))
+  flat = x.reshape(5, -1) if isinstance(layer, models.Dense) else x
+  rows = privacy.clip_rows(layers.design_rows(layer, flat, None), 2.0)
+  kernel = layers.from_params(layer, params["params"]["layer_0"])
+  expected = jax.nn.relu(
+      jnp.concatenate([rows, jnp.ones(rows.shape[:2] + (1,))], -1) @ kernel
+  )
+  np.testing.assert_allclose(
+      np.asarray(net.apply(params, x, upto=1)).reshape(5, -1),
+      np.asarray(expected).reshape(5, -1),
+      atol=1e-5,
+  )
+  # A private run of a model that does not clip so is refused.
+  with pytest.raises(ValueError, match="must clip its rows"):
+    analytic.rounds(
+        fedacnnl.fedacnnl(
+            net.clone(row_clip=None),
+            num_classes=3,
+            input_shape=(6, 6, 2),
+            mesh=federated.client_mesh(),
+        ),
+        None,
+        np.zeros(2, np.int32),
+        private=privacy.plan("local", 1.0, DELTA, 2.0, 2),
+    )
 
 
 def test_indefinite_noisy_statistics_are_projected_and_solved():
@@ -241,6 +277,11 @@ def test_a_run_at_tiny_epsilon_completes(tmp_path):
   assert results["status"] == "completed"
   assert 0 <= results["accuracy"] <= 1
   assert results["privacy"]["epsilon_spent"] == pytest.approx(0.05, rel=1e-3)
+  # Trained on clipped rows, tested so (the model clips as the rows were).
+  assert "row_clip = 5.0" in results["model_spec"]
+  # Its kept sums are noisy: editing them is refused, not silently done.
+  with pytest.raises(ValueError, match="dp_mode=local"):
+    editing.load(tmp_path)
 
 
 def test_personalization_releases_nothing():
@@ -249,7 +290,7 @@ def test_personalization_releases_nothing():
   from them: the noise reaches eq. 13 only through the meta-models; the
   accounting counts the grouping and the L federated layers only."""
   x, y, clients, mesh, blocks = _federation(seed=1)
-  model = models.mlp(3, (6,))
+  model = models.mlp(3, (6,)).clone(row_clip=4.0)
   algorithm = fedacnnl.fedacnnl(
       model, num_classes=3, input_shape=x.shape[1:], mesh=mesh
   )
