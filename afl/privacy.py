@@ -27,7 +27,9 @@ The gram is symmetric: only its upper triangle (with the diagonal) is
 released, noised, and mirrored (`symmetric_noise`); the upper triangle of
 r r^T has norm <= ||r r^T||_F, so Delta_l bounds it too. Gaussian noise
 N(0, (z Delta_l)^2) on every entry is the Gaussian mechanism with noise
-multiplier z.
+multiplier z. Delta_l holds whatever the earlier layers' (released, noisy)
+weights are, since layer l's own rows are clipped: the composition below
+may be adaptive.
 
 The grouping step (pFedACnnL, eq. 8, 9, clustered variants only): h_i =
 Q_enc^T (counts_i / |D_i|) is a function of the client's label counts, whose
@@ -57,6 +59,15 @@ back. DP-FedAvg is T rounds of the Gaussian mechanism on the sum of the
 clients' clipped updates (sensitivity C): the same accountant over T
 releases. Client sampling and dropouts are not credited (no amplification by
 subsampling): the epsilon reported is an upper bound then.
+
+DP-FedAvg (McMahan et al., 2018; `baselines.algorithms.clipped_updates`,
+`baselines.iterative`): each client uploads the server model plus its
+round's update scaled to norm <= C; the server takes the equal-weight mean
+of the n uploads that arrive (n, who reported, is public) with noise of
+std z C / n on the mean, i.e. z C on the sum, in distributed mode (the
+central DP-FedAvg: the same distribution whether the server or the
+clients' shares add it); in local mode every client noises its own update
+with std z C (the sum carries z C sqrt(n)).
 
 Modes. `local`: each client's upload is private by itself (it adds N(0,
 (z Delta)^2)); `distributed`: each client adds N(0, (z Delta)^2 / n) for the
@@ -103,7 +114,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("off", "local", "distributed")
+from afl import catalog
+
+MODES = catalog.PRIVACY_MODES
 ACCOUNTANT = "PLD (dp_accounting, add-or-remove-one, Gaussian mechanisms)"
 LABEL_COUNT_SENSITIVITY = 1.0  # one one-hot label
 
