@@ -180,6 +180,7 @@ def event(noise_multiplier: float, releases: int):
   )
 
 
+@functools.lru_cache(maxsize=64)
 def epsilon_spent(noise_multiplier: float, releases: int, delta: float):
   """The PLD accountant's epsilon at `delta` of `releases` Gaussian
   mechanisms of multiplier z."""

@@ -27,6 +27,7 @@ from afl import solve
 from afl import statistics
 from baselines import algorithms
 from tests.test_resume import assert_same_results
+from tests.test_resume import interrupt_and_resume
 
 DELTA = 1e-5
 # A chi-square statistic outside its two-sided 1e-6 interval fails.
@@ -401,3 +402,30 @@ def test_distributed_mode_refuses_dropouts(monkeypatch):
   afl.get_config(num_clients=8, dp_mode="distributed", dp_epsilon=1.0)
   with pytest.raises(ValueError, match="does not allow --dropout"):
     afl.get_config(num_clients=8, dp_mode="distributed", dropout=0.1)
+
+
+@pytest.mark.parametrize(
+    "settings, kill_after",
+    [
+        (dict(algorithm="fedavg", model="lr", rounds=4), 2),
+        (dict(algorithm="pfedacnnl", model="lr", num_groups=2), 1),
+    ],
+)
+def test_a_private_run_resumes_to_the_same_noise(
+    settings, kill_after, tmp_path, monkeypatch
+):
+  """The noise is keyed by round (stream "privacy"): a killed and resumed
+  private run equals the uninterrupted one."""
+  config = afl.get_config(
+      num_clients=8,
+      dp_mode="local",
+      dp_epsilon=2.0,
+      checkpoint_every=1,
+      **settings,
+  )
+  afl.train_and_evaluate(config, tmp_path / "whole", progress=False)
+  resumed = interrupt_and_resume(
+      config, tmp_path / "part", kill_after, monkeypatch
+  )
+  assert resumed["resumed_after_round"] == kill_after
+  assert_same_results(tmp_path / "part", tmp_path / "whole")
