@@ -15,6 +15,7 @@ from scipy import stats as scipy_stats
 import afl
 from afl import analytic
 from afl import catalog
+from afl import config as config_lib
 from afl import editing
 from afl import fedacnnl
 from afl import federated
@@ -429,3 +430,19 @@ def test_a_private_run_resumes_to_the_same_noise(
   )
   assert resumed["resumed_after_round"] == kill_after
   assert_same_results(tmp_path / "part", tmp_path / "whole")
+
+
+def test_runs_saved_before_the_privacy_settings_are_still_reused():
+  """A saved config without dp_ settings is the non-private run's."""
+  wanted = afl.get_config(algorithm="fedacnnl").to_dict()
+  saved = dict(
+      wanted,
+      fedacnnl={
+          k: v for k, v in wanted["fedacnnl"].items() if not k.startswith("dp_")
+      },
+  )
+  assert config_lib.differences(saved, wanted) == []
+  private = afl.get_config(algorithm="fedacnnl", dp_mode="local").to_dict()
+  assert "fedacnnl.dp_mode: '(unset)' -> 'local'" in config_lib.differences(
+      saved, private
+  )
