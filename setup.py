@@ -40,6 +40,8 @@ setuptools.setup(
         "pycryptodome>=3.20,<5",
         # JAX's compilation cache keeps its size bound with it.
         "filelock>=3.12,<5",
+        # Differential privacy's accountant and calibration (afl/privacy.py).
+        "dp-accounting>=0.4,<0.7",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

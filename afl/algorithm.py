@@ -72,6 +72,9 @@ class Algorithm(NamedTuple):
     reports_final: the run's accuracy is its final model's, not the best
       tested round's (the analytic algorithms: their earlier models are
       stages of the final one, and the paper reports the final).
+    model: the network the tested params are for, if not the federation's
+      (a private analytic run's clips every layer's input rows,
+      `afl.privacy`); None: the federation's.
   """
 
   init: Callable[[jax.Array], State]
@@ -86,6 +89,7 @@ class Algorithm(NamedTuple):
   layout: Sequence[int] | None = None
   upload_rounds: int | None = None
   reports_final: bool = False
+  model: Any = None
 
 
 def model_inputs(model: models.LayerwiseNet, x: np.ndarray) -> np.ndarray:

@@ -65,6 +65,8 @@ from afl import federated
 from afl import memory
 from afl import models
 from afl import pfedacnnl
+from afl import privacy
+from afl import rng
 from afl import runtime
 from afl import secure_sum as secure_sum_lib
 from afl import solve
@@ -107,6 +109,8 @@ def rounds(
     adaptive: bool = False,
     layer_one: statistics.Statistics | None = None,
     secure: secure_sum_lib.SecureSum | None = None,
+    private: privacy.Privacy | None = None,
+    noise_key: jax.Array | None = None,
 ) -> algorithm_lib.Algorithm:
   """The analytic rounds (module docstring) on `data`.
 
@@ -124,7 +128,20 @@ def rounds(
     secure: sum the federated rounds' statistics securely
       (`afl.secure_sum`, `--secure_sum`): per-client statistics, masked,
       summed per group, unmasked; then the same solves. None: in the clear.
+    private: differential privacy of the federated rounds' uploads
+      (`afl.privacy`: rows clipped, sums noised, solved through the PSD
+      projection), or None; not private unless `private.enabled`.
+    noise_key: the privacy noise's stream (with `private`); round r draws
+      from fold_in(noise_key, r).
   """
+  if private is not None and not private.enabled:
+    private = None
+  if private is not None and algorithm.model.row_clip != private.clip:
+    raise ValueError(
+        f"a private run's model must clip its rows at --dp_clip="
+        f"{private.clip} (model.clone(row_clip=C)), got "
+        f"{algorithm.model.row_clip}"
+    )
   num_layers = algorithm.num_layers
   if groups is None:
     groups = np.zeros(data.num_clients, np.int32)
@@ -149,19 +166,25 @@ def rounds(
     began = time.perf_counter()
     stage = "federated" if index <= num_layers else "personalization"
     layer = (index - 1) % num_layers
-    missing, secured, kept = {}, {}, state.kept
+    extra, kept = {}, state.kept  # more of the round's record
     if stage == "federated":
       params = state.params
       segment = block_group
       if who is not None:  # the others' blocks count for no segment
         reported = who.reported
         segment = jnp.where(jnp.asarray(reported)[data.client], block_group, -1)
-        missing = _unreported_groups(reported, index)
-      if secure is not None and (layer > 0 or layer_one is None):
-        sums, secured = _secure_sums(state, index, layer, params, who)
-        if layer == 0:
-          kept = sums
-        solved = algorithm.solve_sums(sums, algorithm.gamma)
+        extra = _unreported_groups(reported, index)
+      if private is not None or (
+          secure is not None and (layer > 0 or layer_one is None)
+      ):  # eq. 4 / 10 of noisy (`afl.privacy`) or secure sums
+        sums, ridge, released = _released_sums(
+            state, index, layer, params, segment, who
+        )
+        extra.update(released)
+        kept = sums if layer == 0 else kept
+        solved = algorithm.solve_sums(
+            sums, algorithm.gamma + ridge, private=private is not None
+        )
       elif layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
         kept = layer_one
         if kept is None:
@@ -212,29 +235,65 @@ def rounds(
         # condition bound (trace G + reg) / reg and relative residual over
         # the round's systems.
         **conditioning,
-        **missing,
-        **secured,  # --secure_sum: its scales, bounds, recoveries, times
+        **extra,
     }
 
   if secure is not None:  # one process (`_secure_sum`): on the host
     block_client = np.asarray(data.client)
     block_real = np.asarray(data.mask).any(1)
 
-  def _secure_sums(state, index, layer, params, who):
-    """Round `index`'s sums per group [K] by `secure` (eq. 4 / 10 of
-    every client's statistics, encoded, masked, summed, unmasked) and the
-    round's record."""
+  def _released_sums(state, index, layer, params, segment, who):
+    """Round `index`'s sums per group [K] as the server receives them:
+    with the noise of the reporting clients' uploads if private (each
+    upload's std from the sensitivity of clipped rows, `afl.privacy`),
+    summed securely if `secure`; the ridge the noise needs per group [K]
+    (`privacy.noise_ridge`; 0.0 without noise), and the round's record."""
+    reported = np.ones(len(groups), bool) if who is None else who.reported
     _, positions, width = statistics.design_shape(
         algorithm.model, layer, params, data, algorithm.encodings
     )
+    ridge, record, stds = 0.0, {}, None
+    if private is not None:
+      std = private.noise_multiplier * privacy.sensitivity(
+          private.clip, positions
+      )
+      contributors = np.bincount(groups[reported], minlength=num_groups)
+      sum_std = privacy.sum_std(std, contributors, private.mode)
+      ridge = privacy.noise_ridge(sum_std, width + 1)  # d, with the bias
+      record = {"dp_noise_std": std, "dp_ridge": float(ridge.max())}
+      stds = np.array(  # each client's share of its group's noise
+          [privacy.share_std(std, n, private.mode) for n in contributors]
+      )[groups]
+    if secure is not None:
+      sums, secured = _secure_sums(state, index, layer, params, who, stds)
+      return sums, ridge, dict(record, **secured)
+    sums = algorithm.client_statistics(  # of rows clipped by the model
+        layer, params, data, block_group, segment, num_groups
+    )
+    noisy = privacy.add_noise(
+        jax.random.fold_in(noise_key, index), sums, sum_std
+    )
+    return noisy, ridge, record
+
+  def _secure_sums(state, index, layer, params, who, stds):
+    """Round `index`'s sums per group [K] by `secure` (eq. 4 / 10 of
+    every client's statistics, noised by stds [C] if given, encoded,
+    masked, summed, unmasked) and the round's record."""
+    _, positions, width = statistics.design_shape(
+        algorithm.model, layer, params, data, algorithm.encodings
+    )
+    bound = secure_sum_lib.row_bound(
+        algorithm.model,
+        algorithm.encodings,
+        state.solutions,
+        secure.input_bound,
+    )
+    noise = 0.0
+    if stds is not None:  # clipped rows; each client's noise's tail
+      bound = min(bound, private.clip)
+      noise = secure_sum_lib.NOISE_TAILS * float(stds.sum())
     encoding = secure_sum_lib.encoding_for(
-        secure_sum_lib.row_bound(
-            algorithm.model,
-            algorithm.encodings,
-            state.solutions,
-            secure.input_bound,
-        ),
-        int(data.client_sizes().sum()) * positions,
+        bound, int(data.client_sizes().sum()) * positions, noise
     )
 
     def client_uploads(clients, args):  # [n] ids, -1: none
@@ -261,6 +320,7 @@ def rounds(
         algorithm.encodings[-1].shape[0],
         None if who is None else who.sampled,
         None if who is None else who.reported,
+        stds,
     )
 
   def _unreported_groups(reports, index) -> dict:
@@ -537,8 +597,15 @@ build_fedacnnl = functools.lru_cache(maxsize=16)(fedacnnl.fedacnnl)
 
 def _build(variant: Variant):
   def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
+    # Releases: the grouping's label counts (clustered), and every layer.
+    private = privacy.from_settings(
+        hparams, len(fed.model.stages) + variant.clustered
+    )
+    model = fed.model  # private: trained and tested on clipped rows
+    if private.enabled:
+      model = model.clone(row_clip=private.clip)
     algorithm = build_fedacnnl(
-        fed.model,
+        model,
         num_classes=fed.num_classes,
         input_shape=fed.input_shape,
         mesh=fed.mesh,
@@ -548,11 +615,19 @@ def _build(variant: Variant):
     )
     counts = fed.label_counts
     num_groups = hparams.num_groups if variant.clustered else 1
+    noise_key = rng.stream(fed.key, "privacy")
+    released = counts  # what the server sees of them (eq. 9's input)
+    if private.enabled and variant.clustered:
+      released = privacy.noisy_label_counts(
+          jax.random.fold_in(noise_key, 0),
+          counts,
+          private.noise_multiplier * privacy.LABEL_COUNT_SENSITIVITY,
+      )
     groups, grouping_s = pfedacnnl.assign_groups(
-        counts, algorithm, num_groups, fed.seed
+        released, algorithm, num_groups, fed.seed
     )
     groups = distributed.same_on_all_processes(groups)
-    vectors = pfedacnnl.label_vectors(counts, algorithm)  # the centroids'
+    vectors = pfedacnnl.label_vectors(released, algorithm)  # the centroids'
 
     if variant.clustered:
       logging.info(
@@ -592,6 +667,7 @@ def _build(variant: Variant):
         "grouping_time_s": grouping_s,
         "expected_peak_memory_gb": expected.peak / memory.GIB,
         "block_size": data.block_size,
+        "privacy": private.summary(),
     }
     return rounds(
         algorithm,
@@ -602,6 +678,8 @@ def _build(variant: Variant):
         work=work,
         adaptive=variant.adaptive,
         secure=secure,
+        private=private,
+        noise_key=noise_key,
     )._replace(
         summary=lambda state: dict(
             summary,
@@ -612,6 +690,7 @@ def _build(variant: Variant):
             SERVER_STATE: server_state(state, vectors, groups).to_bytes()
         },
         layout=layout,
+        model=model if private.enabled else None,
     )
 
   return build

@@ -15,6 +15,7 @@ baselines declare theirs in `baselines.catalog`.
   pfedacnnl_wp  pFedACnnL without the personalization rounds.
 """
 
+import math
 from typing import NamedTuple
 
 from afl import registry
@@ -68,6 +69,74 @@ FIELDS = {
 }
 
 
+# Differential privacy (`afl.privacy`): the analytic algorithms and FedAvg
+# (DP-FedAvg) read these; the others refuse them ("does not apply").
+PRIVACY_MODES = ("off", "local", "distributed")
+PRIVACY_FIELDS = {
+    "dp_mode": registry.Field(
+        str,
+        "Differential privacy: off; local (every upload private by itself); "
+        "distributed (noise shared by the clients, only the secure sum is "
+        "private). afl/privacy.py.",
+        choices=PRIVACY_MODES,
+    ),
+    "dp_epsilon": registry.Field(
+        float,
+        "Target epsilon of the whole run (> 0; inf: no noise, the "
+        "non-private run).",
+        minimum=0,
+        open_minimum=True,
+        infinite=True,
+    ),
+    "dp_delta": registry.Field(
+        float,
+        "Target delta of the whole run, in (0, 1).",
+        minimum=0,
+        open_minimum=True,
+        maximum=1,
+        open_maximum=True,
+    ),
+    "dp_clip": registry.positive(
+        float,
+        "Norm bound C: of every layer input row (analytic), of every "
+        "client's model update (DP-FedAvg).",
+    ),
+}
+registry.declare(PRIVACY_FIELDS)
+
+
+def privacy_defaults(clip: float) -> dict:
+  """The privacy settings' defaults (no privacy) with clip C."""
+  return dict(dp_mode="off", dp_epsilon=math.inf, dp_delta=1e-5, dp_clip=clip)
+
+
+def validate_privacy(hparams, config) -> None:
+  """Refuses privacy settings that cannot apply (before any work)."""
+  if hparams.dp_mode == "off":
+    defaults = registry.get(config.algorithm).defaults(config.dataset, {})
+    for name in ("dp_epsilon", "dp_delta", "dp_clip"):
+      if hparams[name] != defaults[name]:
+        raise ValueError(
+            f"--{name}={hparams[name]} needs --dp_mode=local or distributed"
+        )
+    return
+  if hparams.dp_mode == "distributed":
+    # The analytic uploads' sum needs --secure_sum; DP-FedAvg's distributed
+    # mode is the central one (noise on the sum of the clipped updates,
+    # `afl.privacy`), with no secure sum of its own simulated.
+    if "secure_sum" in hparams and not hparams.secure_sum:
+      raise ValueError(
+          "--dp_mode=distributed needs the secure sum (--secure_sum): only "
+          "the sum of the clients' noise shares is private"
+      )
+    for name in ("dropout", "deadline_s", "participation_file"):
+      if config[name]:
+        raise ValueError(
+            f"--dp_mode=distributed does not allow --{name}: a missing "
+            "client's noise share would leave the sum under-noised"
+        )
+
+
 class Variant(NamedTuple):
   clustered: bool  # K-means into --num_groups groups (else K = 1)
   personalized: bool  # the personalization rounds (eq. 13)
@@ -103,6 +172,10 @@ def _defaults(variant: Variant):
         statistics_dtype="float32",
         initial_batch_size=32,
         **SECURE_SUM_OFF,
+        # C below the median row norm of MNIST's layers (about 9, 6, 4 for
+        # the MLP's three): measured best of 1, 3, 6 at epsilon 1 and 8
+        # (experiments/README.md, "Privacy").
+        **privacy_defaults(3.0),
     )
 
   return defaults
@@ -126,6 +199,7 @@ def _validate(hparams, config) -> None:
         f"--num_clients={config.num_clients}"
     )
   _validate_secure_sum(hparams, config)
+  validate_privacy(hparams, config)
 
 
 def _validate_secure_sum(hparams, config) -> None:

@@ -385,6 +385,15 @@ def load_file(path: str | pathlib.Path) -> dict[str, Any]:
   return flat
 
 
+# Options added after runs were saved: (switch, its value when off, the
+# settings it governs). Privacy (`afl.privacy`) and the secure sum
+# (`afl.secure_sum`).
+ADDED_OPTIONS = (
+    ("dp_mode", "off", tuple(catalog.PRIVACY_FIELDS)),
+    ("secure_sum", False, tuple(catalog.SECURE_SUM_OFF)),
+)
+
+
 def differences(saved: dict, wanted: dict) -> list[str]:
   """The settings whose values differ between two config dicts (nested
   like `config.to_dict()`), as "name: saved -> wanted", ignoring
@@ -400,6 +409,14 @@ def differences(saved: dict, wanted: dict) -> list[str]:
     return out
 
   a, b = flat(saved), flat(wanted)
+  # A run saved before a switched-off option existed ran without it: it is
+  # the run of that option off (whose other settings, the validators make
+  # sure, are then their defaults).
+  for switch, off, fields in ADDED_OPTIONS:
+    if all(v == off for k, v in b.items() if k.endswith(f".{switch}")):
+      for k in set(b) - set(a):
+        if k.rsplit(".", 1)[-1] in fields:
+          a[k] = b[k]
   return [
       f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
       for k in sorted(set(a) | set(b))

@@ -50,6 +50,7 @@ clients in their old order, then the joining ones (results.json's
 """
 
 import json
+import math
 import pathlib
 import time
 from typing import Any, NamedTuple, Sequence
@@ -162,6 +163,13 @@ def load(
         f"--from={run_dir} ran with --secure_sum: an edit would form the "
         "leaving clients' statistics and the later layers' sums in the "
         "clear"
+    )
+  private = (results.get("privacy") or {}).get("mode", "off")
+  if private != "off" and math.isfinite(results["privacy"]["epsilon"]):
+    raise ValueError(
+        f"--from={run_dir} ran with --dp_mode={private}: its kept sums are "
+        "noisy, and editing them (a client's exact statistics, the "
+        "non-private solve) is not covered by its privacy accounting"
     )
   state_file = run_dir / analytic.SERVER_STATE
   if not state_file.is_file():

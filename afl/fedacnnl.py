@@ -39,6 +39,7 @@ from afl import encoding
 from afl import federated
 from afl import layers
 from afl import models
+from afl import privacy
 from afl import solve
 from afl import statistics
 
@@ -61,7 +62,8 @@ class FedACnnL(NamedTuple):
       initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
       num_segments, finalize=None, finalize_args=()) -> Statistics: eq. 6
-      for every block, summed per segment; or finalize (static) of each
+      for every block (of rows clipped to the model's row_clip, if set:
+      `afl.privacy`), summed per segment; or finalize (static) of each
       segment's sums (`federated.segment_sum`; `--secure_sum`'s masked
       uploads, `afl.secure_sum.finalize_upload`).
     solve: (layer, params, data, param_index, segment_index, num_segments,
@@ -84,9 +86,12 @@ class FedACnnL(NamedTuple):
       clients, or a group) are large, and compiling the dual form's static
       sizes (one per block count) doubled the compile time of FedACnnL:
       `solve_layer` passes dual=False.
-    solve_sums: (sums: Statistics [S] float64, reg) -> `solve.Solved` [S]:
-      eq. 5 / 11 of given sums, segment s on device s mod D (the first
-      layer's, which the server keeps: `afl.analytic`, `afl.editing`).
+    solve_sums: (sums: Statistics [S] float64, reg, private=False) ->
+      `solve.Solved` [S]: eq. 5 / 11 of given sums, segment s on device s
+      mod D (the first layer's, which the server keeps: `afl.analytic`,
+      `afl.editing`; with `private`, noisy sums, each gram projected onto
+      the PSD cone first, `solve.private_segment_solve`, and reg [S] per
+      segment).
     write_layer: (layer, params, P_l [num_models, d, d_y]) -> factored
       params with layer l set to P_l.
     factored: (P_l [num_models, d, d_y] for every layer) -> factored params
@@ -234,6 +239,8 @@ def fedacnnl(
             model.apply(params, x, upto=layer, encodings=encodings),
             None if layer == 0 else mask,
         )  # [n, positions, d - 1]
+        if model.row_clip is not None:  # as `statistics.block_statistics`
+          rows = privacy.clip_rows(rows, model.row_clip)
         row_mask = jnp.broadcast_to(mask[:, None], rows.shape[:2]).reshape(-1)
         design = jnp.concatenate(  # X [n * positions, d], bias last
             [rows.reshape(len(row_mask), width), row_mask[:, None]], 1
@@ -278,11 +285,23 @@ def fedacnnl(
       solved = jax.tree.map(jnp.add, dual_solved, solved)
     return solved
 
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def solve_sums(sums: statistics.Statistics, reg) -> solve.Solved:
+  @functools.partial(
+      jax.jit, static_argnames="private", out_shardings=replicated
+  )
+  def solve_sums(
+      sums: statistics.Statistics, reg, private: bool = False
+  ) -> solve.Solved:
     present = jnp.ones(len(sums.label_counts), bool)
+    if private:  # reg: [S], each segment's own
+      segment_solve = lambda stats, segment, reg: solve.private_segment_solve(
+          stats, reg[segment]
+      )
+    else:
+      segment_solve = lambda stats, segment, reg: solve.segment_solve(
+          stats, reg
+      )
     return federated.finalize_each(
-        lambda stats, segment, reg: solve.segment_solve(stats, reg),
+        segment_solve,
         sums,
         present,
         reg,

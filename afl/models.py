@@ -85,9 +85,15 @@ class LayerwiseNet(nn.Module):
 
   Attributes:
     stages: the layers in order; the last stage's output is the logits.
+    row_clip: None, or C: every trainable layer sees its input rows (a
+      Dense layer's input, each of a Conv layer's patches) scaled down to
+      norm <= C, as a differentially private analytic run trains them
+      (`afl.privacy`); `upto` returns the layer's input before its own
+      clipping.
   """
 
   stages: tuple[Stage, ...]
+  row_clip: float | None = None
 
   @nn.compact
   def __call__(
@@ -118,12 +124,21 @@ class LayerwiseNet(nn.Module):
         x = x.reshape(x.shape[0], -1)
       if index == upto:
         return x
-      if encodings is None:
-        z = make_layer(stage.layer, index)(x)
-      else:
-        q = encodings[index]
-        z = make_layer(factored_layer(stage.layer, q), index)(x)
-        z = z @ q.astype(z.dtype)
+      layer = (
+          stage.layer
+          if encodings is None
+          else factored_layer(stage.layer, encodings[index])
+      )
+      if self.row_clip is not None and isinstance(layer, Dense):
+        x = x * _row_scale(jnp.sum(jnp.square(x), -1, keepdims=True), self)
+      module = make_layer(layer, index)
+      z = module(x)
+      if self.row_clip is not None and isinstance(layer, Conv):
+        # A patch scaled by s gives s (patch . kernel) + bias.
+        bias = module.variables["params"]["bias"]
+        z = (z - bias) * _row_scale(_patch_squares(x, layer), self) + bias
+      if encodings is not None:
+        z = z @ encodings[index].astype(z.dtype)
       x = after_layer(stage, z)
     if upto is not None:
       raise ValueError(
@@ -131,6 +146,25 @@ class LayerwiseNet(nn.Module):
           "trainable layers"
       )
     return x
+
+
+def _row_scale(squares: jax.Array, net: LayerwiseNet) -> jax.Array:
+  """min(1, C / norm) of rows whose squared norms are `squares`."""
+  norms = jnp.sqrt(squares)
+  return jnp.minimum(1.0, net.row_clip / jnp.maximum(norms, 1e-30))
+
+
+def _patch_squares(x: jax.Array, layer: Conv) -> jax.Array:
+  """[B, H, W, 1] squared norm of every 'SAME' patch of x [B, H, W, C]."""
+  k = layer.kernel_size
+  ones = jnp.ones((k, k, x.shape[-1], 1), x.dtype)
+  return jax.lax.conv_general_dilated(
+      jnp.square(x),
+      ones,
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
 
 def factored_layer(layer: Dense | Conv, encoding: jax.Array) -> Dense | Conv:

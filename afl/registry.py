@@ -34,6 +34,7 @@ class Field(NamedTuple):
     open_maximum: the value must be below `maximum`.
     default: a common setting's default (an algorithm's settings take
       theirs from its registry entry).
+    infinite: a float setting may also be inf (e.g. --dp_epsilon=inf).
   """
 
   type: type
@@ -44,6 +45,7 @@ class Field(NamedTuple):
   open_minimum: bool = False
   open_maximum: bool = False
   default: Any = None
+  infinite: bool = False
 
   def coerce(self, value: Any) -> Any:
     """`value` as this field's type where that loses nothing (an integer
@@ -71,7 +73,7 @@ class Field(NamedTuple):
           self.type is int and not float(value).is_integer()
       ):
         raise ValueError(f"--{name}={value!r} must be {self.type.__name__}")
-      if not math.isfinite(value):
+      if not math.isfinite(value) and not (self.infinite and value == math.inf):
         raise ValueError(f"--{name}={value} must be finite")
       low = self.minimum
       if low is not None and (

@@ -363,7 +363,7 @@ def evaluator(
   train_blocks = algorithm.train_loss and fed.blocks("train", algorithm.layout)
 
   def evaluate(tested: algorithm_lib.Tested):
-    apply_fn, mesh = fed.model.apply, fed.mesh
+    apply_fn, mesh = (algorithm.model or fed.model).apply, fed.mesh
     accuracy = evaluation.evaluate(
         apply_fn, tested.params, test_blocks, mesh, tested.client_model
     )
@@ -597,7 +597,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "diverged_round": diverged,
       "dataset": fed.split.name,
       "model": config.model if run.custom_model is None else "custom",
-      "model_spec": repr(fed.model),
+      "model_spec": repr(algorithm.model or fed.model),
       "data": _data_summary(fed.split),
       "num_clients": config.num_clients,
       "seed": config.seed,
@@ -623,6 +623,7 @@ def execute(run: Run, progress: bool = True) -> dict[str, Any]:
       "num_devices": fed.mesh.size,
       "num_processes": jax.process_count(),
       "jax_version": jax.__version__,
+      "privacy": None,  # the private algorithms' summary has it
       **algorithm.summary(out["state"]),
       "config": config.to_dict(),
   }

@@ -96,6 +96,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afl import models
+from afl import privacy
 from afl import rng as rng_lib
 from afl import solve
 from afl import statistics
@@ -106,6 +107,9 @@ RING_BITS = 64
 # Sums stay below 2^(RING_BITS - HEADROOM_BITS) in magnitude: they read back
 # as signed 64-bit integers with a factor 2 to spare.
 HEADROOM_BITS = 2
+# A client's Gaussian noise is taken to stay within NOISE_TAILS stds on
+# every entry (the chance of one entry beyond: about 1e-15 at 8).
+NOISE_TAILS = 8.0
 SEED_BYTES = 16  # Shamir's secret size (pycryptodome)
 SEED_WORDS = SEED_BYTES // 4
 PAIR_INFO = b"afl.secure_sum pairwise mask seed"
@@ -160,10 +164,18 @@ class Encoding(NamedTuple):
     }
 
 
-def encoding_for(row_bound: float, total_rows: int) -> Encoding:
-  """The scales for rows bounded by `row_bound` (module docstring)."""
+def encoding_for(
+    row_bound: float, total_rows: int, noise: float = 0.0
+) -> Encoding:
+  """The scales for rows bounded by `row_bound` (module docstring) whose
+  sums carry noise of at most `noise` per entry (differential privacy:
+  NOISE_TAILS times the sum of the clients' noise stds)."""
   largest = 2.0 ** (RING_BITS - HEADROOM_BITS)
-  bounds = (total_rows * row_bound**2, total_rows * row_bound, total_rows)
+  bounds = (
+      total_rows * row_bound**2 + noise,
+      total_rows * row_bound + noise,
+      total_rows + noise,
+  )
   scales = tuple(
       2.0 ** math.floor(math.log2(largest / max(b, 1.0))) for b in bounds
   )
@@ -290,10 +302,12 @@ def client_masks(seeds: jax.Array, signs: jax.Array, counter, size: int):
   )
 
 
-def upload(stats, client, seeds, signs, counter, scales, noise_key):
+def upload(stats, client, seeds, signs, counter, scales, noise_key, std=None):
   """What client `client` uploads: [m] uint64, its encoded statistics
-  (`privatize`d first) plus its masks (seeds [slots, .], signs [slots])."""
-  stats = privatize(jax.random.fold_in(noise_key, client), stats, 0.0)
+  (`privatize`d first with noise std `std`; None: none) plus its masks
+  (seeds [slots, .], signs [slots])."""
+  if std is not None:
+    stats = privatize(jax.random.fold_in(noise_key, client), stats, std)
   encoded = encode(stats, scales)
   return encoded + client_masks(seeds, signs, counter, encoded.shape[-1])
 
@@ -302,8 +316,8 @@ def finalize_upload(stats, segment, args):
   """`upload` as `federated.segment_sum`'s finalize: each client's upload
   formed on the device that completes its statistics, in the same pass
   (args: clients [n], seeds [n, slots, .], signs [n, slots], counter,
-  scales, noise_key)."""
-  clients, seeds, signs, counter, scales, noise_key = args
+  scales, noise_key, stds [n] or None)."""
+  clients, seeds, signs, counter, scales, noise_key, stds = args
   return upload(
       stats,
       clients[segment],
@@ -312,12 +326,13 @@ def finalize_upload(stats, segment, args):
       counter,
       scales,
       noise_key,
+      None if stds is None else stds[segment],
   )
 
 
 # The same, vmapped over clients [n] (statistics given, e.g. in tests).
 masked_uploads = jax.jit(
-    jax.vmap(upload, in_axes=(0, 0, 0, 0, None, None, None))
+    jax.vmap(upload, in_axes=(0, 0, 0, 0, None, None, None, 0))
 )
 
 
@@ -340,13 +355,14 @@ def server_sum(uploads: jax.Array, segment: jax.Array, totals: jax.Array):
 
 
 def privatize(
-    key: jax.Array, stats: statistics.Statistics, std: float
+    key: jax.Array, stats: statistics.Statistics, std
 ) -> statistics.Statistics:
-  """Where a client's noise (distributed differential privacy) goes: its
-  statistics before they are encoded. The identity here; the noise must be
-  counted in the encoding's bound (module docstring)."""
-  del key, std
-  return stats
+  """A client's statistics with its noise (differential privacy,
+  `afl.privacy.add_noise`: N(0, std^2) on every released entry, the gram
+  symmetric) before they are encoded; the encoding's bound must hold the
+  noise's tail (`encoding_for`'s noise)."""
+  one = jax.tree.map(lambda a: a[None], stats)
+  return jax.tree.map(lambda a: a[0], privacy.add_noise(key, one, std))
 
 
 # The protocol's host side: keys, graph, shares.
@@ -521,6 +537,7 @@ class SecureSum:
       num_classes: int,
       sampled: np.ndarray | None = None,
       reported: np.ndarray | None = None,
+      stds: np.ndarray | None = None,
   ) -> tuple[statistics.Statistics, dict]:
     """Round `counter`'s secure sums per group.
 
@@ -535,6 +552,9 @@ class SecureSum:
       sampled: [C] bool, the clients that take part (they mask with each
         other); None: all.
       reported: [C] bool, those whose uploads arrive; None: all sampled.
+      stds: [C] the noise std each client adds to its statistics before
+        encoding them (distributed or local differential privacy,
+        `privatize`; `encoding` must hold its tail); None: no noise.
 
     Returns:
       Statistics [K] float64 per group (decoded) and the round's record.
@@ -583,6 +603,7 @@ class SecureSum:
                 counter,
                 encoding.scales,
                 jax.random.fold_in(self.key, counter),
+                None if stds is None else jnp.asarray(stds[present]),
             ),
         )
         segment = np.where(arrives, self.groups[present], -1)

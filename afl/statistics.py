@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from afl import federated
 from afl import layers
 from afl import models
+from afl import privacy
 
 
 class Statistics(NamedTuple):
@@ -113,6 +114,8 @@ def block_statistics(
   rows = layers.design_rows(
       model.stages[layer].layer, inputs, None if layer == 0 else mask
   ).astype(dtype)
+  if model.row_clip is not None:  # a private run's (`afl.privacy`)
+    rows = privacy.clip_rows(rows, model.row_clip)
   flat = rows.reshape(-1, rows.shape[-1])  # [B * positions, d - 1]
   contract_rows = (((0,), (0,)), ((), ()))
   onehot = jax.nn.one_hot(y, num_classes, dtype=rows.dtype)

@@ -36,6 +36,10 @@ FedAvg / FedZO and pFedMe / pFedZO are one function each.
   `persionalized_model_bar` aliases the model's parameters, which hold w_i
   when the test runs.
 * pFedZO: pFedMe with the sphere estimate of grad f_i(theta).
+* DP-FedAvg (McMahan et al., 2018): FedAvg whose clients upload the server
+  model plus their update clipped to norm <= C (`clipped_updates`); the
+  equal-weight mean and its Gaussian noise are `baselines.iterative`'s
+  (`afl.privacy`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -47,6 +51,7 @@ from jax.flatten_util import ravel_pytree
 
 from afl import evaluation
 from afl import lanes
+from afl import privacy
 from baselines import catalog
 from baselines import zeroth_order
 
@@ -108,6 +113,28 @@ def local_sgd(
       lanes.LocalTraining(init, step, upload=lambda carry: carry[0]),
       server=lambda params, mean: mean,
   )
+
+
+def clipped_updates(baseline: Baseline, clip: float) -> Baseline:
+  """`baseline` whose client uploads the server model plus its update
+  (upload - server model) scaled down to global L2 norm <= clip; the carry
+  keeps the server model it started from."""
+  local = baseline.local
+
+  def init(params, key):
+    return local.init(params, key), params
+
+  def step(carry, x, y, mask, key):
+    inner, start = carry
+    inner, loss = local.step(inner, x, y, mask, key)
+    return (inner, start), loss
+
+  def upload(carry):
+    inner, start = carry
+    update = jax.tree.map(jnp.subtract, local.upload(inner), start)
+    return jax.tree.map(jnp.add, start, privacy.clip_tree(update, clip))
+
+  return baseline._replace(local=lanes.LocalTraining(init, step, upload))
 
 
 def fedavg(apply_fn, lr: float) -> Baseline:

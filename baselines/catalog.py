@@ -126,12 +126,17 @@ SYNTHETIC_DEFAULTS = {
 }
 
 
+# DP-FedAvg (McMahan et al., 2018; `afl.privacy`): FedAvg's privacy
+# settings, C bounding each client's model update per round.
+PRIVATE = {"fedavg": catalog.privacy_defaults(1.0)}
+
+
 def paper_defaults(name: str, dataset: str) -> dict:
   """`name`'s settings with the papers' values for `dataset`."""
   settings = dict(PAPER_DEFAULTS[name], rounds=DEFAULT_ROUNDS[dataset])
   if dataset == "synthetic":
     settings.update(SYNTHETIC_DEFAULTS.get(name, {}))
-  return settings
+  return dict(settings, **PRIVATE.get(name, {}))
 
 
 PERSAFL_FIELDS = {
@@ -203,6 +208,7 @@ for _name, _description in DESCRIPTIONS.items():
           "baselines.iterative",
           lambda dataset, given, name=_name: paper_defaults(name, dataset),
           _description,
+          catalog.validate_privacy if _name in PRIVATE else None,
       )
   )
 registry.register(

@@ -42,6 +42,8 @@ from afl import clock as clock_lib
 from afl import lanes
 from afl import memory
 from afl import models
+from afl import privacy
+from afl import rng
 from baselines import algorithms
 from baselines import catalog
 from baselines import meta_fl
@@ -146,6 +148,17 @@ def _build(name: str) -> Callable:
   def build(hparams, fed: algorithm_lib.Federation) -> algorithm_lib.Algorithm:
     model, mesh, sizes = fed.model, fed.mesh, fed.client_sizes
     baseline = make_baseline(name, hparams, model.apply)
+    # DP-FedAvg: one Gaussian release (the sum of the clipped updates, L2
+    # sensitivity C) per round, the clients weighted equally.
+    private = None
+    if name in catalog.PRIVATE:
+      private = privacy.from_settings(hparams, hparams.rounds)
+    dp = private is not None and private.enabled
+    weights = sizes
+    if dp:
+      baseline = algorithms.clipped_updates(baseline, private.clip)
+      weights = np.ones_like(sizes)
+    noise_key = rng.stream(fed.key, "privacy")
     shapes = jax.eval_shape(
         lambda: models.init_params(model, jax.random.key(0), fed.input_shape)
     )
@@ -163,7 +176,7 @@ def _build(name: str) -> Callable:
             mesh.size,
         ),
     )
-    round_fn = lanes.round_fn(baseline.local, schedule, sizes, mesh)
+    round_fn = lanes.round_fn(baseline.local, schedule, weights, mesh)
     data = lanes.client_data(
         fed.inputs, fed.split.y, fed.split.train_indices, mesh
     )
@@ -195,31 +208,44 @@ def _build(name: str) -> Callable:
       return State(fed.replicated(params), None)
 
     def round_(state: State, index: int, key, who=None):
-      del index
+      metrics = {}
       if who is None:
         out = round_fn(state.params, data, key)
+        counted = (schedule.steps > 0) & (weights > 0)
       else:  # the sampled clients train, the reported ones count
+        round_schedule = lanes.make_schedule(
+            np.where(who.sampled, sizes, 0),
+            rows,
+            hparams.local_steps,
+            hparams.local_epochs,
+            num_shards=mesh.size,
+            num_lanes=schedule.num_lanes,
+        )
+        round_weights = np.where(who.reported, weights, 0)
         out = round_fn(
             state.params,
             data,
             key,
-            lanes.pad_schedule(
-                lanes.make_schedule(
-                    np.where(who.sampled, sizes, 0),
-                    rows,
-                    hparams.local_steps,
-                    hparams.local_epochs,
-                    num_shards=mesh.size,
-                    num_lanes=schedule.num_lanes,
-                )
-            ),
-            np.where(who.reported, sizes, 0),
+            lanes.pad_schedule(round_schedule),
+            round_weights,
             state.personal,
+        )
+        counted = (round_schedule.steps > 0) & (round_weights > 0)
+      upload = out.upload
+      if dp:  # the mean of n clipped updates, with the noise of their sum
+        n = int(counted.sum())
+        std = private.noise_multiplier * private.clip
+        metrics["dp_noise_std"] = std
+        upload = privacy.tree_noise(
+            jax.random.fold_in(noise_key, index),
+            upload,
+            privacy.sum_std(std, [n], private.mode)[0] / max(n, 1),
         )
       params = state.params
       if who is None or who.reported.any():
-        params = baseline.server(state.params, out.upload)
-      return State(params, out.personal), {"local_loss": float(out.loss)}
+        params = baseline.server(state.params, upload)
+      metrics["local_loss"] = float(out.loss)
+      return State(params, out.personal), metrics
 
     def tested(state: State, key):
       if fine_tune is not None:
@@ -234,6 +260,7 @@ def _build(name: str) -> Callable:
       )
 
     summary = {
+        "privacy": private and private.summary(),
         "client_work": {
             "steps": schedule.steps.tolist(),
             "samples": work.num_samples.tolist(),

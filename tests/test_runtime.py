@@ -32,6 +32,10 @@ def test_every_algorithm_is_registered_with_its_settings():
       "secure_sum_neighbours",
       "secure_sum_threshold",
       "secure_sum_bound",
+      "dp_mode",
+      "dp_epsilon",
+      "dp_delta",
+      "dp_clip",
   )
   for name in registry.names():
     config = afl.get_config(algorithm=name)

@@ -215,6 +215,7 @@ def test_a_masked_upload_is_uniform_over_the_ring_whatever_the_data():
             1,
             encoding.scales,
             jax.random.key(0),
+            None,
         )
     )[0]
     encoded = np.asarray(
@@ -385,3 +386,38 @@ def test_settings_that_cannot_apply_are_refused(tmp_path, settings, match):
 def test_the_catalog_knows_the_datasets_with_an_input_bound():
   assert set(catalog.BOUNDED_DATASETS) == set(secure_sum.DATA_BOUNDS)
   assert secure_sum.DATA_BOUNDS["cifar10"] == pytest.approx(2.1256, abs=1e-3)
+
+
+def test_noise_shares_added_before_masking_sum_to_the_calibrated_std():
+  """Distributed DP through the secure sum: each client adds N(0, s_i^2)
+  to its statistics before they are encoded and masked (`privatize`); the
+  decoded group sum less the plain sum is then N(0, sum_i s_i^2) on every
+  released entry (the gram's upper triangle mirrored), within the bound."""
+  from tests.test_privacy import chi_square_agrees  # pylint: disable=g-import-not-at-top
+
+  stacked, rows = client_data(num_clients=12, width=20)
+  width, classes = stacked.label_sums.shape[1:]
+  groups = np.zeros(12, np.int32)
+  stds = np.full(12, 0.5 / np.sqrt(12))  # shares of std 0.5 for the sum
+  encoding = secure_sum.encoding_for(
+      1.0, rows, secure_sum.NOISE_TAILS * stds.sum()
+  )
+  protocol = secure_sum.SecureSum(
+      jax.random.key(7), groups, input_bound=1.0, neighbours=4
+  )
+  sums, _ = protocol.aggregate(
+      1, uploads_of(stacked), encoding, width, classes, stds=stds
+  )
+  noise = jax.tree.map(
+      lambda got, f: np.asarray(got)[0] - f.sum(0), sums, stacked
+  )
+  np.testing.assert_array_equal(noise.gram, noise.gram.T)  # symmetric
+  released = np.concatenate(
+      [
+          noise.gram[np.triu_indices(width)],
+          noise.label_sums.ravel(),
+          noise.label_counts,
+      ]
+  )
+  assert chi_square_agrees(released / 0.5)
+  assert not chi_square_agrees(released / 0.25)  # the test can tell

@@ -113,6 +113,7 @@ STUDIES = (
     "training_time",
     "participation",
     "personalized",
+    "privacy",
     "edit",
 )
 _HELP_IMPORTS = """
