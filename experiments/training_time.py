@@ -141,7 +141,9 @@ def _accuracy_panel(axis, setting: str, runs: dict) -> None:
 
 def _time_panel(axis, setting: str, runs: dict) -> None:
   """Fig. 4's panel: computation, idle and communication seconds per
-  client, stacked; a part too small to see is given in the labels."""
+  client, stacked, each bar's total written above it (the analytic bars
+  are too small to see beside the zeroth-order ones); a part too small to
+  see is given in the labels."""
   names = list(runs)
   bottom = np.zeros(len(names))
   totals = np.array(
@@ -156,6 +158,14 @@ def _time_panel(axis, setting: str, runs: dict) -> None:
         [ALGORITHMS[n][0] for n in names], values, bottom=bottom, label=label
     )
     bottom += values
+  for position, total in enumerate(totals):  # the small bars' too
+    axis.annotate(
+        f"{total:.2g} s",
+        (position, total),
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
   axis.set(title=setting, ylabel="average training time per client (s)")
   axis.set_ylim(top=1.3 * totals.max())  # room for the legend above bars
   axis.tick_params(axis="x", labelrotation=30, labelsize=9)
