@@ -265,7 +265,9 @@ def rounds(
           [privacy.share_std(std, n, private.mode) for n in contributors]
       )[groups]
     if secure is not None:
-      sums, secured = _secure_sums(state, index, layer, params, who, stds)
+      sums, secured = _secure_sums(
+          state, index, layer, params, who, stds, positions, width
+      )
       return sums, ridge, dict(record, **secured)
     sums = algorithm.client_statistics(  # of rows clipped by the model
         layer, params, data, block_group, segment, num_groups
@@ -275,13 +277,11 @@ def rounds(
     )
     return noisy, ridge, record
 
-  def _secure_sums(state, index, layer, params, who, stds):
+  def _secure_sums(state, index, layer, params, who, stds, positions, width):
     """Round `index`'s sums per group [K] by `secure` (eq. 4 / 10 of
     every client's statistics, noised by stds [C] if given, encoded,
-    masked, summed, unmasked) and the round's record."""
-    _, positions, width = statistics.design_shape(
-        algorithm.model, layer, params, data, algorithm.encodings
-    )
+    masked, summed, unmasked) and the round's record; positions and width
+    (d - 1) are the layer's (`statistics.design_shape`)."""
     bound = secure_sum_lib.row_bound(
         algorithm.model,
         algorithm.encodings,
