@@ -87,7 +87,8 @@ class State(NamedTuple):
     meta: the federated stage's P_l once all L are solved, else ().
     full: the full model of the run's last round (`expand`), else None.
     kept: the first layer's sums per group (`statistics.Statistics` [K],
-      float64) once round 1 is done, else None: the server's kept state
+      float64, the gram square or in tiles) once round 1 is done, else
+      None: the server's kept state
       (`ServerState`, `afl.editing`).
   """
 
@@ -188,8 +189,8 @@ def rounds(
       elif layer == 0:  # eq. 4's sums, kept by the server; then eq. 5 / 11
         kept = layer_one
         if kept is None:
-          kept = algorithm.client_statistics(
-              0, params, data, block_group, segment, num_groups
+          kept = algorithm.client_statistics(  # put together when written
+              0, params, data, block_group, segment, num_groups, square=False
           )
         solved = algorithm.solve_sums(kept, algorithm.gamma)
       else:
@@ -521,7 +522,9 @@ def server_state(
   centroid_sums = np.zeros((num_groups, vectors.shape[1]))
   np.add.at(centroid_sums, groups, vectors)
   return ServerState(
-      jax.tree.map(lambda a: np.asarray(a, np.float64), state.kept),
+      jax.tree.map(
+          lambda a: np.asarray(a, np.float64), statistics.assembled(state.kept)
+      ),
       centroid_sums,
       np.bincount(groups, minlength=num_groups).astype(np.int64),
       np.asarray(groups, np.int32),

@@ -70,6 +70,7 @@ from afl import models
 from afl import pfedacnnl
 from afl import results as results_lib
 from afl import runtime
+from afl import statistics
 from afl import timing
 from afl.data import files
 
@@ -384,7 +385,8 @@ def edit(
       algorithm, fed, variant, hparams, old_group, touched, layer_one, say
   )
   if out is not None:  # the touched groups' layer-1 sums, as solved
-    for name, kept in out["state"].kept._asdict().items():
+    kept_sums = statistics.assembled(out["state"].kept)
+    for name, kept in kept_sums._asdict().items():
       getattr(sums, name)[touched_ids] = np.asarray(kept)
 
   alive = np.flatnonzero(sizes > 0)

@@ -61,11 +61,15 @@ class FedACnnL(NamedTuple):
     init: key -> factored params stacked [num_models, ...]: any
       initialization; every layer is overwritten before it is used.
     client_statistics: (layer, params, data, param_index, segment_index,
-      num_segments, finalize=None, finalize_args=()) -> Statistics: eq. 6
-      for every block (of rows clipped to the model's row_clip, if set:
-      `afl.privacy`), summed per segment; or finalize (static) of each
-      segment's sums (`federated.segment_sum`; `--secure_sum`'s masked
-      uploads, `afl.secure_sum.finalize_upload`).
+      num_segments, finalize=None, finalize_args=(), square=True) ->
+      Statistics: eq. 6 for every block (of rows clipped to the model's
+      row_clip, if set: `afl.privacy`), summed per segment, the gram
+      square, or (square=False, static) as the tiles of its upper block
+      triangle where it is wide (`statistics.gram_tiles`: what the pass
+      forms; putting [S, d, d] together is a pass over them); or finalize
+      (static) of each segment's sums, given with the tiles
+      (`federated.segment_sum`; `--secure_sum`'s masked uploads,
+      `afl.secure_sum.finalize_upload`).
     solve: (layer, params, data, param_index, segment_index, num_segments,
       reg, prior [S, d, d_y] or None, dual) -> `solve.Solved`: P_l
       [S, d, d_y], the label-space solution (W_l = P_l Q_l, see `solve`) of
@@ -182,8 +186,9 @@ def fedacnnl(
       num_segments,
       finalize=None,
       finalize_args=(),
+      square=True,
   ):
-    return statistics.segment_statistics(
+    sums = statistics.segment_statistics(
         model,
         layer,
         params,
@@ -199,9 +204,10 @@ def fedacnnl(
         finalize_args,
         encodings,
     )
+    return statistics.assembled(sums) if square and not finalize else sums
 
   client_statistics = functools.partial(
-      jax.jit, static_argnames=("layer", "num_segments", "finalize")
+      jax.jit, static_argnames=("layer", "num_segments", "finalize", "square")
   )(segment_sums)
 
   @functools.partial(jax.jit, static_argnames=("layer", "num_segments", "dual"))

@@ -319,7 +319,7 @@ def finalize_upload(stats, segment, args):
   scales, noise_key, stds [n] or None)."""
   clients, seeds, signs, counter, scales, noise_key, stds = args
   return upload(
-      stats,
+      statistics.assembled(stats),
       clients[segment],
       seeds[segment],
       signs[segment],

@@ -115,6 +115,27 @@ class Solved(NamedTuple):
   diagnostics: Diagnostics
 
 
+class _Dense(NamedTuple):
+  """A system given as its [d, d] gram and [d, k] right-hand side, with
+  the methods `_solve` reads (as `statistics.Statistics` has them)."""
+
+  gram: jax.Array
+  cross: jax.Array
+
+  def lower_system(self, reg, dtype) -> jax.Array:
+    system = self.gram.astype(dtype)
+    return system + reg * jnp.eye(system.shape[-1], dtype=dtype)
+
+  def gram_times(self, x: jax.Array) -> jax.Array:
+    return self.gram @ x
+
+  def trace(self) -> jax.Array:
+    return jnp.trace(self.gram)
+
+  def labels(self) -> jax.Array:
+    return self.cross
+
+
 def ridge_solve(
     gram: jax.Array,
     cross: jax.Array,
@@ -132,7 +153,7 @@ def ridge_solve(
   Returns:
     the solution [d, k] in the dtype of `gram`, and its Diagnostics.
   """
-  return _solve(lambda system: system, (gram, cross), reg, prior)
+  return _solve(_Dense(gram, cross), reg, prior)
 
 
 def segment_solve(
@@ -141,16 +162,18 @@ def segment_solve(
   """`ridge_solve` of one segment's statistics (no segment axis): P [d, d_y]
   of eq. 5 / 11 / 13 in label space, and its Diagnostics.
 
-  The [d, d] gram with its bias row is assembled inside the solve's
-  precision branch, fused into the conversion that the factorization reads:
-  assembled before the branch, it is materialized and copied, which cost
-  1.5 ms more per MNIST system (150 ms of pFedACnnL's 100 client solves).
+  The [d, d] gram is never put together: the factorization reads a lower
+  triangle formed from the statistics' tiles in the precision branch
+  (`Statistics.lower_system`, one pass fused into the conversion), and the
+  residuals multiply by the tiles (`Statistics.gram_times`). Assembling the
+  symmetric gram first cost 1.0 ms more per MNIST system (4.67 against
+  3.64 ms), a materialized gram before the branch 1.5 ms more.
   Systems are solved one at a time, each as its segment is complete
   (`federated.segment_sum`'s finalize): jaxlib's batched LAPACK call was
   measured slower on CPU, and its parallel batch map deadlocks when several
   virtual CPU devices run it at once.
   """
-  return _solve(lambda s: (s.full_gram(), s.labels()), stats, reg, prior)
+  return _solve(stats, reg, prior)
 
 
 def project_psd(gram: jax.Array) -> jax.Array:
@@ -224,49 +247,52 @@ def _relative(residual: jax.Array, rhs: jax.Array) -> jax.Array:
   return jnp.where(scale > 0, norm / jnp.where(scale > 0, scale, 1.0), norm)
 
 
-def _solve(assemble, system, reg, prior):
-  """ridge_solve of the (gram, cross) that `assemble(system)` gives."""
+def _solve(system, reg, prior):
+  """ridge_solve of `system` (`_Dense` or `statistics.Statistics`: its
+  lower_system, gram_times, trace and labels)."""
 
   def factored(factor):
     # jax's cholesky gives NaN where it fails; its diagonal shows it.
     return jnp.all(jnp.isfinite(jnp.diagonal(factor[0])))
 
+  def residual_of(system, rhs, solution):
+    # (G + reg I) x as G x + reg x: XLA's CPU dot is several times slower
+    # on a fused G + reg I operand (measured 10.6 vs 4.3 ms per MNIST
+    # system).
+    return rhs - (system.gram_times(solution) + reg * solution)
+
+  def right_side(system, prior):
+    cross = system.labels()
+    return cross if prior is None else cross + reg * prior
+
   def direct(system, prior):
-    gram, cross = assemble(system)
-    rhs = cross if prior is None else cross + reg * prior
-    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-    factor = linalg.cho_factor(gram + reg * eye, lower=True)
+    rhs = right_side(system, prior)
+    factor = linalg.cho_factor(system.lower_system(reg, rhs.dtype), lower=True)
     solution = linalg.cho_solve(factor, rhs)
-    residual = rhs - (gram @ solution + reg * solution)
+    residual = residual_of(system, rhs, solution)
     return solution, factored(factor), _relative(residual, rhs)
 
   def refined(system, prior):
-    gram, cross = assemble(system)
-    rhs = cross if prior is None else cross + reg * prior
-    eye = jnp.eye(gram.shape[-1], dtype=jnp.float32)
-    factor = linalg.cho_factor(gram.astype(jnp.float32) + reg * eye, lower=True)
+    rhs = right_side(system, prior)
+    factor = linalg.cho_factor(
+        system.lower_system(reg, jnp.float32), lower=True
+    )
 
     def correction(residual):
       return linalg.cho_solve(factor, residual.astype(jnp.float32)).astype(
-          gram.dtype
+          rhs.dtype
       )
-
-    def residual_of(solution):
-      # (G + reg I) x as G x + reg x: XLA's CPU dot is several times slower
-      # on a fused G + reg I operand (measured 10.6 vs 4.3 ms per MNIST
-      # system).
-      return rhs - (gram @ solution + reg * solution)
 
     solution = correction(rhs)
     residual = None
     for _ in range(REFINEMENT_STEPS):
-      residual = residual_of(solution)
+      residual = residual_of(system, rhs, solution)
       solution = solution + correction(residual)
     if residual is None:  # no refinement: the solution's own residual
-      residual = residual_of(solution)
+      residual = residual_of(system, rhs, solution)
     return solution, factored(factor), _relative(residual, rhs)
 
-  trace = jnp.trace(assemble(system)[0])
+  trace = system.trace()
   bound = (trace + reg) / reg  # >= kappa(system)
   # float32 holds G + reg I and its factor (|L_ij|^2 <= A_ii <= trace + reg)
   # only below its largest value: a reg of 1e37 has bound 1 and would

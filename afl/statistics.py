@@ -14,6 +14,17 @@ folded into the sum of its segment (its client, its group, or one global
 segment) as soon as it is produced. Memory is O(num_segments d^2) plus one
 chunk of blocks, never O(num_blocks d^2).
 
+The Gram matrix is symmetric, so a block forms only its upper block
+triangle (a syrk): the columns are cut into GRAM_TILES tiles, and tile a
+is the product of its columns with columns a.. (`gram_tiles`), about
+(T + 1) / 2T of the full product's multiplications. The tiles are summed
+like any other statistic and put together once per segment
+(`assemble_gram`). Measured on one core for 1,024 rows of MNIST (machine
+E, 2026-12-08): 3, 4 and 5 tiles take 0.81, 0.78 and 0.81 of the full
+product's time (ideal 0.67, 0.63, 0.60: the narrower products run less
+efficiently), 2 and 8 take 0.91 and 0.93; a narrow layer (d < MIN_TILED)
+keeps the full product.
+
 Precision: the forward pass is float32 (the model's dtype); each block's
 products are float32 (fast) or float64 (`dtype`), and every block's result
 is converted to float64 before it is accumulated (this needs
@@ -34,11 +45,80 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from afl import federated
 from afl import layers
 from afl import models
 from afl import privacy
+
+GRAM_TILES = 4
+MIN_TILED = 256  # narrower Grams are cheap and stay one product
+
+
+def gram_tiles(flat: jax.Array) -> tuple[jax.Array, ...]:
+  """flat [n, d] -> the row tiles of the lower block triangle of flat^T flat:
+  tile a is [t_a, a t + t_a] (t = ceil(d / GRAM_TILES), t_a = t but for the
+  last), rows a t .. a t + t_a and columns 0 .. a t + t_a of the Gram."""
+  d = flat.shape[-1]
+  t = -(-d // GRAM_TILES)
+  contract_rows = (((0,), (0,)), ((), ()))
+  return tuple(
+      jax.lax.dot_general(flat[:, s : s + t], flat[:, : s + t], contract_rows)
+      for s in range(0, d, t)
+  )
+
+
+def lower_gram(tiles: tuple[jax.Array, ...]) -> jax.Array:
+  """`gram_tiles`' tiles [..., t_a, a t + t_a] (summed or not) -> [..., d, d]:
+  the Gram's lower block triangle, zeros above it (all that a lower
+  Cholesky factorization reads)."""
+  d = tiles[-1].shape[-1]
+  return jnp.concatenate(
+      [
+          jnp.pad(tile, [(0, 0)] * (tile.ndim - 1) + [(0, d - tile.shape[-1])])
+          for tile in tiles
+      ],
+      -2,
+  )
+
+
+def assemble_gram(tiles: tuple[jax.Array, ...]) -> jax.Array:
+  """`gram_tiles`' tiles -> the symmetric Gram [..., d, d]."""
+  lower = lower_gram(tiles)
+  block = np.arange(lower.shape[-1]) // tiles[0].shape[-1]
+  return jnp.where(
+      block[:, None] >= block[None, :], lower, jnp.swapaxes(lower, -1, -2)
+  )
+
+
+def gram_times(tiles: tuple[jax.Array, ...], x: jax.Array) -> jax.Array:
+  """G x [..., d, k] of the Gram in `gram_tiles`' tiles, without putting it
+  together: block row a is tile a times x's first a t + t_a rows, plus the
+  mirror of the later tiles' columns of block a."""
+  t = tiles[0].shape[-1]
+  starts = [a * t for a in range(len(tiles))]
+  rows = []
+  for a, (tile, start) in enumerate(zip(tiles, starts)):
+    size = tile.shape[-2]
+    row = tile @ x[..., : start + size, :]
+    for later, begin in zip(tiles[a + 1 :], starts[a + 1 :]):
+      mirrored = jnp.swapaxes(later[..., :, start : start + size], -1, -2)
+      row += mirrored @ x[..., begin : begin + later.shape[-2], :]
+    rows.append(row)
+  return jnp.concatenate(rows, -2)
+
+
+def gram_diagonal(tiles: tuple[jax.Array, ...]) -> jax.Array:
+  """[..., d] the Gram's diagonal, from `gram_tiles`' tiles."""
+  t = tiles[0].shape[-1]
+  return jnp.concatenate(
+      [
+          jnp.diagonal(tile[..., :, a * t :], axis1=-2, axis2=-1)
+          for a, tile in enumerate(tiles)
+      ],
+      -1,
+  )
 
 
 class Statistics(NamedTuple):
@@ -51,7 +131,10 @@ class Statistics(NamedTuple):
   sum of `label_sums` and needs no pass of its own.
 
   Attributes:
-    gram: [S, d - 1, d - 1] float64, sum of r r^T.
+    gram: [S, d - 1, d - 1] float64, sum of r r^T; or, as
+      `segment_statistics` gives it, a tuple of the tiles of its upper
+      block triangle [S, t, d - 1 - a t] (`gram_tiles`; `square` puts them
+      together).
     label_sums: [S, d - 1, num_classes] float64, sum of r y^T.
     label_counts: [S, num_classes] float64, number of rows of each class.
   """
@@ -60,13 +143,61 @@ class Statistics(NamedTuple):
   label_sums: jax.Array
   label_counts: jax.Array
 
+  def square(self) -> jax.Array:
+    """[S, d - 1, d - 1] sum of r r^T, put together if `gram` holds the
+    tiles of its lower block triangle (`gram_tiles`)."""
+    if isinstance(self.gram, tuple):
+      return assemble_gram(self.gram)
+    return self.gram
+
+  def _bias_parts(self):
+    """(row sums [S, d - 1], count [S]): the bias row of G."""
+    return self.label_sums.sum(-1), self.label_counts.sum(-1)
+
   def full_gram(self) -> jax.Array:
     """[S, d, d] G = X_l^T X_l with the bias column (A_0 of eq. 5)."""
-    row_sums = self.label_sums.sum(-1)
-    count = self.label_counts.sum(-1)[..., None, None]
-    top = jnp.concatenate([self.gram, row_sums[..., :, None]], -1)
-    bottom = jnp.concatenate([row_sums[..., None, :], count], -1)
+    row_sums, count = self._bias_parts()
+    top = jnp.concatenate([self.square(), row_sums[..., :, None]], -1)
+    bottom = jnp.concatenate([row_sums, count[..., None]], -1)[..., None, :]
     return jnp.concatenate([top, bottom], -2)
+
+  def lower_system(self, reg, dtype) -> jax.Array:
+    """[S, d, d] in `dtype`, whose lower triangle is G + reg I's (with the
+    bias row; above it, zeros or G's): what a lower Cholesky factorization
+    reads, formed from the tiles in one pass."""
+    row_sums, count = self._bias_parts()
+    if isinstance(self.gram, tuple):
+      inner = lower_gram(self.gram)
+    else:
+      inner = self.gram
+    top = jnp.concatenate([inner, jnp.zeros_like(row_sums)[..., :, None]], -1)
+    bottom = jnp.concatenate([row_sums, count[..., None]], -1)[..., None, :]
+    system = jnp.concatenate([top, bottom], -2).astype(dtype)
+    return system + reg * jnp.eye(system.shape[-1], dtype=dtype)
+
+  def gram_times(self, x: jax.Array) -> jax.Array:
+    """G x [S, d, k] (G with the bias row, x [S, d, k]), from the tiles."""
+    row_sums, count = self._bias_parts()
+    top, bias = x[..., :-1, :], x[..., -1:, :]
+    if isinstance(self.gram, tuple):
+      inner = gram_times(self.gram, top)
+    else:
+      inner = self.gram @ top
+    return jnp.concatenate(
+        [
+            inner + row_sums[..., :, None] * bias,
+            row_sums[..., None, :] @ top + count[..., None, None] * bias,
+        ],
+        -2,
+    )
+
+  def trace(self) -> jax.Array:
+    """[S] trace(G), G with the bias row."""
+    if isinstance(self.gram, tuple):
+      diagonal = gram_diagonal(self.gram)
+    else:
+      diagonal = jnp.diagonal(self.gram, axis1=-2, axis2=-1)
+    return diagonal.sum(-1) + self._bias_parts()[1]
 
   def labels(self) -> jax.Array:
     """[S, d, d_y] X_l^T Y with the bias row."""
@@ -89,6 +220,7 @@ def block_statistics(
     num_classes: int,
     dtype=jnp.float32,
     encodings=None,
+    tiled: bool = False,
 ) -> Statistics:
   """One client's batch: eq. 6's summand for layer `layer`.
 
@@ -103,6 +235,8 @@ def block_statistics(
     num_classes: d_y.
     dtype: of the products (float32 or float64).
     encodings: None, or the Q_l of factored params.
+    tiled: the Gram as `gram_tiles` (when d - 1 >= MIN_TILED) instead of
+      the full [d - 1, d - 1].
 
   Returns:
     Statistics of this batch (no segment axis), in `dtype`.
@@ -120,8 +254,12 @@ def block_statistics(
   contract_rows = (((0,), (0,)), ((), ()))
   onehot = jax.nn.one_hot(y, num_classes, dtype=rows.dtype)
   onehot = onehot * mask[:, None].astype(rows.dtype)
+  if tiled and flat.shape[-1] >= MIN_TILED:
+    gram = gram_tiles(flat)
+  else:
+    gram = jax.lax.dot_general(flat, flat, contract_rows)
   return Statistics(
-      gram=jax.lax.dot_general(flat, flat, contract_rows),
+      gram=gram,
       label_sums=jax.lax.dot_general(rows.sum(1), onehot, contract_rows),
       label_counts=onehot.sum(0) * rows.shape[1],
   )
@@ -184,8 +322,10 @@ def segment_statistics(
     encodings: None, or the Q_l of factored params.
 
   Returns:
-    Statistics with [S, ...] float64 entries, or finalize's results [S, ...],
-    replicated on every device.
+    Statistics with [S, ...] float64 entries, the gram as tiles when d - 1
+    >= MIN_TILED (`Statistics.square`), or finalize's results [S, ...]
+    (finalize gets each segment's Statistics so), replicated on every
+    device.
   """
   block_fn = functools.partial(
       block_statistics,
@@ -194,6 +334,7 @@ def segment_statistics(
       num_classes=num_classes,
       dtype=dtype,
       encodings=encodings,
+      tiled=True,
   )
   positions = design_shape(model, layer, params, data, encodings)[1]
   return federated.segment_sum(
@@ -208,6 +349,11 @@ def segment_statistics(
       finalize,
       finalize_args,
   )
+
+
+def assembled(stats: Statistics) -> Statistics:
+  """`stats` with the square gram (`Statistics.square`)."""
+  return stats._replace(gram=stats.square())
 
 
 def client_statistics_loop(

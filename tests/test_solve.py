@@ -83,27 +83,42 @@ def test_dual_form_equals_eq_13_and_ignores_zero_rows():
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_statistics_are_solved_like_their_assembled_gram():
+@pytest.mark.parametrize("tiled", [False, True])
+def test_statistics_are_solved_like_their_assembled_gram(tiled):
   """segment_solve assembles G and X^T Y from the segment's sums, in both
-  precisions."""
+  precisions; from the tiles of the gram's lower block triangle (what the
+  pass forms, `statistics.gram_tiles`; 263 columns: uneven tiles) it
+  gives the same without putting the gram together."""
   rng = np.random.default_rng(4)
-  rows = rng.standard_normal((300, 40))
+  width = 263 if tiled else 40
+  rows = rng.standard_normal((300, width))
   labels = rng.integers(0, 10, 300)
   onehot = np.eye(10)[labels]
+  square = rows.T @ rows
+  tiles = statistics.gram_tiles(jnp.asarray(rows))
+  assert len(tiles) == statistics.GRAM_TILES
+  np.testing.assert_allclose(statistics.assemble_gram(tiles), square, atol=1e-9)
   stats = statistics.Statistics(
-      jnp.asarray(rows.T @ rows),
+      tiles if tiled else jnp.asarray(square),
       jnp.asarray(rows.T @ onehot),
       jnp.asarray(onehot.sum(0)),
   )
-  prior = rng.standard_normal((41, 10))
+  prior = rng.standard_normal((width + 1, 10))
   gram = np.block(
       [  # with the bias row and column
-          [rows.T @ rows, rows.sum(0)[:, None]],
+          [square, rows.sum(0)[:, None]],
           [rows.sum(0)[None], np.full((1, 1), 300.0)],
       ]
   )
+  np.testing.assert_allclose(stats.full_gram(), gram, atol=1e-9)
+  np.testing.assert_allclose(stats.trace(), np.trace(gram), 1e-12)
+  np.testing.assert_allclose(stats.gram_times(prior), gram @ prior, atol=1e-9)
+  lower = np.tril(np.asarray(stats.lower_system(3.0, jnp.float64)))
+  np.testing.assert_allclose(
+      lower, np.tril(gram + 3.0 * np.eye(width + 1)), atol=1e-9
+  )
   cross = np.concatenate([rows.T @ onehot, onehot.sum(0)[None]])
   for reg in (2500.0, 1.0):  # float32 refined, float64 direct
-    want = np.linalg.solve(gram + reg * np.eye(41), cross + reg * prior)
+    want = np.linalg.solve(gram + reg * np.eye(width + 1), cross + reg * prior)
     got = solve.segment_solve(stats, reg, prior).solution
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
