@@ -123,15 +123,15 @@ def test_order_lays_clients_out_contiguously_under_their_own_ids():
 
 
 def test_default_block_size():
-  """A power of two in [8, 512] near a quarter of the mean client size."""
+  """A power of two in [8, 512] near an eighth of the mean client size."""
   cases = {
-      (60000, 100): 128,
+      (60000, 100): 64,
       (50000, 10): 512,
       (10**7, 1): 512,
       (100, 10): 8,
       (0, 3): 8,
-      (4096, 8): 128,
-      (4095, 8): 64,
+      (4096, 8): 64,
+      (4095, 8): 32,
   }
   for (num_samples, num_clients), expected in cases.items():
     assert federated.default_block_size(num_samples, num_clients) == expected
@@ -143,7 +143,7 @@ def test_default_block_size():
   x, y = integer_samples(6000)
   for sizes in ((3000, 2000, 1000), (1, 1, 5998)):
     data = federated.federate(x, y, partition(sizes), num_shards=2)
-    assert data.block_size == federated.default_block_size(6000, 3) == 256
+    assert data.block_size == federated.default_block_size(6000, 3) == 128
 
 
 def test_bad_inputs_are_rejected():
