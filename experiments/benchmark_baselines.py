@@ -21,25 +21,20 @@ as JSON.
 import json
 
 from absl import flags
-import jax
 import numpy as np
 
 import afl
+from afl import catalog
 from afl import data as data_lib
-from afl import lanes
-from afl import models
-from afl import runtime
-from afl import timing
-from baselines import catalog
-from baselines import iterative
+from baselines import catalog as baselines_catalog
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
-    "algorithm", "fedavg", list(catalog.PAPER_DEFAULTS), "Algorithm."
+    "algorithm", "fedavg", list(baselines_catalog.PAPER_DEFAULTS), "Algorithm."
 )
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
-flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
+flags.DEFINE_enum("model", "mlp", catalog.MODELS, "Model.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions (medians reported).")
 flags.DEFINE_list(
@@ -51,6 +46,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  # Here, not at the top: --help and a bad flag answer before JAX loads.
+  import jax  # pylint: disable=g-import-not-at-top
+  from baselines import iterative  # pylint: disable=g-import-not-at-top
+
   try:
     config = afl.get_config(
         algorithm=FLAGS.algorithm,
@@ -62,17 +61,17 @@ def main(argv):
   except ValueError as error:
     common.fail(error)
   hparams = config[config.algorithm]
-  federation = runtime.federation(config)
+  federation = afl.runtime.federation(config)
   model, mesh = federation.model, federation.mesh
   split = federation.split
-  data = lanes.client_data(federation.inputs, split.y, split.train_indices)
+  data = afl.lanes.client_data(federation.inputs, split.y, split.train_indices)
   sizes = np.asarray(data.size)
   baseline = iterative.make_baseline(config.algorithm, hparams, model.apply)
   params = federation.replicated(
-      models.init_params(model, jax.random.key(0), federation.input_shape)
+      afl.models.init_params(model, jax.random.key(0), federation.input_shape)
   )
-  default = lanes.default_num_lanes(
-      lanes.step_bytes(
+  default = afl.lanes.default_num_lanes(
+      afl.lanes.step_bytes(
           baseline.local,
           params,
           federation.input_shape,
@@ -82,7 +81,7 @@ def main(argv):
       mesh.size,
   )
   schedules = {
-      int(count): lanes.make_schedule(
+      int(count): afl.lanes.make_schedule(
           sizes,
           hparams.batch_size,
           hparams.local_steps,
@@ -93,17 +92,17 @@ def main(argv):
       for count in FLAGS.lanes
   }
   rounds = {
-      f"{s.num_lanes} lanes x {s.length}": lanes.round_fn(
+      f"{s.num_lanes} lanes x {s.length}": afl.lanes.round_fn(
           baseline.local, s, sizes, mesh
       )
       for s in schedules.values()
   }
   schedule = next(iter(schedules.values()))
-  rounds["loop"] = lanes.loop_round(baseline.local, schedule, sizes)
+  rounds["loop"] = afl.lanes.loop_round(baseline.local, schedule, sizes)
   # The loop runs on the data's one device (the lanes shard over them all).
   on_one = jax.device_put(params, data.x.sharding)
   key = jax.random.key(1)
-  medians, times, warmup = timing.interleaved_medians(
+  medians, times, warmup = afl.timing.interleaved_medians(
       {
           name: lambda fn=fn, p=on_one if name == "loop" else params: fn(
               p, data, key

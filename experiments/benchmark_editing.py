@@ -25,12 +25,9 @@ import statistics
 import time
 
 from absl import flags
-import jax
 import numpy as np
 
 import afl
-from afl import editing
-from afl import runtime
 from afl.data import files
 from experiments import common
 
@@ -46,6 +43,8 @@ FLAGS = flags.FLAGS
 
 
 def _relative_difference(a, b) -> float:
+  import jax  # pylint: disable=g-import-not-at-top  (not for --help)
+
   return max(
       float(np.abs(x - y).max() / np.abs(y).max())
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
@@ -76,8 +75,8 @@ def benchmark(name: str, out: pathlib.Path) -> dict:
       statistics_dtype=FLAGS.statistics_dtype,
   )
   run_dir = out / name
-  trained = runtime.run_or_reuse(config, run_dir)
-  source = editing.load(run_dir)
+  trained = afl.runtime.run_or_reuse(config, run_dir)
+  source = afl.editing.load(run_dir)
   cases = _leaving(source)
   times = {f"{kind}_{n}": [] for n in cases for kind in ("unlearn", "retrain")}
   calls = {key: [] for key in times}
@@ -85,7 +84,7 @@ def benchmark(name: str, out: pathlib.Path) -> dict:
     for n, leaving in cases.items():
       for kind in ("unlearn", "retrain"):
         edited, seconds = _timed(
-            lambda: editing.edit(
+            lambda: afl.editing.edit(
                 source, leaving, retrain=kind == "retrain", progress=False
             )
         )
@@ -98,8 +97,8 @@ def benchmark(name: str, out: pathlib.Path) -> dict:
 
   sizes = np.asarray(trained["per_client_train_samples"])
   largest = np.argsort(-sizes, kind="stable")[:10].tolist()
-  unlearned = editing.unlearn(source, largest, progress=False)
-  retrained = editing.edit(source, largest, retrain=True, progress=False)
+  unlearned = afl.editing.unlearn(source, largest, progress=False)
+  retrained = afl.editing.edit(source, largest, retrain=True, progress=False)
   stay = np.setdiff1d(np.arange(len(sizes)), largest)
   split_file = out / f"{name}_without_largest.npz"
   files.save_split(
@@ -115,10 +114,10 @@ def benchmark(name: str, out: pathlib.Path) -> dict:
       data_dir=FLAGS.data_dir,
       statistics_dtype=FLAGS.statistics_dtype,
   )
-  fresh = runtime.run_or_reuse(fresh_config, out / f"{name}_fresh")
+  fresh = afl.runtime.run_or_reuse(fresh_config, out / f"{name}_fresh")
   return {
       "touched_groups": {
-          n: editing.unlearn(source, c, progress=False).results["edit"][
+          n: afl.editing.unlearn(source, c, progress=False).results["edit"][
               "touched_groups"
           ]
           for n, c in cases.items()

@@ -24,25 +24,19 @@ numbers as JSON.
 import json
 
 from absl import flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import afl
-from afl import analytic
+from afl import catalog
 from afl import data as data_lib
-from afl import models
-from afl import results as results_lib
-from afl import runtime
-from afl import timing
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum(
-    "algorithm", "fedacnnl", list(analytic.VARIANTS), "Algorithm to time."
+    "algorithm", "fedacnnl", list(catalog.VARIANTS), "Algorithm to time."
 )
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
-flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
+flags.DEFINE_enum("model", "mlp", catalog.MODELS, "Model.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer("repeats", 7, "Timed repetitions (medians reported).")
 flags.DEFINE_integer("block_size", 0, "0: default block size.")
@@ -58,6 +52,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  # Here, not at the top: --help and a bad flag answer before JAX loads.
+  import jax  # pylint: disable=g-import-not-at-top
+
   try:
     config = afl.get_config(
         algorithm=FLAGS.algorithm,
@@ -70,13 +67,13 @@ def main(argv):
     )
   except ValueError as error:
     common.fail(error)
-  split = runtime.prepare_split(config)
-  federation = runtime.federation(config, split)
+  split = afl.runtime.prepare_split(config)
+  federation = afl.runtime.federation(config, split)
 
   def complete_run() -> tuple[dict, dict]:
     """The grouping stage again, then the rounds: (run, summary)."""
-    algorithm = runtime.build(config, federation)
-    run = runtime.run_rounds(algorithm, federation.key)
+    algorithm = afl.runtime.build(config, federation)
+    run = afl.runtime.run_rounds(algorithm, federation.key)
     return run, algorithm.summary(run["state"])
 
   pooled = federation.inputs[np.concatenate(split.train_indices)]
@@ -99,7 +96,7 @@ def main(argv):
   for _ in range(FLAGS.repeats):
     run, summary = complete_run()
     train_times.append(common.training_seconds(dict(run, **summary)))
-    gram_times.append(timing.timed(lambda: gram(pooled)))
+    gram_times.append(afl.timing.timed(lambda: gram(pooled)))
   train_s, gram_s = np.median(train_times), np.median(gram_times)
   numbers = {
       "algorithm": FLAGS.algorithm,
@@ -115,7 +112,7 @@ def main(argv):
       "xtx_median_s": float(gram_s),
       "ratio": float(train_s / gram_s),
       "compile_s": first["compile_time_s"],
-      "peak_memory_gb": results_lib.peak_memory_gb(),
+      "peak_memory_gb": afl.results.peak_memory_gb(),
       "train_s": train_times,
       "xtx_s": gram_times,
       "rounds_of_first_run": first["records"],

@@ -43,16 +43,9 @@ step and was 1.4-2x slower (README "Meta-FL and PersA-FL").
 import json
 
 from absl import flags
-import jax
 import numpy as np
 
 import afl
-from afl import lanes
-from afl import memory
-from afl import models
-from afl import runtime
-from afl import timing
-from baselines import iterative
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
@@ -81,6 +74,10 @@ def variant_config(**settings):
 
 def main(argv):
   del argv
+  # Here, not at the top: --help and a bad flag answer before JAX loads.
+  import jax  # pylint: disable=g-import-not-at-top
+  from baselines import iterative  # pylint: disable=g-import-not-at-top
+
   variants = {"fedavg": dict(algorithm="fedavg")}
   for nu in map(int, FLAGS.nus):
     for meta_grad in ("exact", "first_order"):
@@ -91,12 +88,12 @@ def main(argv):
     configs = {name: variant_config(**s) for name, s in variants.items()}
   except ValueError as error:
     common.fail(error)
-  federation = runtime.federation(configs["fedavg"])
+  federation = afl.runtime.federation(configs["fedavg"])
   model, mesh, split = federation.model, federation.mesh, federation.split
-  data = lanes.client_data(federation.inputs, split.y, split.train_indices)
+  data = afl.lanes.client_data(federation.inputs, split.y, split.train_indices)
   sizes = np.asarray(data.size)
   params = federation.replicated(
-      models.init_params(model, jax.random.key(0), federation.input_shape)
+      afl.models.init_params(model, jax.random.key(0), federation.input_shape)
   )
   rounds, targets, flops, rows = {}, {}, {}, {}
   key = jax.random.key(1)
@@ -104,14 +101,14 @@ def main(argv):
     hparams = config[config.algorithm]
     baseline = iterative.make_baseline(config.algorithm, hparams, model.apply)
     local = baseline.local
-    schedule = lanes.make_schedule(
+    schedule = afl.lanes.make_schedule(
         sizes,
         iterative.step_rows(config.algorithm, hparams),
         FLAGS.local_steps,
         num_shards=mesh.size,
         num_lanes=FLAGS.num_lanes
-        or lanes.default_num_lanes(
-            memory.tree_bytes(local.init(params, None)),
+        or afl.lanes.default_num_lanes(
+            afl.memory.tree_bytes(local.init(params, None)),
             FLAGS.num_clients,
             mesh.size,
         ),
@@ -130,9 +127,9 @@ def main(argv):
         )
         .cost_analysis()["flops"]
     )
-    rounds[name] = lanes.round_fn(local, schedule, sizes, mesh)
+    rounds[name] = afl.lanes.round_fn(local, schedule, sizes, mesh)
     targets[name] = hparams.nu + 2 if config.algorithm != "fedavg" else 1
-  medians, times, warmup = timing.interleaved_medians(
+  medians, times, warmup = afl.timing.interleaved_medians(
       {
           name: lambda fn=fn: fn(params, data, key).upload
           for name, fn in rounds.items()

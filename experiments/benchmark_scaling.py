@@ -40,8 +40,6 @@ from absl import logging
 import numpy as np
 
 import afl
-from afl import results as results_lib
-from afl import runtime
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
@@ -87,10 +85,12 @@ def run_cells(client_counts: list[int]) -> list[dict]:
       settings["min_client_size"] = FLAGS.min_client_size
     config = afl.get_config(**settings)
     start = time.perf_counter()
-    federation = runtime.federation(config, runtime.prepare_split(config))
-    algorithm = runtime.build(config, federation)
+    federation = afl.runtime.federation(
+        config, afl.runtime.prepare_split(config)
+    )
+    algorithm = afl.runtime.build(config, federation)
     setup_s = time.perf_counter() - start
-    first = runtime.run_rounds(algorithm, federation.key)
+    first = afl.runtime.run_rounds(algorithm, federation.key)
     cells[num_clients] = (federation, algorithm, setup_s, first, [])
 
   def train_s(algorithm, run) -> float:
@@ -99,7 +99,7 @@ def run_cells(client_counts: list[int]) -> list[dict]:
   for _ in range(FLAGS.repeats):
     for federation, algorithm, _, _, times in cells.values():
       times.append(
-          train_s(algorithm, runtime.run_rounds(algorithm, federation.key))
+          train_s(algorithm, afl.runtime.run_rounds(algorithm, federation.key))
       )
   rows = []
   for num_clients, cell in cells.items():
@@ -118,7 +118,7 @@ def run_cells(client_counts: list[int]) -> list[dict]:
             "train_s": times,
             "compile_s": first["compile_time_s"],
             "setup_s": setup_s,
-            "peak_memory_gb": results_lib.peak_memory_gb(),
+            "peak_memory_gb": afl.results.peak_memory_gb(),
             "expected_peak_memory_gb": summary["expected_peak_memory_gb"],
         }
     )

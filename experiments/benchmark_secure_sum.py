@@ -20,18 +20,16 @@ import json
 import time
 
 from absl import flags
-import jax
 import numpy as np
 
 import afl
+from afl import catalog
 from afl import data as data_lib
-from afl import models
-from afl import runtime
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
 flags.DEFINE_enum("dataset", "mnist", data_lib.DATASETS, "Dataset.")
-flags.DEFINE_enum("model", "mlp", models.MODELS, "Model.")
+flags.DEFINE_enum("model", "mlp", catalog.MODELS, "Model.")
 flags.DEFINE_integer("num_clients", 100, "Clients.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions of each (medians).")
 flags.DEFINE_float("dropout", 0.0, "--dropout of both runs.")
@@ -47,6 +45,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  # Here, not at the top: --help and a bad flag answer before JAX loads.
+  import jax  # pylint: disable=g-import-not-at-top
+
   configs = {
       name: afl.get_config(
           algorithm="fedacnnl",
@@ -60,17 +61,17 @@ def main(argv):
       )
       for name in ("plain", "secure")
   }
-  split = runtime.prepare_split(configs["plain"])
-  federation = runtime.federation(configs["plain"], split)
+  split = afl.runtime.prepare_split(configs["plain"])
+  federation = afl.runtime.federation(configs["plain"], split)
 
   def complete_run(name) -> tuple[float, dict]:
     """(seconds, the run's results) of one complete run."""
     config = configs[name]
     start = time.perf_counter()
-    algorithm = runtime.build(config, federation)
+    algorithm = afl.runtime.build(config, federation)
     build_s = time.perf_counter() - start
-    plan = runtime.participation_plan(config, federation, algorithm)
-    run = runtime.run_rounds(algorithm, federation.key, plan=plan)
+    plan = afl.runtime.participation_plan(config, federation, algorithm)
+    run = afl.runtime.run_rounds(algorithm, federation.key, plan=plan)
     results = dict(run, **algorithm.summary(run["state"]))
     return build_s + results["wall_time_s"], results
 

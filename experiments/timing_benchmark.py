@@ -26,14 +26,9 @@ import pathlib
 import time
 
 from absl import flags
-import jax
 import numpy as np
 
 import afl
-from afl import clock
-from afl import results as results_lib
-from afl import rng
-from afl import runtime
 from experiments import common
 
 PAPER_IDLE_REDUCTION = {"mnist": 0.13, "synthetic": 0.21}
@@ -62,12 +57,12 @@ def compare(dataset: str, out: pathlib.Path) -> dict:
   for algorithm in ("fedacnnl", "fedacnnl_wa"):
     config = mlp_config(dataset, algorithm=algorithm, overwrite=True)
     if split is None:
-      split = runtime.prepare_split(config)
+      split = afl.runtime.prepare_split(config)
     results[algorithm] = afl.train_and_evaluate(
         config, out / f"{dataset}_{algorithm}", split, progress=False
     )["timing"]
   params = [
-      results_lib.params_path(out / f"{dataset}_{a}").read_bytes()
+      afl.results.params_path(out / f"{dataset}_{a}").read_bytes()
       for a in ("fedacnnl", "fedacnnl_wa")
   ]
   adaptive, fixed = results["fedacnnl"], results["fedacnnl_wa"]
@@ -92,25 +87,27 @@ def compare(dataset: str, out: pathlib.Path) -> dict:
 
 def overhead(dataset: str) -> dict:
   """Seconds spent in the clock's code over the rest of a training run."""
+  import jax  # pylint: disable=g-import-not-at-top  (not for --help)
+
   config = mlp_config(dataset)
-  federation = runtime.federation(config, runtime.prepare_split(config))
-  algorithm = runtime.build(config, federation)
+  federation = afl.runtime.federation(config, afl.runtime.prepare_split(config))
+  algorithm = afl.runtime.build(config, federation)
 
   def timed() -> tuple[float, float]:
     """(seconds in the clock, seconds of the whole training)."""
-    clock.calibrate.cache_clear()
-    clock.statistics_step_flops.cache_clear()
+    afl.clock.calibrate.cache_clear()
+    afl.clock.statistics_step_flops.cache_clear()
     start = time.perf_counter()
-    profiles = clock.draw_profiles(
-        rng.stream(federation.key, "clock"),
+    profiles = afl.clock.draw_profiles(
+        afl.rng.stream(federation.key, "clock"),
         config.num_clients,
         (config.cores_min, config.cores_max),
         (config.bandwidth_gbps_min, config.bandwidth_gbps_max),
         (config.latency_ms_min, config.latency_ms_max),
     )
-    timer = clock.Clock(
+    timer = afl.clock.Clock(
         profiles,
-        clock.CostModel(clock.calibrate()),
+        afl.clock.CostModel(afl.clock.calibrate()),
         config.fedacnnl.initial_batch_size,
         federation.client_sizes,
         adaptive=algorithm.adaptive_batch_size,
@@ -125,7 +122,7 @@ def overhead(dataset: str) -> dict:
       return record
 
     timer.round = timed_round
-    run = runtime.run_rounds(algorithm, federation.key, clock=timer)
+    run = afl.runtime.run_rounds(algorithm, federation.key, clock=timer)
     jax.block_until_ready(run["tested"].params)
     began = time.perf_counter()
     timer.summary()

@@ -116,6 +116,16 @@ STUDIES = (
     "privacy",
     "edit",
 )
+BENCHMARKS = (
+    "benchmark_baselines",
+    "benchmark_editing",
+    "benchmark_fedacnnl",
+    "benchmark_meta",
+    "benchmark_scaling",
+    "benchmark_secure_sum",
+    "benchmark_threading",
+    "timing_benchmark",
+)
 _HELP_IMPORTS = """
 import runpy, sys
 sys.argv = [sys.argv[1], "--help"]
@@ -129,9 +139,10 @@ print(sorted(m for m in ("jax", "matplotlib", "flax") if m in sys.modules))
 
 def test_help_answers_before_jax_or_matplotlib_load():
   """--help (and so a bad flag, parsed at the same point) needs neither JAX
-  nor matplotlib: the entry points reach them through `afl`'s lazy
-  submodules and `common.pyplot` when they work."""
-  for study in STUDIES:
+  nor matplotlib: the entry points (studies and benchmarks) reach them
+  through `afl`'s lazy submodules, a local `import jax` and `common.pyplot`
+  when they work."""
+  for study in STUDIES + BENCHMARKS:
     done = subprocess.run(
         [sys.executable, "-c", _HELP_IMPORTS, f"experiments.{study}"],
         cwd=_REPO,
