@@ -24,6 +24,7 @@ from absl import flags
 import numpy as np
 
 import afl
+import baselines
 from afl import catalog
 from afl import data as data_lib
 from baselines import catalog as baselines_catalog
@@ -48,7 +49,8 @@ def main(argv):
   del argv
   # Here, not at the top: --help and a bad flag answer before JAX loads.
   import jax  # pylint: disable=g-import-not-at-top
-  from baselines import iterative  # pylint: disable=g-import-not-at-top
+
+  iterative = baselines.iterative
 
   try:
     config = afl.get_config(

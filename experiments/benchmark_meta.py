@@ -46,6 +46,7 @@ from absl import flags
 import numpy as np
 
 import afl
+import baselines
 from experiments import common
 
 flags.DEFINE_string("data_dir", None, "Folder with mnist/ (or AFL_DATA_DIR).")
@@ -76,7 +77,8 @@ def main(argv):
   del argv
   # Here, not at the top: --help and a bad flag answer before JAX loads.
   import jax  # pylint: disable=g-import-not-at-top
-  from baselines import iterative  # pylint: disable=g-import-not-at-top
+
+  iterative = baselines.iterative
 
   variants = {"fedavg": dict(algorithm="fedavg")}
   for nu in map(int, FLAGS.nus):
