@@ -110,6 +110,63 @@ def test_statistics_are_solved_like_their_assembled_gram(tiled):
           [rows.sum(0)[None], np.full((1, 1), 300.0)],
       ]
   )
+
+  @jax.jit  # one compile for all (each op alone would compile on its own)
+  def derived(stats, prior):
+    solutions = [
+        solve.segment_solve(stats, reg, prior).solution for reg in regs
+    ]
+    return (
+        stats.full_gram(),
+        stats.trace(),
+        stats.gram_times(prior),
+        stats.lower_system(3.0, jnp.float64),
+        solutions,
+    )
+
+  regs = (2500.0, 1.0)  # float32 refined, float64 direct
+  full, trace, times, lower, solutions = derived(stats, prior)
+  np.testing.assert_allclose(full, gram, atol=1e-9)
+  np.testing.assert_allclose(trace, np.trace(gram), 1e-12)
+  np.testing.assert_allclose(times, gram @ prior, atol=1e-9)
+  np.testing.assert_allclose(
+      np.tril(np.asarray(lower)),
+      np.tril(gram + 3.0 * np.eye(width + 1)),
+      atol=1e-9,
+  )
+  cross = np.concatenate([rows.T @ onehot, onehot.sum(0)[None]])
+  for reg, got in zip(regs, solutions):
+    want = np.linalg.solve(gram + reg * np.eye(width + 1), cross + reg * prior)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_statistics_are_solved_like_their_assembled_gram(tiled):
+  """segment_solve assembles G and X^T Y from the segment's sums, in both
+  precisions; from the tiles of the gram's lower block triangle (what the
+  pass forms, `statistics.gram_tiles`; 263 columns: uneven tiles) it
+  gives the same without putting the gram together."""
+  rng = np.random.default_rng(4)
+  width = 263 if tiled else 40
+  rows = rng.standard_normal((300, width))
+  labels = rng.integers(0, 10, 300)
+  onehot = np.eye(10)[labels]
+  square = rows.T @ rows
+  tiles = statistics.gram_tiles(jnp.asarray(rows))
+  assert len(tiles) == statistics.GRAM_TILES
+  np.testing.assert_allclose(statistics.assemble_gram(tiles), square, atol=1e-9)
+  stats = statistics.Statistics(
+      tiles if tiled else jnp.asarray(square),
+      jnp.asarray(rows.T @ onehot),
+      jnp.asarray(onehot.sum(0)),
+  )
+  prior = rng.standard_normal((width + 1, 10))
+  gram = np.block(
+      [  # with the bias row and column
+          [square, rows.sum(0)[:, None]],
+          [rows.sum(0)[None], np.full((1, 1), 300.0)],
+      ]
+  )
   np.testing.assert_allclose(stats.full_gram(), gram, atol=1e-9)
   np.testing.assert_allclose(stats.trace(), np.trace(gram), 1e-12)
   np.testing.assert_allclose(stats.gram_times(prior), gram @ prior, atol=1e-9)
