@@ -14,16 +14,21 @@ folded into the sum of its segment (its client, its group, or one global
 segment) as soon as it is produced. Memory is O(num_segments d^2) plus one
 chunk of blocks, never O(num_blocks d^2).
 
-The Gram matrix is symmetric, so a block forms only its upper block
-triangle (a syrk): the columns are cut into GRAM_TILES tiles, and tile a
-is the product of its columns with columns a.. (`gram_tiles`), about
-(T + 1) / 2T of the full product's multiplications. The tiles are summed
-like any other statistic and put together once per segment
-(`assemble_gram`). Measured on one core for 1,024 rows of MNIST (machine
-E, 2026-12-08): 3, 4 and 5 tiles take 0.81, 0.78 and 0.81 of the full
-product's time (ideal 0.67, 0.63, 0.60: the narrower products run less
-efficiently), 2 and 8 take 0.91 and 0.93; a narrow layer (d < MIN_TILED)
-keeps the full product.
+The Gram matrix is symmetric, so a block forms only its lower block
+triangle (a syrk): the columns are cut into GRAM_TILES tiles, and row
+tile a is the product of tile a's columns with columns 0 .. of tile a's
+end (`gram_tiles`), about (T + 1) / 2T of the full product's
+multiplications. The tiles are summed like any other statistic; a solve
+reads them as they are (the lower triangle is what a lower Cholesky
+factorization reads, and G x is formed tile by tile: `Statistics`), and
+`Statistics.square` puts the symmetric matrix together where one is
+needed. Measured on one core for 28 steps of 1,024 rows of MNIST against
+the bare product of the same rows (machine E, 2026-12-08): upper row
+tiles with 2 / 3 / 4 / 5 / 8 tiles 0.91 / 0.81 / 0.78 / 0.81 / 0.93 (ideal
+0.75 / 0.67 / 0.63 / 0.60 / 0.56: narrower products run less
+efficiently), with 4 tiles lower rows 0.82, upper rows 0.84, lower
+columns 0.89 in one run; the full product 1.07. A narrow layer (d <
+MIN_TILED) keeps the full product.
 
 Precision: the forward pass is float32 (the model's dtype); each block's
 products are float32 (fast) or float64 (`dtype`), and every block's result
