@@ -49,7 +49,10 @@ Params = Any  # Flax params, stacked on a leading model axis
 # design rows are at most this fraction of the layer's width d: measured on
 # MNIST's first layer (d = 785, blocks of 128 rows), 0.7 / 1.8 / 2.6 ms for
 # 1 / 2 / 3 blocks against about 4 ms for the d x d system (which also needs
-# the client's gram), while at 5 - 6 blocks the dual is slower.
+# the client's gram), while at 5 - 6 blocks the dual is slower. With the
+# tiled statistics (3.0 ms a system) and 64-row blocks, widening it to 12
+# blocks and 0.75 / 1.0 d rows made pFedACnnL's MNIST run 3-4% faster,
+# within the noise, and tripled its compile time (machine E, 2026-12-08).
 DUAL_ROWS_FRACTION = 0.5
 MAX_DUAL_BLOCKS = 8  # bounds the static sizes compiled (one per block count)
 
