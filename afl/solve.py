@@ -132,8 +132,8 @@ class _Dense(NamedTuple):
   def trace(self) -> jax.Array:
     return jnp.trace(self.gram)
 
-  def labels(self) -> jax.Array:
-    return self.cross
+  def labels(self) -> jax.Array:  # the solution takes the gram's dtype
+    return self.cross.astype(self.gram.dtype)
 
 
 def ridge_solve(
